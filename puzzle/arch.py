@@ -1,0 +1,336 @@
+"""Architecture description: per-layer attention / FFN variants (`block_configs`) and their costs.
+
+DESIGN.md section 2. This is the one description every stage speaks: a child is a `ModelShape` (the global
+fields of config.json) plus one `BlockConfig` per layer. JSON follows the DeciLM / Llama-Nemotron
+convention that vLLM reads (`no_op`, `replace_with_linear`, `n_heads_in_group`, `intermediate_size`;
+NVIDIA's older `ffn_mult` is read and converted); puzzle adds `window_length`.
+
+The accounting here (parameters, KV-cache bytes) is computed from the description alone and is tested to
+equal counting the real tensors of `puzzle/modeling/modeling_decilm.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from puzzle.errors import ConfigError
+
+KV_DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1}
+
+# Fields of NVIDIA's published block_configs that puzzle accepts only at their inert value.
+_INERT_ATTENTION_FIELDS = {
+    "sparsify": None, "num_sink_tokens": None, "unshifted_sink": False,
+    "use_prefill_window_in_sink_attention": False, "llama4": None, "mamba": None,
+}
+_INERT_FFN_FIELDS = {"sparsify": None, "moe": None, "gated": True}
+
+
+def kv_dtype_bytes(kv_dtype: str) -> int:
+    if kv_dtype not in KV_DTYPE_BYTES:
+        raise ConfigError(f"kv_dtype {kv_dtype!r} is not known; use one of {', '.join(sorted(KV_DTYPE_BYTES))}")
+    return KV_DTYPE_BYTES[kv_dtype]
+
+
+def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
+    """NVIDIA's DeciLM width rule (also vLLM's): 2/3 * ffn_mult * hidden, rounded up to a multiple of 256."""
+    size = int(2 * ffn_mult * hidden_size / 3)
+    return size if size % 256 == 0 else size + 256 - size % 256
+
+
+def _check_fields(data: dict, allowed: set[str], inert: dict[str, Any], where: str) -> None:
+    for key, value in data.items():
+        if key in allowed:
+            continue
+        if key in inert:
+            if value != inert[key]:
+                raise ConfigError(f"{where}.{key} = {value!r} is not supported by puzzle (only {inert[key]!r})")
+            continue
+        raise ConfigError(f"{where}: unknown field {key!r}; allowed fields are {', '.join(sorted(allowed))}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    """One layer's attention: softmax GQA (optionally windowed), a linear replacement, or no-op."""
+
+    no_op: bool = False
+    replace_with_linear: bool = False
+    n_heads_in_group: int | None = None  # num_attention_heads / this layer's KV heads
+    window_length: int | None = None  # sliding window (tokens a query sees, itself included)
+
+    def __post_init__(self) -> None:
+        if self.no_op and self.replace_with_linear:
+            raise ConfigError("attention: no_op and replace_with_linear cannot both be true")
+        if self.has_softmax:
+            if not isinstance(self.n_heads_in_group, int) or self.n_heads_in_group < 1:
+                raise ConfigError(f"attention.n_heads_in_group must be a positive integer, got {self.n_heads_in_group!r}")
+            if self.window_length is not None and (not isinstance(self.window_length, int) or self.window_length < 1):
+                raise ConfigError(f"attention.window_length must be a positive integer or null, got {self.window_length!r}")
+        elif self.n_heads_in_group is not None or self.window_length is not None:
+            raise ConfigError("attention: a no-op or linear attention has no n_heads_in_group or window_length")
+
+    @property
+    def has_softmax(self) -> bool:
+        return not (self.no_op or self.replace_with_linear)
+
+    @property
+    def kind(self) -> str:
+        if self.no_op:
+            return "no_op"
+        if self.replace_with_linear:
+            return "linear"
+        return "window" if self.window_length is not None else "full"
+
+    def num_kv_heads(self, num_attention_heads: int) -> int:
+        return num_attention_heads // self.n_heads_in_group if self.has_softmax else 0
+
+    def label(self, num_attention_heads: int) -> str:
+        """Short name used for library variants and tables: kv8, kv2_w128, linear, no_op."""
+        if not self.has_softmax:
+            return self.kind
+        name = f"kv{self.num_kv_heads(num_attention_heads)}"
+        return name if self.window_length is None else f"{name}_w{self.window_length}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "attention") -> AttentionConfig:
+        _check_fields(data, {f for f in cls.__dataclass_fields__}, _INERT_ATTENTION_FIELDS, where)
+        no_op, linear = bool(data.get("no_op", False)), bool(data.get("replace_with_linear", False))
+        softmax = not (no_op or linear)
+        return cls(
+            no_op=no_op,
+            replace_with_linear=linear,
+            # NVIDIA checkpoints may leave a group size on linear layers; it means nothing there.
+            n_heads_in_group=data.get("n_heads_in_group") if softmax else None,
+            window_length=data.get("window_length") if softmax else None,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FFNConfig:
+    """One layer's FFN: SwiGLU of some width, a linear replacement, or no-op."""
+
+    no_op: bool = False
+    replace_with_linear: bool = False
+    intermediate_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.no_op and self.replace_with_linear:
+            raise ConfigError("ffn: no_op and replace_with_linear cannot both be true")
+        if self.is_gated:
+            if not isinstance(self.intermediate_size, int) or self.intermediate_size < 1:
+                raise ConfigError(f"ffn.intermediate_size must be a positive integer, got {self.intermediate_size!r}")
+        elif self.intermediate_size is not None:
+            raise ConfigError("ffn: a no-op or linear FFN has no intermediate_size")
+
+    @property
+    def is_gated(self) -> bool:
+        return not (self.no_op or self.replace_with_linear)
+
+    @property
+    def kind(self) -> str:
+        if self.no_op:
+            return "no_op"
+        return "linear" if self.replace_with_linear else "gated"
+
+    def label(self) -> str:
+        """Short name: ffn3072, linear, no_op."""
+        return f"ffn{self.intermediate_size}" if self.is_gated else self.kind
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, hidden_size: int, hidden_act: str, where: str = "ffn") -> FFNConfig:
+        allowed = {f for f in cls.__dataclass_fields__} | {"ffn_mult"}
+        _check_fields(data, allowed, {**_INERT_FFN_FIELDS, "hidden_act": hidden_act}, where)
+        no_op, linear = bool(data.get("no_op", False)), bool(data.get("replace_with_linear", False))
+        size = None
+        if not (no_op or linear):
+            size = data.get("intermediate_size")
+            if size is None and data.get("ffn_mult") is not None:
+                size = ffn_mult_to_intermediate_size(data["ffn_mult"], hidden_size)
+            if size is None:
+                raise ConfigError(f"{where}: a gated FFN needs intermediate_size (or ffn_mult)")
+        return cls(no_op=no_op, replace_with_linear=linear, intermediate_size=size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockConfig:
+    attention: AttentionConfig
+    ffn: FFNConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attention": self.attention.to_dict(), "ffn": self.ffn.to_dict()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """The global fields of config.json that every layer shares and the accounting needs."""
+
+    hidden_size: int
+    num_attention_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_config(cls, config: dict, where: str = "config.json") -> ModelShape:
+        try:
+            hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            vocab = int(config["vocab_size"])
+        except KeyError as err:
+            raise ConfigError(f"{where}: missing field {err.args[0]!r}") from None
+        attention_bias = bool(config.get("attention_bias", False))
+        qkv_bias = config.get("qkv_bias")
+        return cls(
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab_size=vocab,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=attention_bias if qkv_bias is None else bool(qkv_bias),
+            o_proj_bias=attention_bias,
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            qk_norm=bool(config.get("qk_norm", False)),
+            hidden_act=config.get("hidden_act", "silu"),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Accounting for one sub-block (used for candidates before any model exists)
+
+
+def attention_params(shape: ModelShape, attention: AttentionConfig) -> int:
+    """Parameters of one attention sub-block, its input RMSNorm included."""
+    h, d = shape.hidden_size, shape.head_dim
+    if attention.no_op:
+        return 0
+    if attention.replace_with_linear:
+        return h * h + h
+    q, kv = shape.num_attention_heads * d, attention.num_kv_heads(shape.num_attention_heads) * d
+    params = h * (q + 2 * kv) + q * h + h  # q, k, v, o projections + input norm
+    if shape.qkv_bias:
+        params += q + 2 * kv
+    if shape.o_proj_bias:
+        params += h
+    if shape.qk_norm:
+        params += 2 * d
+    return params
+
+
+def ffn_params(shape: ModelShape, ffn: FFNConfig) -> int:
+    """Parameters of one FFN sub-block, its RMSNorm included."""
+    h = shape.hidden_size
+    if ffn.no_op:
+        return 0
+    if ffn.replace_with_linear:
+        return h * h + h
+    i = ffn.intermediate_size
+    return 3 * h * i + h + ((2 * i + h) if shape.mlp_bias else 0)
+
+
+def attention_kv_bytes_per_token(shape: ModelShape, attention: AttentionConfig, kv_dtype: str = "bf16") -> int:
+    """KV-cache bytes one sequence stores per token in this layer (keys + values)."""
+    return 2 * attention.num_kv_heads(shape.num_attention_heads) * shape.head_dim * kv_dtype_bytes(kv_dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Architecture:
+    """A whole model: global shape plus one block per layer."""
+
+    shape: ModelShape
+    blocks: tuple[BlockConfig, ...] = field(default_factory=tuple)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @classmethod
+    def from_config(cls, config: dict, where: str = "config.json") -> Architecture:
+        """From a DeciLM config.json dict (puzzle's or NVIDIA's Llama-Nemotron schema)."""
+        shape = ModelShape.from_config(config, where)
+        raw = config.get("block_configs")
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(f"{where}: block_configs must be a non-empty list (one entry per layer)")
+        if config.get("num_hidden_layers", len(raw)) != len(raw):
+            raise ConfigError(
+                f"{where}: num_hidden_layers is {config['num_hidden_layers']} but block_configs has {len(raw)} entries"
+            )
+        blocks = []
+        for i, entry in enumerate(raw):
+            at = f"{where}: block_configs[{i}]"
+            if not isinstance(entry, dict) or set(entry) - {"attention", "ffn"}:
+                extra = sorted(set(entry) - {"attention", "ffn"}) if isinstance(entry, dict) else entry
+                raise ConfigError(f"{at}: expected only 'attention' and 'ffn', got {extra!r}")
+            attention = AttentionConfig.from_dict(entry.get("attention", {}), f"{at}.attention")
+            if attention.has_softmax and shape.num_attention_heads % attention.n_heads_in_group:
+                raise ConfigError(
+                    f"{at}.attention.n_heads_in_group={attention.n_heads_in_group} does not divide "
+                    f"num_attention_heads={shape.num_attention_heads}"
+                )
+            ffn = FFNConfig.from_dict(entry.get("ffn", {}), shape.hidden_size, shape.hidden_act, f"{at}.ffn")
+            blocks.append(BlockConfig(attention=attention, ffn=ffn))
+        return cls(shape=shape, blocks=tuple(blocks))
+
+    def block_configs(self) -> list[dict[str, Any]]:
+        return [block.to_dict() for block in self.blocks]
+
+    def with_block(self, layer: int, attention: AttentionConfig | None = None, ffn: FFNConfig | None = None) -> Architecture:
+        """A copy with layer `layer`'s attention and/or FFN replaced."""
+        blocks = list(self.blocks)
+        old = blocks[layer]
+        blocks[layer] = BlockConfig(attention=attention or old.attention, ffn=ffn or old.ffn)
+        return replace(self, blocks=tuple(blocks))
+
+    # -- parameters --------------------------------------------------------------------------------------
+    def layer_params(self, layer: int) -> int:
+        block = self.blocks[layer]
+        return attention_params(self.shape, block.attention) + ffn_params(self.shape, block.ffn)
+
+    def embedding_params(self) -> int:
+        """Input embedding, final norm and (untied) LM head: what every child shares."""
+        v, h = self.shape.vocab_size, self.shape.hidden_size
+        return v * h * (1 if self.shape.tie_word_embeddings else 2) + h
+
+    def total_params(self) -> int:
+        return self.embedding_params() + sum(self.layer_params(i) for i in range(self.num_layers))
+
+    # -- KV cache ----------------------------------------------------------------------------------------
+    def layer_kv_bytes_per_token(self, layer: int, kv_dtype: str = "bf16") -> int:
+        return attention_kv_bytes_per_token(self.shape, self.blocks[layer].attention, kv_dtype)
+
+    def kv_bytes_per_token(self, kv_dtype: str = "bf16") -> int:
+        """KV bytes one sequence stores per token at full context (window layers counted in full)."""
+        return sum(self.layer_kv_bytes_per_token(i, kv_dtype) for i in range(self.num_layers))
+
+    def kv_cache_bytes(self, batch_size: int, context_len: int, kv_dtype: str = "bf16") -> int:
+        """KV-cache bytes for `batch_size` sequences of `context_len` tokens; window layers keep their window."""
+        total = 0
+        for i, block in enumerate(self.blocks):
+            window = block.attention.window_length
+            tokens = context_len if window is None else min(context_len, window)
+            total += self.layer_kv_bytes_per_token(i, kv_dtype) * tokens
+        return batch_size * total
+
+    # -- serving ------------------------------------------------------------------------------------------
+    def vllm_unsupported(self) -> list[str]:
+        """Why vLLM's native DeciLMForCausalLM cannot serve this model (empty: it can)."""
+        reasons = []
+        if self.shape.qk_norm:
+            reasons.append("q/k RMSNorm (Qwen3) is not in vLLM's DeciLM model")
+        for i, block in enumerate(self.blocks):
+            if block.attention.replace_with_linear:
+                reasons.append(f"layer {i}: linear attention")
+            if block.attention.window_length is not None:
+                reasons.append(f"layer {i}: window attention")
+            if block.ffn.replace_with_linear:
+                reasons.append(f"layer {i}: linear FFN")
+        return reasons

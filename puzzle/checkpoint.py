@@ -1,0 +1,404 @@
+"""Checkpoint I/O: load, save and convert heterogeneous (DeciLM / "nemotron-nas") checkpoints.
+
+DESIGN.md section 2. A puzzle checkpoint is an HF folder: config.json (`model_type: nemotron-nas`,
+`block_configs`, `auto_map`), sharded safetensors with an index, the two modeling files copied from
+`puzzle/modeling/`, the parent's tokenizer and generation config, and `puzzle.json` (provenance). It loads
+with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where puzzle is not installed.
+
+Loading accepts puzzle checkpoints, NVIDIA's Llama-Nemotron checkpoints (`ffn_mult`, extra inert fields)
+and the plain HF parents puzzle converts (Llama, Mistral, Qwen2, Qwen3): their weight names are already
+the DeciLM names, so conversion is a new config.json plus the parent's safetensors files.
+Every write goes to a temporary folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+import puzzle
+from puzzle.arch import Architecture
+from puzzle.errors import ConfigError, InputError, OutputExistsError, UnsupportedModelError
+from puzzle.modeling.configuration_decilm import DeciLMConfig
+from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
+
+MODELING_DIR = Path(__file__).parent / "modeling"
+MODELING_FILES = ("configuration_decilm.py", "modeling_decilm.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_decilm.DeciLMConfig",
+    "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+DECILM_MODEL_TYPE = "nemotron-nas"
+PARENT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small file helpers
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to `path` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix or regenerate the file") from None
+
+
+@contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to `out`; on success it replaces `out`, on failure it is removed.
+
+    An existing `out` is an error unless `overwrite`; then it is swapped out only after the new folder is
+    complete, so an interrupted write never destroys the old one.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it or choose another output path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json of a model folder, with clear errors for a missing folder or file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such folder; give the path of a model folder (config.json + safetensors)")
+    if not path.is_dir():
+        raise InputError(f"{path}: not a folder; give the path of a model folder (config.json + safetensors)")
+    config = read_json(path / "config.json", "config.json")
+    if not isinstance(config, dict):
+        raise InputError(f"{path / 'config.json'}: expected a JSON object")
+    return config
+
+
+def _hf_config_object(path: Path, config: dict):
+    """The parent's config through transformers' own config class, so defaults match its modeling code."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**config)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{path / 'config.json'}: transformers cannot read it ({err})") from None
+
+
+def decilm_config_from_parent(path: Path, config: dict) -> dict[str, Any]:
+    """A DeciLM config.json dict equal to a Llama / Mistral / Qwen2 / Qwen3 parent, layer for layer."""
+    family = config.get("model_type")
+    if family not in PARENT_FAMILIES:
+        raise UnsupportedModelError(
+            f"{path / 'config.json'}: model_type {family!r} is not supported; puzzle converts "
+            f"{', '.join(PARENT_FAMILIES)} models and reads {DECILM_MODEL_TYPE} (Llama-Nemotron) checkpoints"
+        )
+    hf = _hf_config_object(path, config)
+    layers, heads = hf.num_hidden_layers, hf.num_attention_heads
+    kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+    if family == "mistral":
+        windows = [hf.sliding_window] * layers
+    elif family in ("qwen2", "qwen3"):
+        windows = [hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
+    else:
+        windows = [None] * layers
+    attention_bias = bool(getattr(hf, "attention_bias", False))
+    qkv_bias = {"qwen2": True, "mistral": False}.get(family, attention_bias)
+    o_bias = {"qwen2": False, "mistral": False}.get(family, attention_bias)
+    rope = dict(hf.rope_parameters)
+    if rope.get("rope_type") == "dynamic":
+        raise UnsupportedModelError(f"{path / 'config.json'}: dynamic RoPE scaling is not supported")
+    return {
+        "architectures": ["DeciLMForCausalLM"],
+        "model_type": DECILM_MODEL_TYPE,
+        "auto_map": dict(AUTO_MAP),
+        "vocab_size": hf.vocab_size,
+        "hidden_size": hf.hidden_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": None,
+        "intermediate_size": None,
+        "head_dim": getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+        "hidden_act": hf.hidden_act,
+        "max_position_embeddings": hf.max_position_embeddings,
+        "initializer_range": hf.initializer_range,
+        "rms_norm_eps": hf.rms_norm_eps,
+        "tie_word_embeddings": bool(hf.tie_word_embeddings),
+        "rope_parameters": rope,
+        "rope_theta": rope["rope_theta"],
+        "attention_bias": o_bias,
+        "qkv_bias": qkv_bias,
+        "mlp_bias": bool(getattr(hf, "mlp_bias", False)),
+        "qk_norm": family == "qwen3",
+        "bos_token_id": hf.bos_token_id,
+        "eos_token_id": hf.eos_token_id,
+        "pad_token_id": hf.pad_token_id,
+        "dtype": _dtype_name(getattr(hf, "dtype", None)),
+        "block_configs": [
+            {
+                "attention": {"no_op": False, "replace_with_linear": False,
+                              "n_heads_in_group": heads // kv_heads, "window_length": windows[i]},
+                "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": hf.intermediate_size},
+            }
+            for i in range(layers)
+        ],
+        "puzzle_parent_family": family,
+    }
+
+
+def _dtype_name(dtype) -> str | None:
+    if dtype is None:
+        return None
+    return str(dtype).removeprefix("torch.")
+
+
+def normalized_config(path: Path) -> dict[str, Any]:
+    """The DeciLM config.json dict for any model folder puzzle reads (puzzle, NVIDIA, or a parent family)."""
+    path = Path(path)
+    config = read_config(path)
+    if config.get("model_type") != DECILM_MODEL_TYPE:
+        return decilm_config_from_parent(path, config)
+    arch = Architecture.from_config(config, str(path / "config.json"))
+    config = dict(config)
+    config["block_configs"] = arch.block_configs()  # NVIDIA's ffn_mult -> intermediate_size, inert fields dropped
+    config["auto_map"] = dict(AUTO_MAP)
+    config["architectures"] = ["DeciLMForCausalLM"]
+    return config
+
+
+def load_architecture(path: Path) -> Architecture:
+    path = Path(path)
+    return Architecture.from_config(normalized_config(path), str(path / "config.json"))
+
+
+def decilm_config(config: dict[str, Any], arch: Architecture | None = None) -> DeciLMConfig:
+    """A DeciLMConfig from a config.json dict, optionally with the layers replaced by `arch`."""
+    config = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "auto_map", "transformers_version")}
+    if arch is not None:
+        config["block_configs"] = arch.block_configs()
+        config["num_hidden_layers"] = arch.num_layers
+    cfg = DeciLMConfig(**config)
+    cfg.auto_map = dict(AUTO_MAP)
+    cfg.architectures = ["DeciLMForCausalLM"]
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def weight_files(path: Path) -> dict[str, list[str]]:
+    """{safetensors file name: tensor names} of a model folder, checking every file's header."""
+    path = Path(path)
+    index = path / SAFETENSORS_INDEX
+    if index.exists():
+        weight_map = read_json(index, SAFETENSORS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index}: missing 'weight_map'; regenerate the index")
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        bins = sorted(p.name for p in path.glob("*.bin"))
+        hint = " (only .bin files found: re-save the model with safe_serialization=True)" if bins else ""
+        raise InputError(f"{path}: no model.safetensors or {SAFETENSORS_INDEX}{hint}")
+    names: dict[str, list[str]] = {}
+    for name in files:
+        names[name] = safetensors_keys(path / name)
+    return names
+
+
+def safetensors_keys(file: Path) -> list[str]:
+    """Tensor names in one safetensors file; a missing, truncated or corrupt file is an InputError."""
+    if not file.is_file():
+        raise InputError(f"{file}: weight file listed in the index is missing")
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end > size:
+            raise ValueError("file is shorter than its header says")
+        with safe_open(file, framework="pt") as st:
+            return list(st.keys())
+    except Exception as err:  # any parse failure means the file is unusable; say which file
+        raise InputError(f"{file}: corrupt or truncated safetensors file ({err}); re-download or re-save it") from None
+
+
+def expected_tensors(config: DeciLMConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape a checkpoint of this config must hold (tied LM head excluded)."""
+    with torch.device("meta"):
+        model = DeciLMForCausalLM(config)
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def check_weights(path: Path, config: DeciLMConfig) -> dict[str, list[str]]:
+    """Check that the folder's tensors are exactly those of `config`, with the right shapes."""
+    files = weight_files(path)
+    expected = expected_tensors(config)
+    found: dict[str, tuple[int, ...]] = {}
+    for name, keys in files.items():
+        with safe_open(Path(path) / name, framework="pt") as st:
+            for key in keys:
+                found[key] = tuple(st.get_slice(key).get_shape())
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise InputError(f"{path}: weights missing for {', '.join(missing[:3])}{more}; the checkpoint is incomplete")
+    for key, shape in expected.items():
+        if found[key] != shape:
+            raise InputError(f"{path}: tensor {key} has shape {list(found[key])}, config.json implies {list(shape)}")
+    allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    extra = sorted(set(found) - set(expected) - allowed_extra)
+    if extra:
+        raise InputError(f"{path}: unexpected tensors {', '.join(extra[:3])}; config.json does not describe these weights")
+    return files
+
+
+def load_model(path: Path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu") -> DeciLMForCausalLM:
+    """Load any model folder puzzle reads as a DeciLMForCausalLM (eval mode); `dtype=None` keeps the stored dtype."""
+    path = Path(path)
+    config = decilm_config(normalized_config(path))
+    check_weights(path, config)
+    model, info = DeciLMForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype if dtype is not None else "auto", output_loading_info=True
+    )
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    problems = {
+        kind: sorted(set(map(str, info.get(kind) or ())) - ignorable)
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    if any(problems.values()):
+        raise InputError(f"{path}: weights do not match config.json ({problems})")
+    return model.to(device).eval()
+
+
+def build_model(config: DeciLMConfig, dtype: torch.dtype = torch.float32) -> DeciLMForCausalLM:
+    """A randomly initialised model of `config` (tests, demos, candidates before their weights are set)."""
+    return DeciLMForCausalLM(config).to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def provenance(**fields: Any) -> dict[str, Any]:
+    """puzzle.json content: what made this checkpoint, with the package version and time."""
+    return {
+        "puzzle_version": puzzle.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **fields,
+    }
+
+
+def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(dest) / name)
+            copied.append(name)
+    return copied
+
+
+def finish_checkpoint_dir(folder: Path, config: dict[str, Any], source: Path | None, info: dict[str, Any]) -> None:
+    """Write config.json, the modeling files, tokenizer files and puzzle.json into a folder that has weights."""
+    for name in MODELING_FILES:
+        shutil.copy2(MODELING_DIR / name, folder / name)
+    arch = Architecture.from_config(config, str(folder / "config.json"))
+    config = dict(config)
+    config["block_configs"] = arch.block_configs()  # every field explicit, as vLLM reads them
+    config["auto_map"] = dict(AUTO_MAP)
+    config["architectures"] = ["DeciLMForCausalLM"]
+    config["model_type"] = DECILM_MODEL_TYPE
+    write_json_atomic(folder / "config.json", config)
+    if source is not None:
+        copy_tokenizer_files(source, folder)
+    info = dict(info)
+    info.setdefault("architecture", arch.block_configs())
+    info.setdefault("total_params", arch.total_params())
+    info.setdefault("vllm_native", not arch.vllm_unsupported())
+    write_json_atomic(folder / "puzzle.json", provenance(**info))
+
+
+def save_model(
+    model: DeciLMForCausalLM,
+    out: Path,
+    *,
+    source: Path | None = None,
+    info: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Save `model` as a puzzle checkpoint at `out` (atomically); tokenizer files are copied from `source`."""
+    out = Path(out)
+    with atomic_output_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        finish_checkpoint_dir(tmp, config, source, info or {})
+    return out
+
+
+def convert(hf_dir: Path, out: Path, *, overwrite: bool = False, info: dict[str, Any] | None = None) -> Path:
+    """Convert a Llama / Mistral / Qwen2 / Qwen3 parent (or a Llama-Nemotron checkpoint) to puzzle's format.
+
+    The weights are copied file by file (their names are already the DeciLM names), so the converted model
+    computes exactly what the parent computes; only config.json changes.
+    """
+    hf_dir, out = Path(hf_dir), Path(out)
+    config = normalized_config(hf_dir)
+    files = check_weights(hf_dir, decilm_config(config))
+    with atomic_output_dir(out, overwrite) as tmp:
+        for name in files:
+            shutil.copy2(hf_dir / name, tmp / name)
+        if (hf_dir / SAFETENSORS_INDEX).exists():
+            shutil.copy2(hf_dir / SAFETENSORS_INDEX, tmp / SAFETENSORS_INDEX)
+        details = {"stage": "convert", "parent": str(hf_dir.resolve()), **(info or {})}
+        finish_checkpoint_dir(tmp, config, hf_dir, details)
+    return out

@@ -1,0 +1,51 @@
+"""The `puzzle` command: registers the commands and turns user errors into one red line.
+
+Each command lives in its own module under puzzle/cli/ and stays thin: parse options, build the config,
+call one library function, print through puzzle.cli.output.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from puzzle.cli.convert import convert_command
+from puzzle.cli.demo import demo_command
+from puzzle.cli.inspect import inspect_command
+from puzzle.errors import PuzzleError
+
+app = typer.Typer(
+    name="puzzle",
+    help="Turn a trained Hugging Face LLM into a faster, smaller, deployable derivative.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.command("convert")(convert_command)
+app.command("inspect")(inspect_command)
+app.command("demo")(demo_command)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` and return the exit code; user errors become one red line, not a traceback."""
+    try:
+        app(args=argv, prog_name="puzzle")  # standalone mode: typer prints usage errors and raises SystemExit
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    except PuzzleError as err:
+        if os.environ.get("PUZZLE_DEBUG", "") not in ("", "0"):
+            raise
+        from puzzle.cli.output import err_console
+
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print("[dim](set PUZZLE_DEBUG=1 for the traceback)[/]")
+        return err.exit_code
+    return 0
+
+
+def main() -> None:
+    """Entry point of the console script and `python -m puzzle`."""
+    sys.exit(run())

@@ -1,0 +1,14 @@
+"""Options shared by several commands, written once (huggingface_hub CLI style)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (it is swapped out only once the new one is complete).")]
+KvDtype = Annotated[str, typer.Option("--kv-dtype", help="KV-cache dtype for byte counts: bf16, fp16, fp8, fp32.")]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+ModelDir = Annotated[Path, typer.Argument(help="Model folder: a puzzle checkpoint, a Llama-Nemotron checkpoint, or a Llama/Mistral/Qwen2/Qwen3 HF folder.", show_default=False)]
+OutDir = Annotated[Path, typer.Argument(help="Output folder (must not exist unless --overwrite).", show_default=False)]

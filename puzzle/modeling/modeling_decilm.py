@@ -1,0 +1,457 @@
+"""Heterogeneous Llama-family decoder (DeciLM / "nemotron-nas"): every layer has its own attention and FFN.
+
+Follows transformers' `models/llama/modeling_llama.py`. Per layer, `config.block_configs[i]` picks
+  attention: softmax GQA with any number of KV heads (`n_heads_in_group`), optionally a sliding window
+             (`window_length`), a linear replacement (one hidden x hidden matrix) or no-op;
+  ffn:       SwiGLU of any width (`intermediate_size`, or NVIDIA's older `ffn_mult`), a linear
+             replacement, or no-op.
+Global options cover the dense families puzzle converts: Llama-3 RoPE scaling (any transformers RoPE
+type), Qwen2 q/k/v bias, Qwen3 per-head q/k RMSNorm, Mistral/Qwen2 sliding windows, tied embeddings.
+
+This file is copied into every puzzle checkpoint and loaded with `trust_remote_code=True` where puzzle is
+not installed, so it imports only torch and public transformers APIs (transformers >= 5.17).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+from .configuration_decilm import DeciLMConfig
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading block_configs (the same rules as vLLM's nemotron_nas.py)
+
+
+def _find_multiple(n, k):
+    return n if n % k == 0 else n + k - (n % k)
+
+
+def ffn_intermediate_size(ffn, hidden_size):
+    """FFN width of a block: `intermediate_size`, or NVIDIA's `ffn_mult` rounded up to a multiple of 256."""
+    if getattr(ffn, "intermediate_size", None) is not None:
+        return ffn.intermediate_size
+    return _find_multiple(int(2 * ffn.ffn_mult * hidden_size / 3), 256)
+
+
+def has_softmax_attention(attention):
+    """True when the layer keeps real attention (and therefore a KV cache)."""
+    return not (getattr(attention, "no_op", False) or getattr(attention, "replace_with_linear", False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Math
+
+
+class DeciLMRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class DeciLMRotaryEmbedding(nn.Module):
+    """Rotary embedding shared by all layers; any RoPE type transformers knows (default, llama3, yarn, ...)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, **kwargs):
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q: (B, H, T, D), k: (B, KV, T, D), cos/sin: (B, T, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def attention_mask_for(padding_mask, past_len, q_len, kv_len, window, device):
+    """Boolean mask (B|1, 1, q_len, kv_len), True = attend, or None when plain causal attention suffices.
+
+    The kv_len keys are the most recent of the past_len + q_len tokens (a window cache drops older ones);
+    `padding_mask` (B, past_len + q_len), 1 for real tokens, covers all of them.
+    """
+    total = past_len + q_len
+    if padding_mask is None and window is None or (padding_mask is None and window >= total):
+        if q_len == kv_len:
+            return "causal"
+        if q_len == 1:
+            return None
+    q_pos = torch.arange(past_len, total, device=device)[:, None]  # (q, 1)
+    k_pos = torch.arange(total - kv_len, total, device=device)[None, :]  # (1, kv)
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (q_pos - k_pos < window)
+    allowed = allowed[None, None]  # (1, 1, q, kv)
+    if padding_mask is not None:
+        allowed = allowed & padding_mask[:, None, None, total - kv_len : total].bool()
+    # A query that may see no key at all (a left-padding position) would give NaN; let it see everything.
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+class DeciLMAttention(nn.Module):
+    """Softmax attention with this layer's number of KV heads and optional sliding window."""
+
+    def __init__(self, config, layer_idx, attention):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_attention_heads // attention.n_heads_in_group
+        self.window = getattr(attention, "window_length", None)
+        self.scaling = self.head_dim**-0.5
+        qkv_bias = getattr(config, "qkv_bias", config.attention_bias)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        if getattr(config, "qk_norm", False):  # Qwen3: RMSNorm over each head's dimension, before RoPE
+            self.q_norm = DeciLMRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = DeciLMRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, hidden_states, position_embeddings, masks, past_key_values=None):
+        bsz, q_len, _ = hidden_states.shape
+        hidden_shape = (bsz, q_len, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, H, D)
+        k = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, KV, D)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, KV, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        mask = masks(k.shape[2], self.window)
+        is_causal = isinstance(mask, str)  # "causal": no mask tensor needed, SDPA's own causal path
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=None if is_causal else mask,
+            is_causal=is_causal,
+            scale=self.scaling,
+            enable_gqa=self.num_key_value_heads != self.num_heads,
+        )  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(bsz, q_len, -1)
+        return self.o_proj(out)
+
+
+class DeciLMLinearAttention(nn.Module):
+    """Attention replaced by one linear map (Puzzle's `replace_with_linear`); no KV cache."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.linear_attn = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, position_embeddings=None, masks=None, past_key_values=None):
+        return self.linear_attn(hidden_states)
+
+
+class DeciLMMLP(nn.Module):
+    """Gated FFN (SwiGLU for Llama): down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config, intermediate_size):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DeciLMLinearMLP(nn.Module):
+    """FFN replaced by one linear map (Puzzle's `replace_with_linear`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.linear_mlp = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.linear_mlp(x)
+
+
+class DeciLMDecoderLayer(nn.Module):
+    """Pre-norm residual block; a no-op sub-block has no module and no norm."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        block = config.block_configs[layer_idx]
+        attention, ffn = block.attention, block.ffn
+        self.self_attn = self.input_layernorm = None
+        if not getattr(attention, "no_op", False):
+            self.input_layernorm = DeciLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            if getattr(attention, "replace_with_linear", False):
+                self.self_attn = DeciLMLinearAttention(config)
+            else:
+                self.self_attn = DeciLMAttention(config, layer_idx, attention)
+        self.mlp = self.post_attention_layernorm = None
+        if not getattr(ffn, "no_op", False):
+            self.post_attention_layernorm = DeciLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            if getattr(ffn, "replace_with_linear", False):
+                self.mlp = DeciLMLinearMLP(config)
+            else:
+                self.mlp = DeciLMMLP(config, ffn_intermediate_size(ffn, config.hidden_size))
+
+    def forward(self, hidden_states, position_embeddings=None, masks=None, past_key_values=None):
+        if self.self_attn is not None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+            hidden_states = self.self_attn(hidden_states, position_embeddings, masks, past_key_values)
+            hidden_states = residual + hidden_states
+        if self.mlp is not None:
+            residual = hidden_states
+            hidden_states = self.post_attention_layernorm(hidden_states)
+            hidden_states = self.mlp(hidden_states)
+            hidden_states = residual + hidden_states
+        return hidden_states
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class DeciLMCache(DynamicCache):
+    """KV cache for heterogeneous layers.
+
+    Layers with softmax attention get a cache layer (a window layer keeps only its window); no-op and linear
+    layers hold nothing. The sequence length is read from the first attention layer, so a model whose layer 0
+    has no attention still reports the right length to `generate`; a model with no attention at all counts
+    tokens itself.
+    """
+
+    def __init__(self, config):
+        layers = []
+        for block in config.block_configs:
+            window = getattr(block.attention, "window_length", None)
+            layers.append(DynamicSlidingWindowLayer(sliding_window=window) if window else DynamicLayer())
+        Cache.__init__(self, layers=layers)
+        self.attention_layers = [
+            i for i, block in enumerate(config.block_configs) if has_softmax_attention(block.attention)
+        ]
+        self.tokens_seen = 0  # only read when there is no attention layer
+
+    def get_seq_length(self, layer_idx=0):
+        if not self.attention_layers:
+            return self.tokens_seen
+        if layer_idx not in self.attention_layers:
+            layer_idx = self.attention_layers[0]
+        return self.layers[layer_idx].get_seq_length()
+
+    def crop(self, max_length):
+        super().crop(max_length)
+        self.tokens_seen = self.tokens_seen + max_length if max_length < 0 else min(self.tokens_seen, max_length)
+
+
+def _past_length(cache, config):
+    if cache is None:
+        return 0
+    if isinstance(cache, DeciLMCache):
+        return cache.get_seq_length()
+    first = next((i for i, b in enumerate(config.block_configs) if has_softmax_attention(b.attention)), 0)
+    return cache.get_seq_length(first)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+
+
+class DeciLMPreTrainedModel(PreTrainedModel):
+    config_class = DeciLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeciLMDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        # `generate` must not build a plain DynamicCache: the model creates its own DeciLMCache.
+        return False
+
+
+class DeciLMModel(DeciLMPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([DeciLMDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = DeciLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DeciLMRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        **kwargs,
+    ):
+        """`hidden_states` (when asked) are the embeddings and each layer's output, all before the final norm."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and past_key_values is None:
+            past_key_values = DeciLMCache(self.config)
+        if not use_cache:
+            past_key_values = None
+
+        bsz, q_len, _ = inputs_embeds.shape
+        past_len = _past_length(past_key_values, self.config)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)[None]
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("DeciLM expects a 2D padding attention_mask (batch, past + new tokens)")
+        padding_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        mask_cache = {}
+
+        def masks(kv_len, window):  # built once per (kv_len, window) and shared by the layers
+            key = (kv_len, window)
+            if key not in mask_cache:
+                mask_cache[key] = attention_mask_for(padding_mask, past_len, q_len, kv_len, window, inputs_embeds.device)
+            return mask_cache[key]
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden_states = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, position_embeddings, masks, past_key_values
+                )
+            else:
+                hidden_states = layer(hidden_states, position_embeddings, masks, past_key_values)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+        if isinstance(past_key_values, DeciLMCache):
+            past_key_values.tokens_seen += q_len
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
+
+
+class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = DeciLMModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        logits_to_keep=0,
+        return_dict=None,
+        **kwargs,
+    ):
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = ["DeciLMForCausalLM", "DeciLMModel", "DeciLMPreTrainedModel", "DeciLMCache"]

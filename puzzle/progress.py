@@ -1,0 +1,80 @@
+"""Progress bars for long library work.
+
+Library code reports progress through `track(...)`; the bar is drawn by rich on stderr. Set
+`PUZZLE_QUIET=1` (the tests do) to silence every bar. Keeping this in one place means the library never
+prints directly and the CLI decides how progress looks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+_console = Console(stderr=True)
+
+
+def quiet() -> bool:
+    return os.environ.get("PUZZLE_QUIET", "") not in ("", "0")
+
+
+@dataclass
+class Tracker:
+    """Handle yielded by `track`: `advance(n, **metrics)` moves the bar and shows the metrics."""
+
+    _progress: Progress | None
+    _task: int | None
+    metrics: dict[str, object] = field(default_factory=dict)
+
+    def advance(self, n: float = 1, **metrics: object) -> None:
+        self.metrics.update(metrics)
+        if self._progress is not None:
+            self._progress.update(self._task, advance=n, metrics=_format_metrics(self.metrics))
+
+    def update(self, **metrics: object) -> None:
+        self.advance(0, **metrics)
+
+
+def _format_metrics(metrics: dict[str, object]) -> str:
+    parts = []
+    for key, value in metrics.items():
+        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)
+
+
+@contextmanager
+def track(description: str, total: float | None) -> Iterator[Tracker]:
+    """A progress bar for `total` steps (None: unknown total); silent when PUZZLE_QUIET is set."""
+    if quiet():
+        yield Tracker(None, None)
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        console=_console,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(description, total=total, metrics="")
+        yield Tracker(progress, task)
+
+
+def log(message: str) -> None:
+    """One status line for the user (stderr), silent when PUZZLE_QUIET is set."""
+    if not quiet():
+        _console.print(message)

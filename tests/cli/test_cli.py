@@ -1,0 +1,85 @@
+"""The `puzzle` command line: convert / inspect end to end, and one-line errors with a non-zero exit."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from factories import hf_parent
+from puzzle.cli import app as cli
+
+ROOT = Path(__file__).parents[2]
+
+
+def puzzle(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "PUZZLE_DEBUG": ""}
+    return subprocess.run([sys.executable, "-m", "puzzle", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_convert_then_inspect(tmp_path):
+    hf_parent("llama", tmp_path / "parent")
+    run = puzzle("convert", tmp_path / "parent", tmp_path / "child")
+    assert run.returncode == 0, run.stderr
+    info = json.loads((tmp_path / "child" / "puzzle.json").read_text())
+    assert info["command"].startswith("puzzle convert")
+    run = puzzle("inspect", tmp_path / "child")
+    assert run.returncode == 0, run.stderr
+    assert "vLLM-native" in run.stdout and "nemotron-nas" in run.stdout
+    run = puzzle("inspect", tmp_path / "child", "--json", "--kv-dtype", "fp8")
+    summary = json.loads(run.stdout)
+    assert summary["vllm_native"] and len(summary["layers"]) == 3
+    assert summary["kv_bytes_per_token"] == 3 * 2 * 2 * 32  # layers x (K,V) x KV heads x head_dim, 1 byte
+
+
+def test_inspect_reads_a_plain_parent_and_flags_non_native_layers(tmp_path):
+    hf_parent("qwen3", tmp_path / "parent")
+    run = puzzle("inspect", tmp_path / "parent")
+    assert run.returncode == 0, run.stderr
+    assert "not vLLM-native" in run.stdout and "q/k RMSNorm" in run.stdout
+
+
+def test_a_user_error_in_a_real_process_is_one_line_without_traceback(tmp_path):
+    run = puzzle("convert", tmp_path / "missing", tmp_path / "out")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[0].startswith("error: ")
+
+
+@pytest.mark.parametrize("case", ["missing", "no_weights", "corrupt", "unknown_type", "exists"])
+def test_bad_input_is_one_line_and_nonzero(case, tmp_path, capsys):
+    src, out = tmp_path / "parent", tmp_path / "out"
+    if case != "missing":
+        hf_parent("llama", src)
+    if case == "no_weights":
+        (src / "model.safetensors").unlink()
+    elif case == "corrupt":
+        (src / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+    elif case == "unknown_type":
+        (src / "config.json").write_text('{"model_type": "bert"}')
+    elif case == "exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("precious")
+    assert cli.run(["convert", str(src), str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("error: ")
+    assert len(lines) == 2 and "PUZZLE_DEBUG" in lines[1]
+    if case == "exists":
+        assert "--overwrite" in lines[0] and (out / "keep.txt").read_text() == "precious"
+    else:
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written folders
+
+
+def test_help_lists_only_working_commands(capsys):
+    assert cli.run(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("convert", "inspect", "demo"):
+        assert command in out
+
+
+def test_usage_error_exits_nonzero(capsys):
+    assert cli.run(["convert"]) == 2
+    assert "Missing argument" in capsys.readouterr().err

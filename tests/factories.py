@@ -1,0 +1,83 @@
+"""Tiny random-initialised models of real HF architectures, for tests (no hub downloads)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+from transformers import (
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+)
+
+from puzzle.checkpoint import build_model, decilm_config
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+FAMILIES = {
+    # Llama-3 RoPE scaling, biases everywhere, explicit head_dim != hidden/heads.
+    "llama": lambda: (LlamaForCausalLM, LlamaConfig(**COMMON, head_dim=32, attention_bias=True, mlp_bias=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    # Sliding window shorter than the test sequences.
+    "mistral": lambda: (MistralForCausalLM, MistralConfig(**COMMON, sliding_window=6)),
+    # q/k/v bias, tied embeddings, sliding window on the upper layers only.
+    "qwen2": lambda: (Qwen2ForCausalLM, Qwen2Config(**COMMON, tie_word_embeddings=True, use_sliding_window=True,
+                                                    sliding_window=5, max_window_layers=1)),
+    # per-head q/k RMSNorm.
+    "qwen3": lambda: (Qwen3ForCausalLM, Qwen3Config(**COMMON, head_dim=32)),
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Perturb norms and biases too (HF initialises them to 1 / 0, which would hide mistakes)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def hf_parent(family: str, out: Path | None = None, seed: int = 0):
+    """A tiny transformers model of `family` (eval mode), saved to `out` when given."""
+    torch.manual_seed(seed)
+    cls, config = FAMILIES[family]()
+    model = randomize_(cls(config).eval(), seed)
+    if out is not None:
+        model.save_pretrained(out)
+    return model
+
+
+ATTENTION_VARIANTS = {
+    "full": {"n_heads_in_group": 1},
+    "gqa2": {"n_heads_in_group": 2},
+    "kv1": {"n_heads_in_group": 4},
+    "window": {"n_heads_in_group": 2, "window_length": 4},
+    "linear": {"replace_with_linear": True},
+    "no_op": {"no_op": True},
+}
+FFN_VARIANTS = {
+    "full": {"intermediate_size": 96},
+    "narrow": {"intermediate_size": 40},
+    "linear": {"replace_with_linear": True},
+    "no_op": {"no_op": True},
+}
+VARIANT_COMBINATIONS = list(itertools.product(ATTENTION_VARIANTS, FFN_VARIANTS))
+
+
+def decilm_dict(blocks: list[tuple[str, str]], **overrides) -> dict:
+    """A DeciLM config.json dict with one (attention, ffn) variant name pair per layer."""
+    config = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, head_dim=16, max_position_embeddings=256,
+                  num_hidden_layers=len(blocks), bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                  block_configs=[{"attention": dict(ATTENTION_VARIANTS[a]), "ffn": dict(FFN_VARIANTS[f])} for a, f in blocks])
+    config.update(overrides)
+    return config
+
+
+def decilm_model(blocks: list[tuple[str, str]], seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return randomize_(build_model(decilm_config(decilm_dict(blocks, **overrides))), seed)
