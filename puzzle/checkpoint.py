@@ -14,6 +14,7 @@ Every write goes to a temporary folder that is renamed into place only when comp
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -300,6 +301,15 @@ def check_weights(path: Path, config: DeciLMConfig) -> dict[str, list[str]]:
     if extra:
         raise InputError(f"{path}: unexpected tensors {', '.join(extra[:3])}; config.json does not describe these weights")
     return files
+
+
+def fingerprint(path: Path) -> str:
+    """Identity of a model folder: its config.json and the names and sizes of its weight files."""
+    path = Path(path)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for file in sorted(path.glob("*.safetensors")):
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
 
 
 def load_model(path: Path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu") -> DeciLMForCausalLM:

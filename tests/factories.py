@@ -81,3 +81,46 @@ def decilm_dict(blocks: list[tuple[str, str]], **overrides) -> dict:
 def decilm_model(blocks: list[tuple[str, str]], seed: int = 0, **overrides):
     torch.manual_seed(seed)
     return randomize_(build_model(decilm_config(decilm_dict(blocks, **overrides))), seed)
+
+
+# ---- a tiny parent with a tokenizer and a text corpus, for pipeline tests ----------------------------------
+
+def tiny_corpus(root: Path, n_files: int = 40) -> Path:
+    """Text files cut from the Python standard library (present on every machine), deterministic."""
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = sorted((stdlib / "json").glob("*.py")) + sorted((stdlib / "email").glob("*.py"))
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(n_files):
+        text = sources[k % len(sources)].read_text(errors="replace")
+        (root / f"doc{k:03d}.txt").write_text(text[(k // len(sources)) * 2000:][:6000])
+    return root
+
+
+def tiny_tokenizer(corpus: Path, vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def tiny_parent_with_tokenizer(root: Path, layers: int = 4, seed: int = 0) -> tuple[Path, Path]:
+    """(parent folder, corpus folder): a random tiny Llama (4 KV heads, head_dim 16) with a BPE tokenizer."""
+    corpus = tiny_corpus(root / "corpus")
+    tokenizer = tiny_tokenizer(corpus)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = randomize_(LlamaForCausalLM(config).eval(), seed)
+    model.save_pretrained(root / "parent")
+    tokenizer.save_pretrained(root / "parent")
+    return root / "parent", corpus

@@ -14,6 +14,8 @@ import typer
 from puzzle.cli.convert import convert_command
 from puzzle.cli.demo import demo_command
 from puzzle.cli.inspect import inspect_command
+from puzzle.cli.search import search_command
+from puzzle.cli.stages import bld_command, score_command
 from puzzle.errors import PuzzleError
 
 app = typer.Typer(
@@ -27,10 +29,16 @@ app = typer.Typer(
 app.command("convert")(convert_command)
 app.command("inspect")(inspect_command)
 app.command("demo")(demo_command)
+app.command("search")(search_command)
+app.command("bld")(bld_command)
+app.command("score")(score_command)
 
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` and return the exit code; user errors become one red line, not a traceback."""
+    from puzzle.jobs import set_threads_from_env
+
+    set_threads_from_env()
     try:
         app(args=argv, prog_name="puzzle")  # standalone mode: typer prints usage errors and raises SystemExit
     except SystemExit as stop:

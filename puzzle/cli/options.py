@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,3 +12,6 @@ KvDtype = Annotated[str, typer.Option("--kv-dtype", help="KV-cache dtype for byt
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 ModelDir = Annotated[Path, typer.Argument(help="Model folder: a puzzle checkpoint, a Llama-Nemotron checkpoint, or a Llama/Mistral/Qwen2/Qwen3 HF folder.", show_default=False)]
 OutDir = Annotated[Path, typer.Argument(help="Output folder (must not exist unless --overwrite).", show_default=False)]
+Workers = Annotated[int, typer.Option("--workers", min=1, help="Parallel workers for BLD (processes, GPUs or Slurm tasks).")]
+Launcher = Annotated[str, typer.Option("--launcher", help="How workers start: local, torchrun or slurm.")]
+Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, or auto (default: cuda when available).")]

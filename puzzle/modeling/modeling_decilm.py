@@ -134,6 +134,20 @@ def attention_mask_for(padding_mask, past_len, q_len, kv_len, window, device):
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
+class MaskProvider:
+    """Builds each layer's attention mask on demand, once per (kv_len, window), shared by the layers."""
+
+    def __init__(self, padding_mask, past_len, q_len, device):
+        self.padding_mask, self.past_len, self.q_len, self.device = padding_mask, past_len, q_len, device
+        self._masks = {}
+
+    def __call__(self, kv_len, window):
+        key = (kv_len, window)
+        if key not in self._masks:
+            self._masks[key] = attention_mask_for(self.padding_mask, self.past_len, self.q_len, kv_len, window, self.device)
+        return self._masks[key]
+
+
 class DeciLMAttention(nn.Module):
     """Softmax attention with this layer's number of KV heads and optional sliding window."""
 
@@ -242,17 +256,25 @@ class DeciLMDecoderLayer(nn.Module):
             else:
                 self.mlp = DeciLMMLP(config, ffn_intermediate_size(ffn, config.hidden_size))
 
+    def attention_branch(self, hidden_states, position_embeddings=None, masks=None, past_key_values=None):
+        """What the attention sub-block adds to the residual stream (None for a no-op)."""
+        if self.self_attn is None:
+            return None
+        return self.self_attn(self.input_layernorm(hidden_states), position_embeddings, masks, past_key_values)
+
+    def ffn_branch(self, hidden_states):
+        """What the FFN sub-block adds to the residual stream (None for a no-op)."""
+        if self.mlp is None:
+            return None
+        return self.mlp(self.post_attention_layernorm(hidden_states))
+
     def forward(self, hidden_states, position_embeddings=None, masks=None, past_key_values=None):
         if self.self_attn is not None:
             residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-            hidden_states = self.self_attn(hidden_states, position_embeddings, masks, past_key_values)
-            hidden_states = residual + hidden_states
+            hidden_states = residual + self.attention_branch(hidden_states, position_embeddings, masks, past_key_values)
         if self.mlp is not None:
             residual = hidden_states
-            hidden_states = self.post_attention_layernorm(hidden_states)
-            hidden_states = self.mlp(hidden_states)
-            hidden_states = residual + hidden_states
+            hidden_states = residual + self.ffn_branch(hidden_states)
         return hidden_states
 
 
@@ -365,13 +387,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("DeciLM expects a 2D padding attention_mask (batch, past + new tokens)")
         padding_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
-        mask_cache = {}
-
-        def masks(kv_len, window):  # built once per (kv_len, window) and shared by the layers
-            key = (kv_len, window)
-            if key not in mask_cache:
-                mask_cache[key] = attention_mask_for(padding_mask, past_len, q_len, kv_len, window, inputs_embeds.device)
-            return mask_cache[key]
+        masks = MaskProvider(padding_mask, past_len, q_len, inputs_embeds.device)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)

@@ -1,0 +1,36 @@
+"""`puzzle search PARENT --out RUN`: the whole pipeline over a run directory, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from puzzle.cli.options import Device, Launcher, Workers
+from puzzle.cli.output import console, done
+
+
+def search_command(
+    parent: Annotated[Optional[Path], typer.Argument(help="Parent model folder (HF Llama/Mistral/Qwen2/Qwen3 or DeciLM). Not needed to resume.", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", help="Run directory (created, or resumed when it exists).", show_default=False)] = ...,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML run config; flags override it.")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Text / JSONL / datasets folder for calibration, BLD and scoring (repeatable).")] = None,
+    stage: Annotated[Optional[str], typer.Option("--stage", help="Run only this stage (convert, library, bld, score).")] = None,
+    workers: Workers = 1,
+    launcher: Launcher = "local",
+    device: Device = None,
+) -> None:
+    """Run the Puzzle search: convert, library, bld, score (stages that are done are skipped).
+
+    Examples:
+      puzzle search ~/models/Llama-3.1-8B --out runs/llama8b --config search.yaml --data ~/data/fineweb
+      puzzle search --out runs/llama8b --stage bld --workers 8 --launcher torchrun
+    """
+    from puzzle.pipeline import run_search
+
+    overrides = {"device": device}
+    if data:
+        overrides["data"] = {"paths": [str(p) for p in data]}
+    run_search(out, parent=parent, config=config, overrides=overrides, stage=stage, workers=workers, launcher=launcher)
+    done(f"run directory: {out}")

@@ -1,0 +1,80 @@
+"""Run a DeciLM model layer by layer, capturing what each sub-block receives and adds.
+
+Blockwise local distillation and replace-one-block scoring both need the parent's hidden state entering a
+layer and its sub-blocks' outputs; running the layers here (through the layers' own `attention_branch` /
+`ffn_branch`) gives them without hooks and lets a run stop early or start from a cached hidden state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, MaskProvider
+
+
+@dataclass
+class LayerIO:
+    """One layer of a full-sequence forward: x -> h = x + attn -> y = h + ffn."""
+
+    x: torch.Tensor  # (B, T, C) hidden state entering the layer
+    attn: torch.Tensor | None  # attention branch output (None: no-op)
+    h: torch.Tensor  # FFN sub-block input
+    ffn: torch.Tensor | None  # FFN branch output (None: no-op)
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.h if self.ffn is None else self.h + self.ffn
+
+
+def embed(model: DeciLMForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    return model.model.embed_tokens(ids.to(model.device))
+
+
+def run_layers(
+    model: DeciLMForCausalLM,
+    ids: torch.Tensor | None = None,
+    *,
+    hidden: torch.Tensor | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    capture: Container[int] = (),
+    replace: Mapping[int, Mapping[str, nn.Module]] | None = None,
+) -> tuple[torch.Tensor, dict[int, LayerIO]]:
+    """Layers start..stop-1 on full sequences (no cache); returns the last hidden state and captures.
+
+    Give `ids` (embedded here) or `hidden` (the state entering layer `start`). `replace[i]` may hold an
+    "attention", "ffn" or "block" module (e.g. a puzzle.blocks.subblock.SubBlock) that computes that
+    branch instead of the model's own, as in replace-one-block scoring.
+    """
+    m = model.model
+    x = embed(model, ids) if hidden is None else hidden
+    t = x.shape[1]
+    positions = torch.arange(t, device=x.device)[None]
+    position_embeddings = m.rotary_emb(x, positions)
+    masks = MaskProvider(None, 0, t, x.device)
+    replace = replace or {}
+    captured: dict[int, LayerIO] = {}
+    stop = len(m.layers) if stop is None else stop
+    for i in range(start, stop):
+        layer, swap = m.layers[i], replace.get(i, {})
+        if "block" in swap:
+            branch = swap["block"](x, position_embeddings)
+            io = LayerIO(x=x, attn=None, h=x, ffn=branch)
+        else:
+            attn = swap["attention"](x, position_embeddings) if "attention" in swap else \
+                layer.attention_branch(x, position_embeddings, masks)
+            h = x if attn is None else x + attn
+            ffn = swap["ffn"](h) if "ffn" in swap else layer.ffn_branch(h)
+            io = LayerIO(x=x, attn=attn, h=h, ffn=ffn)
+        if i in capture:
+            captured[i] = io
+        x = io.y
+    return x, captured
+
+
+def logits_from_hidden(model: DeciLMForCausalLM, hidden: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(model.model.norm(hidden))

@@ -1,0 +1,314 @@
+"""Blockwise local distillation (BLD): train every candidate sub-block to imitate the parent's.
+
+Puzzle (Bercovich et al. 2024), section 3. For a candidate of layer i the input is the parent's hidden
+state entering that sub-block and the target is the parent sub-block's output (its residual branch);
+the loss is the normalised MSE ||y_child - y_parent||^2 / ||y_parent||^2 (1.0 = as bad as removing it).
+Decoupled mode trains attention and FFN candidates separately; coupled mode trains whole layers.
+A linear replacement is a linear map of its normalised input, so its BLD optimum has a closed form: it is
+fitted by exact least squares over its whole token budget instead of by gradient steps (which only add
+noise around that optimum).
+
+A worker trains its units in groups: one parent forward per batch (stopping after the group's last layer)
+feeds every unit of the group, so the parent's cost is shared. Each finished unit is written atomically
+to `library/{attn,ffn,block}/L{i}/{variant}.safetensors` with its losses and token count; a running
+group checkpoints every `checkpoint_every` steps, so a killed worker resumes where it stopped and, with
+the same seed on CPU, ends with the same tensors as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from puzzle.arch import Architecture
+from puzzle.blocks.init import init_candidate
+from puzzle.blocks.library import Manifest, load_stats, to_device_stats, unit_params
+from puzzle.blocks.space import Candidate
+from puzzle.blocks.subblock import Rotary, SubBlock
+from puzzle.distill.activations import LayerIO, run_layers
+from puzzle.distill.losses import normalized_mse
+from puzzle.errors import ConfigError
+from puzzle.progress import track
+from puzzle.run import RunPaths
+
+
+@dataclass(frozen=True, kw_only=True)
+class BLDConfig:
+    tokens_per_unit: int = 1 << 24  # Puzzle saw gains flatten after ~0.5B tokens at 70B; 16M is a fair default
+    batch_size: int = 8
+    lr: float = 3e-4
+    min_lr_fraction: float = 0.1  # cosine decay ends at lr * this
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.0  # units start from the parent's weights; decay would pull them away
+    seed: int = 0
+    eval_tokens: int = 16384  # held-out tokens for each unit's loss before and after training
+    max_group_params: int = 400_000_000  # units trained together (sharing one parent pass), in parameters
+    checkpoint_every: int = 200  # steps between checkpoints of the running group
+    linear_attention_init: Literal["least_squares", "fold"] = "least_squares"
+    autocast: bool = True  # bf16 autocast for the units on CUDA (master weights stay fp32)
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_unit", "batch_size", "eval_tokens", "max_group_params", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"bld.{name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0 or not 0 <= self.warmup_fraction < 1 or not 0 <= self.min_lr_fraction <= 1:
+            raise ConfigError("bld: lr must be > 0, warmup_fraction in [0, 1), min_lr_fraction in [0, 1]")
+        if self.linear_attention_init not in ("least_squares", "fold"):
+            raise ConfigError("bld.linear_attention_init must be 'least_squares' or 'fold'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnitResult:
+    unit_id: str
+    loss_init: float  # held-out normalised MSE of the initialisation
+    loss_final: float  # ... after BLD
+    tokens: int
+    steps: int
+    seconds: float
+    worker: str = "0/1"  # rank/world_size of the worker that trained it
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Unit files
+
+
+def unit_path(paths: RunPaths, c: Candidate) -> Path:
+    return paths.unit(c.kind, c.layer, c.name)
+
+
+def write_unit(path: Path, block: SubBlock, layer: int, result: UnitResult) -> None:
+    """Weights (checkpoint names) + result in the safetensors metadata, written through a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in block.checkpoint_state(layer).items()}
+    save_file(state, tmp, metadata={"puzzle_unit": json.dumps(asdict(result))})
+    os.replace(tmp, path)
+
+
+def read_unit_result(path: Path) -> UnitResult:
+    with safe_open(path, framework="pt") as f:
+        return UnitResult(**json.loads(f.metadata()["puzzle_unit"]))
+
+
+def load_unit(path: Path, candidate: Candidate, parent_config, device: torch.device | str = "cpu") -> SubBlock:
+    """A trained candidate as a SubBlock (float32)."""
+    from safetensors.torch import load_file
+
+    block = SubBlock(parent_config, candidate.kind, candidate.variant).to(device=device, dtype=torch.float32)
+    block.load_checkpoint_state({k: v.float() for k, v in load_file(path, device=str(device)).items()}, candidate.layer)
+    return block
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def unit_io(c: Candidate, io: LayerIO) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, target) of a unit from the parent's layer: decoupled sub-blocks or a whole coupled layer."""
+    if c.kind == "attention":
+        return io.x, io.attn
+    if c.kind == "ffn":
+        return io.h, io.ffn
+    parts = [t for t in (io.attn, io.ffn) if t is not None]
+    return io.x, sum(parts[1:], parts[0])
+
+
+def lr_lambda(total_steps: int, cfg: BLDConfig):
+    warmup = int(total_steps * cfg.warmup_fraction)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def plan_groups(units: list[Candidate], arch: Architecture, max_group_params: int) -> list[list[Candidate]]:
+    """Consecutive units (layer order) whose parameters fit the budget train together."""
+    groups, current, size = [], [], 0
+    for unit in sorted(units, key=lambda c: (c.layer, c.kind, c.name)):
+        params = unit_params(unit, arch)
+        if current and size + params > max_group_params:
+            groups.append(current)
+            current, size = [], 0
+        current.append(unit)
+        size += params
+    return groups + ([current] if current else [])
+
+
+def is_closed_form(c: Candidate) -> bool:
+    """A decoupled linear replacement: fitted by least squares, not by gradient steps."""
+    return c.kind in ("attention", "ffn") and c.variant.replace_with_linear
+
+
+def _linear_and_norm(block: SubBlock):
+    layer = block.layer
+    if block.kind == "attention":
+        return layer.self_attn.linear_attn, layer.input_layernorm
+    return layer.mlp.linear_mlp, layer.post_attention_layernorm
+
+
+class _Group:
+    """The units of one group with their optimiser; knows how to checkpoint and evaluate itself."""
+
+    def __init__(self, units, parent, arch, paths, cfg, steps, device):
+        self.units, self.parent, self.cfg, self.steps = units, parent, cfg, steps
+        self.blocks = {
+            u.unit_id: init_candidate(u, parent, arch, to_device_stats(load_stats(paths, u.layer), device),
+                                      cfg.linear_attention_init)
+            for u in units
+        }
+        self.closed_form = {u.unit_id for u in units if is_closed_form(u)}
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}  # least-squares sums x x^T, x y^T per closed-form unit
+        params = [p for k, b in self.blocks.items() if k not in self.closed_form for p in b.parameters()]
+        for k in self.closed_form:
+            self.blocks[k].requires_grad_(False)
+        params = params or [torch.nn.Parameter(torch.zeros(1, device=device))]  # a group of linear units only
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(steps, cfg))
+        self.rotary = Rotary(parent.config).to(device)
+        self.layers = sorted({u.layer for u in units})
+        self.autocast = cfg.autocast and device.type == "cuda"
+
+    def losses(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            _, io = run_layers(self.parent, batch, stop=self.layers[-1] + 1, capture=set(self.layers))
+        out = {}
+        for u in self.units:
+            x, target = unit_io(u, io[u.layer])
+            x, target = x.float(), target.float()
+            if u.unit_id in self.closed_form:
+                self._accumulate(u.unit_id, x, target)
+                continue
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                pred = self.blocks[u.unit_id](x, self.rotary(x))
+            out[u.unit_id] = normalized_mse(pred.float(), target)
+        return out
+
+    @torch.no_grad()
+    def _accumulate(self, unit_id: str, x: torch.Tensor, target: torch.Tensor) -> None:
+        _, norm = _linear_and_norm(self.blocks[unit_id])
+        xn, y = norm(x).flatten(0, -2).double(), target.flatten(0, -2).double()  # (N, C)
+        sums = self.sums.setdefault(unit_id, {"xtx": 0, "xty": 0})
+        sums["xtx"] = sums["xtx"] + xn.T @ xn
+        sums["xty"] = sums["xty"] + xn.T @ y
+
+    @torch.no_grad()
+    def solve_closed_form(self) -> None:
+        from puzzle.blocks.init import least_squares
+
+        for unit_id, sums in self.sums.items():
+            linear, _ = _linear_and_norm(self.blocks[unit_id])
+            linear.weight.copy_(least_squares(sums["xtx"], sums["xty"]).to(linear.weight.dtype))
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[torch.Tensor]) -> dict[str, float]:
+        """Held-out normalised MSE over all batches together (sum of errors / sum of target energy)."""
+        err: dict[str, float] = {}
+        energy: dict[str, float] = {}
+        for batch in batches:
+            _, io = run_layers(self.parent, batch, stop=self.layers[-1] + 1, capture=set(self.layers))
+            for u in self.units:
+                x, target = unit_io(u, io[u.layer])
+                pred = self.blocks[u.unit_id](x.float(), self.rotary(x.float()))
+                err[u.unit_id] = err.get(u.unit_id, 0.0) + (pred - target.float()).pow(2).sum().item()
+                energy[u.unit_id] = energy.get(u.unit_id, 0.0) + target.float().pow(2).sum().item()
+        return {k: err[k] / max(energy[k], 1e-30) for k in err}
+
+    def state(self, step: int, extra: dict) -> dict:
+        return {"step": step, "blocks": {k: b.state_dict() for k, b in self.blocks.items()}, "sums": self.sums,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), **extra}
+
+    def load(self, state: dict) -> None:
+        for k, b in self.blocks.items():
+            b.load_state_dict(state["blocks"][k])
+        self.sums = state["sums"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _group_key(units: list[Candidate], cfg: BLDConfig, data_key: str) -> str:
+    text = json.dumps([[u.unit_id for u in units], asdict(cfg), data_key], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_group(units: list[Candidate], parent, arch: Architecture, paths: RunPaths, data, cfg: BLDConfig,
+                device: torch.device, worker: str = "0/1") -> list[UnitResult]:
+    """Train one group of units to the token budget (resuming from its checkpoint) and write each unit."""
+    seq_len = data.config.seq_len
+    steps = max(1, math.ceil(cfg.tokens_per_unit / (cfg.batch_size * seq_len)))
+    group = _Group(units, parent, arch, paths, cfg, steps, device)
+    eval_batches = [b.to(device) for b in data.batches("held_out", cfg.batch_size, n_tokens=max(cfg.eval_tokens, seq_len),
+                                                       shuffle=False)]
+    checkpoint = paths.progress / f"{_group_key(units, cfg, str(data.cache_path))}.pt"
+    start, seconds = 0, 0.0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        group.load(state)
+        start, loss_init, seconds = state["step"], state["loss_init"], state["seconds"]
+    else:
+        loss_init = group.evaluate(eval_batches)
+    began = time.perf_counter()
+    batches = data.batches("train", cfg.batch_size, n_tokens=steps * cfg.batch_size * seq_len, shuffle=True,
+                           seed=cfg.seed, start_step=start)
+    with track(f"bld L{group.layers[0]}-{group.layers[-1]} ({len(units)} units)", steps) as bar:
+        bar.advance(start)
+        for step, batch in enumerate(batches, start=start):
+            losses = group.losses(batch.to(device))
+            group.optimizer.zero_grad(set_to_none=True)
+            if losses:
+                sum(losses.values()).backward()
+                group.optimizer.step()
+            group.scheduler.step()
+            bar.advance(1, loss=sum(v.item() for v in losses.values()) / max(1, len(losses)))
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 and done < steps:
+                _save_atomic(group.state(done, {"loss_init": loss_init,
+                                                "seconds": seconds + time.perf_counter() - began}), checkpoint)
+    group.solve_closed_form()
+    loss_final = group.evaluate(eval_batches)
+    seconds += time.perf_counter() - began
+    results = []
+    for u in units:
+        result = UnitResult(unit_id=u.unit_id, loss_init=loss_init[u.unit_id], loss_final=loss_final[u.unit_id],
+                            tokens=steps * cfg.batch_size * seq_len, steps=steps, seconds=seconds / len(units),
+                            worker=worker)
+        write_unit(unit_path(paths, u), group.blocks[u.unit_id], u.layer, result)
+        results.append(result)
+    checkpoint.unlink(missing_ok=True)
+    return results
+
+
+def pending_units(manifest: Manifest, paths: RunPaths, units: list[Candidate] | None = None) -> list[Candidate]:
+    units = manifest.units if units is None else units
+    return [u for u in units if not unit_path(paths, u).exists()]
+
+
+def train_units(units: list[Candidate], parent, arch: Architecture, paths: RunPaths, data, cfg: BLDConfig,
+                device: torch.device, worker: str = "0/1") -> list[UnitResult]:
+    """Train the given units (skipping finished ones), group by group."""
+    todo = [u for u in units if not unit_path(paths, u).exists()]
+    results = []
+    for group in plan_groups(todo, arch, cfg.max_group_params):
+        results += train_group(group, parent, arch, paths, data, cfg, device, worker)
+    return results

@@ -1,0 +1,202 @@
+"""Work units shared by any number of workers through the run directory: sharding and launchers.
+
+A worker learns its share from the environment, as torchrun, accelerate and Slurm set it:
+`RANK`/`WORLD_SIZE` (torchrun, accelerate), else `SLURM_ARRAY_TASK_ID`/`SLURM_ARRAY_TASK_COUNT` (a Slurm
+array), else `SLURM_PROCID`/`SLURM_NTASKS`, else rank 0 of 1; `LOCAL_RANK` picks the GPU. Units are split
+into contiguous, cost-balanced slices in layer order, so workers never share a unit and need no
+coordination beyond the files each writes atomically. Launchers start the same `--worker` command N times
+locally, under torchrun, or as a Slurm array.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from puzzle.errors import ConfigError, StageError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"worker rank {self.rank} is outside world size {self.world_size}")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def shard_from_env() -> Shard:
+    """This process's place among the workers, from torchrun / accelerate / Slurm variables."""
+    local = _env_int("LOCAL_RANK") or 0
+    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
+                               ("SLURM_PROCID", "SLURM_NTASKS")):
+        rank, size = _env_int(rank_var), _env_int(size_var)
+        if rank is not None and size is not None:
+            if rank_var == "SLURM_ARRAY_TASK_ID":
+                rank -= _env_int("SLURM_ARRAY_TASK_MIN") or 0  # arrays need not start at 0
+            return Shard(rank=rank, world_size=size, local_rank=local)
+    return Shard()
+
+
+def device_for(shard: Shard, requested: str = "auto") -> torch.device:
+    """cuda:LOCAL_RANK when a GPU is available (or asked for), else CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {requested!r} asked for but CUDA is not available; use --device cpu")
+    return torch.device("cuda", shard.local_rank % torch.cuda.device_count())
+
+
+def split_contiguous(items: Sequence[T], cost: Callable[[T], float], parts: int) -> list[list[T]]:
+    """Cut `items` (kept in order) into `parts` contiguous slices of roughly equal total cost."""
+    costs = [max(cost(item), 1e-9) for item in items]
+    total, slices, current, acc = sum(costs), [], [], 0.0
+    for item, c in zip(items, costs):
+        boundary = total * (len(slices) + 1) / parts
+        if current and acc + c / 2 > boundary and len(slices) < parts - 1:
+            slices.append(current)
+            current = []
+        current.append(item)
+        acc += c
+    slices.append(current)
+    return slices + [[] for _ in range(parts - len(slices))]
+
+
+def my_share(items: Sequence[T], cost: Callable[[T], float], shard: Shard) -> list[T]:
+    return split_contiguous(items, cost, shard.world_size)[shard.rank]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def worker_env(rank: int, world_size: int, threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS=str(threads),
+               PUZZLE_NUM_THREADS=str(threads))
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(name, None)
+    return env
+
+
+def launch_local(argv: list[str], workers: int, log_dir: Path, poll: Callable[[], None] | None = None,
+                 threads_per_worker: int | None = None) -> None:
+    """Run `python -m puzzle <argv>` as `workers` processes with RANK/WORLD_SIZE; each gets its share of CPU threads.
+
+    `poll` is called about twice a second (progress display). If a worker fails, the others are stopped and
+    the error names its log file.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    procs = []
+    for rank in range(workers):
+        log = open(log_dir / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, "-m", "puzzle", *argv], env=worker_env(rank, workers, threads),
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log, rank))
+    try:
+        while any(p.poll() is None for p, _, _ in procs):
+            failed = [(p, r) for p, _, r in procs if p.poll() not in (None, 0)]
+            if failed:
+                raise StageError(f"worker {failed[0][1]} failed (exit {failed[0][0].returncode}); "
+                                 f"see {log_dir / f'rank{failed[0][1]}.log'}")
+            if poll:
+                poll()
+            time.sleep(0.5)
+        if poll:
+            poll()
+        failed = [(p, r) for p, _, r in procs if p.returncode != 0]
+        if failed:
+            raise StageError(f"worker {failed[0][1]} failed (exit {failed[0][0].returncode}); "
+                             f"see {log_dir / f'rank{failed[0][1]}.log'}")
+    finally:
+        for p, log, _ in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait()
+            log.close()
+
+
+def torchrun_command(argv: list[str], nproc_per_node: int) -> list[str]:
+    return ["torchrun", f"--nproc-per-node={nproc_per_node}", "-m", "puzzle", *argv]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlurmConfig:
+    partition: str | None = None
+    time: str = "24:00:00"
+    cpus_per_task: int = 8
+    gpus_per_task: int = 0
+    mem: str | None = None
+    extra_args: tuple[str, ...] = ()  # further #SBATCH lines, e.g. ("--account=abc",)
+
+
+def slurm_script(argv: list[str], workers: int, log_dir: Path, cfg: SlurmConfig, job_name: str) -> str:
+    """An sbatch script running one worker per array task (RANK = SLURM_ARRAY_TASK_ID)."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --array=0-{workers - 1}",
+             f"#SBATCH --output={log_dir}/%x-%a.log", f"#SBATCH --time={cfg.time}",
+             f"#SBATCH --cpus-per-task={cfg.cpus_per_task}", "#SBATCH --ntasks=1"]
+    if cfg.partition:
+        lines.append(f"#SBATCH --partition={cfg.partition}")
+    if cfg.gpus_per_task:
+        lines.append(f"#SBATCH --gpus-per-task={cfg.gpus_per_task}")
+    if cfg.mem:
+        lines.append(f"#SBATCH --mem={cfg.mem}")
+    lines += [f"#SBATCH {arg}" for arg in cfg.extra_args]
+    lines += ["set -euo pipefail", f"export OMP_NUM_THREADS={cfg.cpus_per_task} PUZZLE_NUM_THREADS={cfg.cpus_per_task}",
+              f"cd {shlex.quote(os.getcwd())}",
+              f"exec {shlex.quote(sys.executable)} -m puzzle {shlex.join(argv)}"]
+    return "\n".join(lines) + "\n"
+
+
+def launch_slurm(argv: list[str], workers: int, log_dir: Path, cfg: SlurmConfig, job_name: str, wait: bool = True,
+                 poll: Callable[[], None] | None = None) -> str:
+    """Submit a Slurm array of `workers` tasks; with `wait`, block until it leaves the queue. Returns the job id."""
+    if shutil.which("sbatch") is None:
+        raise ConfigError("--launcher slurm: sbatch is not on PATH; run on a Slurm login node or use --launcher local")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    script = log_dir / f"{job_name}.sbatch"
+    script.write_text(slurm_script(argv, workers, log_dir, cfg, job_name))
+    out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise StageError(f"sbatch {script} failed: {out.stderr.strip()}")
+    job_id = out.stdout.strip().split(";")[0]
+    while wait:
+        queue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i"], capture_output=True, text=True)
+        if queue.returncode == 0 and not queue.stdout.strip():
+            break
+        if poll:
+            poll()
+        time.sleep(2)
+    return job_id
+
+
+def set_threads_from_env() -> None:
+    """A worker started by a launcher uses only its share of the CPU threads."""
+    threads = _env_int("PUZZLE_NUM_THREADS")
+    if threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,162 @@
+"""Replace-one-block scoring: the quality cost of each candidate, alone in the parent.
+
+Puzzle (Bercovich et al. 2024), section 4: put one candidate into the parent, everything else unchanged,
+and measure on held-out tokens KL(parent || model) of the next-token distribution (the best signal the
+paper found), the LM loss and the top-1 agreement with the parent. The parent's own variant scores 0 KL by
+construction. Layers are scored one at a time: the parent runs to the layer once per batch and each of
+the layer's candidates runs the rest, so memory holds one layer's candidates and one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from puzzle.blocks.space import Candidate
+from puzzle.blocks.subblock import SubBlock
+from puzzle.checkpoint import read_json, write_json_atomic
+from puzzle.distill.activations import logits_from_hidden, run_layers
+from puzzle.distill.losses import kl_per_token
+from puzzle.errors import ConfigError, StageError
+from puzzle.progress import track
+
+SCORES_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig:
+    tokens: int = 1 << 17  # held-out tokens per candidate
+    batch_size: int = 8
+    logits_chunk: int = 4096  # positions whose logits are materialised at once (large vocabularies)
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or self.batch_size < 1 or self.logits_chunk < 1:
+            raise ConfigError("score.tokens, score.batch_size and score.logits_chunk must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CandidateScore:
+    layer: int
+    kind: str
+    name: str
+    kl: float  # mean KL(parent || model) per token, nats
+    lm_loss: float  # mean next-token cross-entropy of the model, nats
+    top1: float  # fraction of positions where the model's argmax equals the parent's
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scores:
+    parent_fingerprint: str
+    weights: Literal["bld", "init"]  # scored after BLD, or the initialisation before it
+    tokens: int
+    parent_lm_loss: float
+    entries: tuple[CandidateScore, ...] = field(default_factory=tuple)
+    version: int = SCORES_VERSION
+
+    def get(self, layer: int, kind: str, name: str) -> CandidateScore:
+        for e in self.entries:
+            if (e.layer, e.kind, e.name) == (layer, kind, name):
+                return e
+        raise StageError(f"no score for {kind} {name} of layer {layer}; rerun the score stage")
+
+    def save(self, path: Path) -> None:
+        data = asdict(self)
+        write_json_atomic(path, data)
+
+    @classmethod
+    def load(cls, path: Path) -> Scores:
+        data = read_json(path, "scores (run the `score` stage first)")
+        if data.get("version") != SCORES_VERSION:
+            raise StageError(f"{path}: scores version {data.get('version')} is not {SCORES_VERSION}; rerun the score stage")
+        entries = tuple(CandidateScore(**e) for e in data.pop("entries"))
+        return cls(**data, entries=entries)
+
+
+class _Sums:
+    def __init__(self) -> None:
+        self.kl = self.nll = self.top1 = 0.0
+        self.n = 0
+
+    def add(self, parent_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.kl += kl_per_token(parent_logits, logits).sum().item()
+        self.nll += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        self.top1 += (logits.argmax(-1) == parent_logits.argmax(-1)).sum().item()
+        self.n += labels.numel()
+
+    def score(self, c: Candidate) -> CandidateScore:
+        return CandidateScore(layer=c.layer, kind=c.kind, name=c.name, kl=self.kl / self.n, lm_loss=self.nll / self.n,
+                              top1=self.top1 / self.n)
+
+
+def _chunks(model, hidden: torch.Tensor, parent_hidden: torch.Tensor, labels: torch.Tensor, chunk: int):
+    """(parent logits, logits, labels) over the predicting positions, `chunk` positions at a time."""
+    h, p = hidden[:, :-1].flatten(0, 1), parent_hidden[:, :-1].flatten(0, 1)  # (N, C)
+    y = labels[:, 1:].flatten()
+    for s in range(0, h.shape[0], chunk):
+        yield logits_from_hidden(model, p[s:s + chunk]), logits_from_hidden(model, h[s:s + chunk]), y[s:s + chunk]
+
+
+@torch.no_grad()
+def score_candidates(parent, candidates: list[Candidate], load_block: Callable[[Candidate], SubBlock | None],
+                     data, cfg: ScoreConfig, parent_fingerprint: str, weights: str = "bld") -> Scores:
+    """Score every candidate; `load_block` gives a candidate's SubBlock (None for no-op and parent variants)."""
+    batches = list(data.batches("held_out", cfg.batch_size, n_tokens=cfg.tokens, shuffle=False))
+    device = parent.device
+    parent_sums = _Sums()
+    by_layer: dict[int, list[Candidate]] = {}
+    for c in candidates:
+        by_layer.setdefault(c.layer, []).append(c)
+    entries: list[CandidateScore] = []
+    with track(f"score ({weights})", len(candidates)) as bar:
+        for layer, group in sorted(by_layer.items()):
+            scored = [c for c in group if not c.is_parent]
+            blocks = {c.unit_id: load_block(c) for c in scored}
+            sums = {c.unit_id: _Sums() for c in scored}
+            for batch in batches:
+                batch = batch.to(device)
+                parent_hidden, io = run_layers(parent, batch, capture={layer})
+                for c in scored:
+                    block = blocks[c.unit_id]
+                    replacement = block if block is not None else SubBlock(parent.config, c.kind, c.variant).to(device)
+                    hidden, _ = run_layers(parent, hidden=io[layer].x, start=layer, replace={layer: {c.kind: replacement}})
+                    for p_logits, logits, labels in _chunks(parent, hidden, parent_hidden, batch, cfg.logits_chunk):
+                        sums[c.unit_id].add(p_logits, logits, labels)
+                if layer == min(by_layer):
+                    for p_logits, _, labels in _chunks(parent, parent_hidden, parent_hidden, batch, cfg.logits_chunk):
+                        parent_sums.add(p_logits, p_logits, labels)
+            for c in group:
+                if c.is_parent:
+                    continue
+                entries.append(sums[c.unit_id].score(c))
+                bar.advance(1)
+            bar.advance(len(group) - len(scored))
+    parent_loss = parent_sums.nll / parent_sums.n
+    for layer, group in by_layer.items():  # the parent's own variant: exactly the parent, by construction
+        for c in group:
+            if c.is_parent:
+                entries.append(CandidateScore(layer=c.layer, kind=c.kind, name=c.name, kl=0.0, lm_loss=parent_loss, top1=1.0))
+    entries.sort(key=lambda e: (e.layer, e.kind, e.name))
+    return Scores(parent_fingerprint=parent_fingerprint, weights=weights, tokens=parent_sums.n,
+                  parent_lm_loss=parent_loss, entries=tuple(entries))
+
+
+def score_table(scores: Scores) -> dict[str, Any]:
+    """Mean KL per variant family (for reports): {kind: {name-family: mean kl}}."""
+    families: dict[tuple[str, str], list[float]] = {}
+    for e in scores.entries:
+        families.setdefault((e.kind, family_of(e.name)), []).append(e.kl)
+    return {f"{k}/{f}": sum(v) / len(v) for (k, f), v in sorted(families.items())}
+
+
+def family_of(name: str) -> str:
+    """kv2 -> kv2, kv4_w128 -> window128, ffn1536 -> ffn, linear / no_op unchanged."""
+    if "_w" in name:
+        return "window" + name.split("_w")[1]
+    if name.startswith("ffn"):
+        return "ffn"
+    return name

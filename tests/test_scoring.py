@@ -1,0 +1,53 @@
+"""Replace-one-block scores equal a naive evaluation of the whole modified model."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+from puzzle.checkpoint import build_model, decilm_config, load_architecture
+from puzzle.distill.bld import load_unit, unit_path
+from puzzle.distill.losses import kl_per_token
+from puzzle.pipeline import run_bld, run_search
+from puzzle.scoring import Scores
+
+
+def test_scores_equal_the_modified_model_evaluated_whole(tmp_path):
+    parent_dir, corpus = tiny_run_inputs(tmp_path / "inputs", layers=3)
+    config = write_config(tmp_path / "c.yaml", tiny_search_config(corpus))
+    search = run_search(tmp_path / "run", parent=parent_dir, config=config, stage="library")
+    run_bld(search.paths.root)
+    run_search(search.paths.root, stage="score")
+    scores = Scores.load(search.paths.scores)
+    parent = search.parent_model()
+    arch = load_architecture(search.paths.parent)
+    batches = list(search.data().batches("held_out", 4, n_tokens=1024, shuffle=False))
+    manifest = search.manifest()
+    for c in manifest.candidates:
+        entry = scores.get(c.layer, c.kind, c.name)
+        if c.is_parent:
+            assert entry.kl == 0.0 and entry.top1 == 1.0
+            continue
+        if c.name not in ("kv1", "no_op", "linear", "ffn32") or c.layer != 1:
+            continue
+        # Naive reference: build the whole child model with this one sub-block replaced, then evaluate.
+        child_arch = arch.with_block(c.layer, **{("attention" if c.kind == "attention" else "ffn"): c.variant})
+        child = build_model(decilm_config(parent.config.to_dict(), child_arch))
+        state = {k: v for k, v in parent.state_dict().items() if not k.startswith(f"model.layers.{c.layer}.")}
+        state |= {k: v for k, v in parent.state_dict().items() if k.startswith(f"model.layers.{c.layer}.")
+                  and (("self_attn" in k or "input_layernorm" in k) != (c.kind == "attention"))}
+        if c.trainable:
+            state |= load_unit(unit_path(search.paths, c), c, parent.config).checkpoint_state(c.layer)
+        child.load_state_dict(state, strict=True)
+        kl = nll = top1 = n = 0
+        with torch.no_grad():
+            for batch in batches:
+                p, q = parent(batch).logits[:, :-1], child(batch).logits[:, :-1]
+                kl += kl_per_token(p, q).sum().item()
+                nll += F.cross_entropy(q.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+                top1 += (p.argmax(-1) == q.argmax(-1)).sum().item()
+                n += p.shape[0] * p.shape[1]
+        assert math.isclose(entry.kl, kl / n, rel_tol=1e-4, abs_tol=1e-7), c.unit_id
+        assert math.isclose(entry.lm_loss, nll / n, rel_tol=1e-5), c.unit_id
+        assert math.isclose(entry.top1, top1 / n), c.unit_id
