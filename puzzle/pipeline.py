@@ -27,9 +27,12 @@ from puzzle.errors import ConfigError, StageError
 from puzzle.jobs import Shard, device_for, my_share
 from puzzle.progress import log
 from puzzle.run import RunPaths
+from puzzle.mip.stage import SolveConfig
+from puzzle.profiling import ProfileConfig
+from puzzle.report import ReportConfig
 from puzzle.scoring import ScoreConfig, score_candidates
 
-STAGES = ("convert", "library", "bld", "score")
+STAGES = ("convert", "library", "bld", "score", "profile", "solve", "realize", "report")
 EXPENSIVE = {"library", "bld"}
 
 
@@ -42,6 +45,9 @@ class SearchConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     bld: BLDConfig = field(default_factory=BLDConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    solve: SolveConfig = field(default_factory=SolveConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # the parent's compute dtype; auto: bf16 on GPU
 
@@ -58,11 +64,16 @@ def load_search_config(path: Path | None, overrides: dict[str, Any] | None = Non
 
 
 def _section_key(cfg: SearchConfig, stage: str) -> str:
+    library = ["data", "space", "calibration"]
     sections = {
         "convert": [],
-        "library": ["data", "space", "calibration"],
-        "bld": ["data", "space", "calibration", "bld"],
-        "score": ["data", "space", "calibration", "bld", "score"],
+        "library": library,
+        "bld": library + ["bld"],
+        "score": library + ["bld", "score"],
+        "profile": ["space", "profile"],
+        "solve": library + ["bld", "score", "profile", "solve"],
+        "realize": library + ["bld", "score", "profile", "solve"],
+        "report": library + ["bld", "score", "profile", "solve", "report"],
     }[stage]
     payload = json.dumps({s: to_mapping(getattr(cfg, s)) for s in sections}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -128,8 +139,12 @@ class Search:
         return False
 
     def mark_done(self, stage: str, info: dict | None = None) -> None:
+        """Record `stage` as done; every later stage now has newer inputs and must run again."""
         self._record(stage).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self._record(stage), {"key": _section_key(self.cfg, stage), **(info or {})})
+        for later in STAGES[STAGES.index(stage) + 1:]:
+            if later != "bld":  # trained units stay valid; bld's own check is its config key
+                self._record(later).unlink(missing_ok=True)
 
     # -- stages ------------------------------------------------------------------------------------------
     def convert(self) -> None:
@@ -198,6 +213,130 @@ class Search:
         return load_init
 
 
+def profile_stage(search: Search) -> None:
+    """Cost of every variant in the library (and of the parent end to end) on this device."""
+    from puzzle.profiling import measure_model, profile_variants
+
+    manifest = search.manifest()
+    arch = load_architecture(search.paths.parent)
+    variants = []
+    for c in manifest.candidates:
+        if c.kind == "block":
+            variants += [("attention", c.variant.attention), ("ffn", c.variant.ffn)]
+        else:
+            variants.append((c.kind, c.variant))
+    for block in arch.blocks:  # layers outside the search space keep the parent's sub-blocks
+        variants += [("attention", block.attention), ("ffn", block.ffn)]
+    profile = profile_variants(search.parent_model().config, variants, search.cfg.profile)
+    parent_timing = None
+    if not search.cfg.profile.analytic:
+        from puzzle.profiling import resolve_device_dtype
+
+        device, dtype = resolve_device_dtype(search.cfg.profile)
+        model = load_model(search.paths.parent, dtype=dtype, device=device)
+        parent_timing = measure_model(model, search.cfg.profile)
+        del model
+    from dataclasses import replace
+
+    profile = replace(profile, parent_fingerprint=manifest.parent_fingerprint, parent_measured=parent_timing)
+    profile.save(search.paths.profile)
+    search.mark_done("profile")
+
+
+def solve_stage(search: Search) -> None:
+    from puzzle.mip.stage import build_problem, solve_targets, sweep
+    from puzzle.profiling import Profile
+    from puzzle.scoring import Scores
+
+    manifest = search.manifest()
+    profile = Profile.load(search.paths.profile)
+    if profile.parent_fingerprint != manifest.parent_fingerprint:
+        raise StageError(f"{search.paths.profile} was measured for another parent than the library's; rerun the profile stage")
+    scores = Scores.load(search.paths.scores)
+    if scores.parent_fingerprint != manifest.parent_fingerprint:
+        raise StageError(f"{search.paths.scores} belongs to another parent than the library's; rerun the score stage")
+    arch = load_architecture(search.paths.parent)
+    problem = build_problem(manifest, scores, profile, arch, search.cfg.solve.objective)
+    plans, failures = solve_targets(problem, profile, manifest, arch, search.cfg.solve)
+    search.paths.solutions.mkdir(parents=True, exist_ok=True)
+    for plan in plans:
+        plan.save(search.paths.solutions / f"{plan.name}.json")
+    write_json_atomic(search.paths.solutions / "sweep.json", {"version": 1, "points": sweep(problem, profile, search.cfg.solve),
+                                                              "infeasible": failures})
+    if failures:
+        from puzzle.errors import InfeasibleError
+
+        raise InfeasibleError("; ".join(failures))
+    search.mark_done("solve")
+
+
+def plans_of(search: Search) -> list:
+    from puzzle.mip.stage import ChildPlan
+
+    return [ChildPlan.load(search.paths.solutions / f"{t.name}.json") for t in search.cfg.solve.targets
+            if (search.paths.solutions / f"{t.name}.json").exists()]
+
+
+def realize_stage(search: Search) -> list[Path]:
+    from puzzle.realize import realize
+
+    manifest = search.manifest()
+    arch = load_architecture(search.paths.parent)
+    out = [realize(plan, search.parent_model(), arch, manifest, search.paths) for plan in plans_of(search)]
+    search.mark_done("realize")
+    return out
+
+
+def report_stage(search: Search) -> Path:
+    from dataclasses import replace
+
+    from puzzle.profiling import Profile, predicted_timing, resolve_device_dtype
+    from puzzle.report import bld_table, measure, write_report
+    from puzzle.scoring import Scores
+
+    cfg = search.cfg.report
+    manifest = search.manifest()
+    arch = load_architecture(search.paths.parent)
+    profile = Profile.load(search.paths.profile)
+    scores = Scores.load(search.paths.scores)
+    scores_init = Scores.load(search.paths.scores_init) if search.paths.scores_init.exists() else None
+    parent = search.parent_model()
+    batches = list(search.data().batches("held_out", cfg.batch_size, n_tokens=cfg.eval_tokens, shuffle=False))
+    profile_cfg = search.cfg.profile if cfg.measure_speed and not search.cfg.profile.analytic else None
+    device, dtype = resolve_device_dtype(search.cfg.profile)
+    timed_parent = load_model(search.paths.parent, dtype=dtype, device=device) if profile_cfg else parent
+    parent_report, parent_timing = measure("parent", search.paths.parent, timed_parent, parent, batches, profile_cfg,
+                                           arch, search.cfg.profile.kv_dtype)
+    parent_pred = predicted_timing(profile, list(arch.blocks))
+    parent_report = replace(parent_report, predicted_decode_s=parent_pred.decode_time_s, measured_speedup=1.0 if parent_timing else None)
+    children, plans = [], plans_of(search)
+    for plan in plans:
+        path = search.paths.children / plan.name
+        child_arch = load_architecture(path)
+        child = load_model(path, dtype=parent.dtype, device=parent.device)
+        timed = load_model(path, dtype=dtype, device=device) if profile_cfg else child
+        report, timing = measure(plan.name, path, child, parent, batches, None, child_arch, search.cfg.profile.kv_dtype)
+        if profile_cfg:
+            from puzzle.profiling import measure_model
+
+            timing = measure_model(timed, profile_cfg)
+        pred = predicted_timing(profile, list(child_arch.blocks))
+        children.append(replace(
+            report, measured_decode_s=timing.decode_time_s if timing else None,
+            measured_prefill_s=timing.prefill_time_s if timing else None, predicted_decode_s=pred.decode_time_s,
+            predicted_speedup=parent_pred.decode_time_s / pred.decode_time_s,
+            measured_speedup=parent_timing.decode_time_s / timing.decode_time_s if timing and parent_timing else None,
+            summed_score=plan.solution.score))
+        del child, timed
+    failures = read_json(search.paths.solutions / "sweep.json").get("infeasible", [])
+    sweep_points = read_json(search.paths.solutions / "sweep.json")["points"]
+    rows = bld_table(manifest, search.paths, arch, scores, scores_init)
+    path = write_report(search.paths, parent=parent_report, parent_arch=arch, children=children, plans=plans, bld_rows=rows,
+                        sweep=sweep_points, profile=profile, failures=failures)
+    search.mark_done("report")
+    return path
+
+
 def save_resolved_config(paths: RunPaths, cfg: SearchConfig) -> None:
     """The resolved config is written into the run; a rerun with another config must not mix results."""
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -226,28 +365,57 @@ def open_run(out: Path, parent: Path | None = None, config: Path | None = None,
         if parent is None:
             raise ConfigError(f"{out} is not a run directory yet; give the parent model: puzzle search PARENT --out {out}")
         cfg = load_search_config(config, overrides, base=base)
+    search = Search(paths, cfg, parent_source=Path(parent) if parent is not None else None)
+    for stage in EXPENSIVE:  # refuse before the new config is saved over the one the results came from
+        search.is_done(stage)
     save_resolved_config(paths, cfg)
-    return Search(paths, cfg, parent_source=Path(parent) if parent is not None else None)
+    return search
+
+
+def _run_stage(search: Search, name: str, workers: int = 1, launcher: str = "local", force: bool = False) -> None:
+    if name == "convert":
+        search.convert()
+        return
+    if name == "bld":
+        if force or not (search.is_done("bld") and search.bld_done()):
+            _bld(search, workers, launcher)
+        return
+    if not force and search.is_done(name):
+        return
+    if name == "library":
+        log(f"[bold]library[/]: candidates and calibration statistics -> {search.paths.manifest}")
+        search.library()
+    elif name == "score":
+        if search.cfg.score.compare_init and not search.paths.scores_init.exists():
+            search.score("init")  # what BLD bought, for the report
+        search.score("bld")
+    elif name == "profile":
+        profile_stage(search)
+    elif name == "solve":
+        solve_stage(search)
+    elif name == "realize":
+        realize_stage(search)
+    elif name == "report":
+        report_stage(search)
 
 
 def run_search(out: Path, *, parent: Path | None = None, config: Path | None = None,
                overrides: dict[str, Any] | None = None, stage: str | None = None, workers: int = 1,
                launcher: str = "local", base: dict[str, Any] | None = None) -> Search:
+    """Run every stage (or only `stage`) over the run directory, skipping those already done."""
     if stage is not None and stage not in STAGES:
         raise ConfigError(f"--stage {stage!r} is not a stage; choose one of {', '.join(STAGES)}")
     search = open_run(out, parent, config, overrides, base)
     search.convert()  # every stage reads the converted parent; cheap, and a no-op once done
     for name in STAGES if stage is None else (stage,):
-        if name == "library":
-            if not search.is_done("library"):
-                log(f"[bold]library[/]: candidates and calibration statistics -> {search.paths.manifest}")
-                search.library()
-        elif name == "bld":
-            if not (search.is_done("bld") and search.bld_done()):
-                _bld(search, workers, launcher)
-        elif name == "score":
-            if not search.is_done("score"):
-                search.score("bld")
+        _run_stage(search, name, workers, launcher, force=stage is not None)
+    return search
+
+
+def run_stage(out: Path, stage: str, overrides: dict[str, Any] | None = None) -> Search:
+    """One stage of an existing run, run even if it was done before (e.g. `puzzle solve` with new targets)."""
+    search = open_run(out, overrides=overrides)
+    _run_stage(search, stage, force=True)
     return search
 
 
@@ -265,7 +433,10 @@ def run_bld(out: Path, workers: int = 1, launcher: str = "local", as_worker: boo
 
 def run_score(out: Path, weights: Literal["bld", "init"] = "bld") -> Path:
     search = open_run(out)
-    search.score(weights)
+    if weights == "init":
+        search.score("init")
+    else:
+        _run_stage(search, "score", force=True)
     return search.paths.scores if weights == "bld" else search.paths.scores_init
 
 

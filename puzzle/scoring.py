@@ -33,6 +33,7 @@ class ScoreConfig:
     tokens: int = 1 << 17  # held-out tokens per candidate
     batch_size: int = 8
     logits_chunk: int = 4096  # positions whose logits are materialised at once (large vocabularies)
+    compare_init: bool = True  # also score the initialised candidates (scores_init.json): what BLD bought
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.batch_size < 1 or self.logits_chunk < 1:
@@ -160,3 +161,26 @@ def family_of(name: str) -> str:
     if name.startswith("ffn"):
         return "ffn"
     return name
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quality:
+    kl: float  # mean KL(parent || model) per token
+    lm_loss: float
+    top1: float
+    tokens: int
+
+
+@torch.no_grad()
+def model_quality(parent, model, batches, logits_chunk: int = 4096) -> Quality:
+    """Held-out quality of a whole model against the parent (same metrics as the scores)."""
+    sums = _Sums()
+    for batch in batches:
+        batch = batch.to(parent.device)
+        p = parent.model(batch, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)  # (N, C), after the final norm
+        h = model.model(batch.to(model.device), use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+        y = batch[:, 1:].flatten()
+        for s in range(0, h.shape[0], logits_chunk):
+            sums.add(parent.lm_head(p[s:s + logits_chunk]), model.lm_head(h[s:s + logits_chunk]).to(parent.device),
+                     y[s:s + logits_chunk])
+    return Quality(kl=sums.kl / sums.n, lm_loss=sums.nll / sums.n, top1=sums.top1 / sums.n, tokens=sums.n)

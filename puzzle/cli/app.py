@@ -15,7 +15,7 @@ from puzzle.cli.convert import convert_command
 from puzzle.cli.demo import demo_command
 from puzzle.cli.inspect import inspect_command
 from puzzle.cli.search import search_command
-from puzzle.cli.stages import bld_command, score_command
+from puzzle.cli.stages import bld_command, profile_command, realize_command, score_command, solve_command
 from puzzle.errors import PuzzleError
 
 app = typer.Typer(
@@ -32,6 +32,9 @@ app.command("demo")(demo_command)
 app.command("search")(search_command)
 app.command("bld")(bld_command)
 app.command("score")(score_command)
+app.command("profile")(profile_command)
+app.command("solve")(solve_command)
+app.command("realize")(realize_command)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -1,28 +1,51 @@
-"""`puzzle demo`: build the embedded demo parent (a small Llama trained on the Python standard library)."""
+"""`puzzle demo`: build the embedded demo parent and run a small search on it, end to end."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
+from puzzle.cli.options import Workers
 from puzzle.cli.output import console, done
 
 
 def demo_command(
+    out: Annotated[Path, typer.Option("--out", help="Run directory of the demo search.")] = Path("runs/demo"),
     parent_only: Annotated[bool, typer.Option("--parent-only", help="Only build (or reuse) the demo parent.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain the demo parent even if a cached one exists.")] = False,
+    workers: Workers = 2,
 ) -> None:
-    """Build the demo parent (cached under ~/.cache/puzzle/demo, or $PUZZLE_DEMO_DIR) and show it.
+    """Train (or reuse) the demo parent, a small Llama trained on the Python standard library, and run
+    `puzzle search` on it: library, BLD, scoring, profiling, MIP, realize, report — all on this CPU.
 
-    Example:  puzzle demo --parent-only
+    The parent is cached under ~/.cache/puzzle/demo (or $PUZZLE_DEMO_DIR); the search resumes if
+    interrupted.
+
+    Example:  puzzle demo --out runs/demo --workers 2
     """
     from puzzle.demo import DemoConfig, build_demo_parent
 
     parent = build_demo_parent(DemoConfig(), force=force)
     m = parent.metrics
-    done(f"demo parent: {parent.path}")
-    console.print(
-        f"held-out loss {m['held_out_loss']:.3f} nats/token vs unigram baseline {m['unigram_loss']:.3f} "
-        f"({m['train_tokens']:,} training tokens)"
-    )
+    done(f"demo parent: {parent.path}{' (cached)' if parent.cached else ''}")
+    console.print(f"  held-out loss {m.held_out_loss:.3f} nats/token vs unigram baseline {m.unigram_loss:.3f} "
+                  f"({m.train_tokens:,} training tokens)")
+    if parent_only:
+        return
+    from puzzle.demo_search import run_demo
+
+    search = run_demo(out, workers=workers)
+    report = json.loads((search.paths.root / "report.json").read_text())
+    table = Table(title="demo children (CPU-measured)")
+    for column in ("model", "params", "predicted speed-up", "measured speed-up", "KL to parent", "LM loss", "top-1", "path"):
+        table.add_column(column, justify="left" if column in ("model", "path") else "right")
+    for row in [report["parent"], *report["children"]]:
+        measured = f"{row['measured_speedup']:.2f}x" if row["measured_speedup"] else "-"
+        table.add_row(row["name"], f"{row['params'] / 1e6:.2f}M", f"{row['predicted_speedup']:.2f}x", measured,
+                      f"{row['kl']:.4f}", f"{row['lm_loss']:.3f}", f"{row['top1']:.3f}", row["path"])
+    console.print(table)
+    done(f"report: {search.paths.root / 'report.md'} (plots next to it)")

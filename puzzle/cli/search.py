@@ -16,21 +16,27 @@ def search_command(
     out: Annotated[Path, typer.Option("--out", help="Run directory (created, or resumed when it exists).", show_default=False)] = ...,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML run config; flags override it.")] = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="Text / JSONL / datasets folder for calibration, BLD and scoring (repeatable).")] = None,
-    stage: Annotated[Optional[str], typer.Option("--stage", help="Run only this stage (convert, library, bld, score).")] = None,
+    stage: Annotated[Optional[str], typer.Option("--stage", help="Run only this stage: convert, library, bld, score, profile, solve, realize, report.")] = None,
+    target_throughput: Annotated[Optional[str], typer.Option("--target-throughput", help="One target instead of the config's: e.g. 2x or tokens/s.")] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Parameters + KV cache of the child, e.g. 40GiB or 0.6x.")] = None,
     workers: Workers = 1,
     launcher: Launcher = "local",
     device: Device = None,
 ) -> None:
-    """Run the Puzzle search: convert, library, bld, score (stages that are done are skipped).
+    """Run the Puzzle search: convert, library, bld, score, profile, solve, realize, report.
+
+    Stages that are done are skipped, so rerunning the same command resumes an interrupted search.
 
     Examples:
       puzzle search ~/models/Llama-3.1-8B --out runs/llama8b --config search.yaml --data ~/data/fineweb
       puzzle search --out runs/llama8b --stage bld --workers 8 --launcher torchrun
     """
+    from puzzle.config import dotted
+    from puzzle.mip.stage import target_from_flags
     from puzzle.pipeline import run_search
 
-    overrides = {"device": device}
-    if data:
-        overrides["data"] = {"paths": [str(p) for p in data]}
+    target = target_from_flags(throughput=target_throughput, memory=max_memory)
+    overrides = dotted({"device": device, "data.paths": [str(p) for p in data] if data else None,
+                        "solve.targets": [target] if target else None})
     run_search(out, parent=parent, config=config, overrides=overrides, stage=stage, workers=workers, launcher=launcher)
     done(f"run directory: {out}")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from puzzle.cli.options import Launcher, Workers
+from puzzle.cli.options import Device, Launcher, Workers
 from puzzle.cli.output import done
 
 RunDir = Annotated[Path, typer.Argument(help="Run directory made by `puzzle search`.", show_default=False)]
@@ -47,3 +47,66 @@ def score_command(
 
     path = run_score(run, weights="init" if init else "bld")
     done(f"scores: {path}")
+
+
+def profile_command(
+    run: RunDir,
+    analytic: Annotated[bool, typer.Option("--analytic", help="Roofline estimate (bytes / bandwidth, flops / peak) instead of measuring.")] = False,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Decode batch.")] = None,
+    context_len: Annotated[Optional[int], typer.Option("--context-len", help="Cached tokens per sequence during decode.")] = None,
+    device: Device = None,
+) -> None:
+    """Decode / prefill time, parameter and KV bytes of every variant in the library on this device.
+
+    On a GPU steps are captured in CUDA graphs; on a CPU the numbers are labelled as CPU numbers.
+
+    Example:  puzzle profile runs/llama8b --batch-size 64 --context-len 4096
+    """
+    from puzzle.config import dotted
+    from puzzle.pipeline import run_stage
+
+    overrides = dotted({"profile.analytic": analytic or None, "profile.batch_size": batch_size,
+                        "profile.context_len": context_len, "profile.device": device})
+    search = run_stage(run, "profile", overrides)
+    done(f"profile: {search.paths.profile}")
+
+
+def solve_command(
+    run: RunDir,
+    target_throughput: Annotated[Optional[str], typer.Option("--target-throughput", help="e.g. 2x (of the parent) or tokens/s.")] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Parameters + KV cache, e.g. 40GiB or 0.6x.")] = None,
+    max_latency: Annotated[Optional[str], typer.Option("--max-latency", help="Prefill + generation time, e.g. 0.5x or seconds.")] = None,
+    max_kv_bytes_per_token: Annotated[Optional[str], typer.Option("--max-kv-bytes-per-token", help="e.g. 0.5x or bytes.")] = None,
+    min_attention_layers: Annotated[Optional[int], typer.Option("--min-attention-layers")] = None,
+    max_attention_layers: Annotated[Optional[int], typer.Option("--max-attention-layers")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Name of the child (default: from the target).")] = None,
+    solver: Annotated[Optional[str], typer.Option("--solver", help="pulp (CBC, default) or ortools.")] = None,
+) -> None:
+    """Choose one attention and one FFN variant per layer (MIP) for each target; writes solutions/*.json.
+
+    Without target flags the config's `solve.targets` are solved.
+
+    Example:  puzzle solve runs/llama8b --target-throughput 2x --max-memory 40GiB
+    """
+    from puzzle.config import dotted
+    from puzzle.pipeline import run_stage
+
+    from puzzle.mip.stage import target_from_flags
+
+    target = target_from_flags(name, throughput=target_throughput, memory=max_memory, latency=max_latency,
+                               kv_bytes_per_token=max_kv_bytes_per_token, min_attention_layers=min_attention_layers,
+                               max_attention_layers=max_attention_layers)
+    overrides = dotted({"solve.solver": solver, "solve.targets": [target] if target else None})
+    search = run_stage(run, "solve", overrides)
+    done(f"solutions: {search.paths.solutions}")
+
+
+def realize_command(run: RunDir) -> None:
+    """Assemble each solved child from the parent and the trained library into children/{name}/.
+
+    Example:  puzzle realize runs/llama8b
+    """
+    from puzzle.pipeline import run_stage
+
+    search = run_stage(run, "realize")
+    done(f"children: {search.paths.children}")

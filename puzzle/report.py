@@ -1,0 +1,236 @@
+"""The `report` stage: quality and speed of the parent and every child, predicted vs measured, with plots.
+
+Quality is measured on the held-out split (KL to the parent, LM loss, top-1 agreement); speed by
+`profiling.measure_model`, the same method and device as the profile the MIP used, so predicted and
+measured speed-ups are comparable. The report also shows what BLD bought (normalised MSE and replace-one-
+block KL before/after, per variant family) and checks how additive the scores are (summed candidate KL
+vs the child's measured KL). Writes report.md, report.json and PNG plots into the run directory.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import puzzle
+from puzzle.arch import Architecture
+from puzzle.blocks.library import Manifest
+from puzzle.checkpoint import write_json_atomic
+from puzzle.distill.bld import read_unit_result, unit_path
+from puzzle.errors import ConfigError
+from puzzle.mip.stage import ChildPlan
+from puzzle.profiling import Profile, ProfileConfig, measure_model
+from puzzle.run import RunPaths
+from puzzle.scoring import Scores, model_quality
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    eval_tokens: int = 1 << 16  # held-out tokens for each model's quality
+    batch_size: int = 8
+    measure_speed: bool = True  # time parent and children end to end (same method as the profile)
+
+    def __post_init__(self) -> None:
+        if self.eval_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("report.eval_tokens and report.batch_size must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelReport:
+    name: str
+    path: str
+    params: int
+    kv_bytes_per_token: int
+    kl: float
+    lm_loss: float
+    top1: float
+    measured_decode_s: float | None
+    measured_prefill_s: float | None
+    predicted_decode_s: float
+    measured_speedup: float | None = None
+    predicted_speedup: float = 1.0
+    summed_score: float = 0.0
+    vllm_native: bool = True
+    layers: list[str] = field(default_factory=list)
+
+
+def family(name: str, kind: str, parent_width: int | None) -> str:
+    """Variant family for the BLD table: kv2, window128, linear, ffn 50%."""
+    if kind == "ffn" and name.startswith("ffn") and parent_width:
+        return f"ffn {round(100 * int(name[3:]) / parent_width)}%"
+    if "_w" in name:
+        return "window" + name.split("_w")[1]
+    return name
+
+
+def bld_table(manifest: Manifest, paths: RunPaths, arch: Architecture, scores: Scores, scores_init: Scores | None) -> list[dict]:
+    """Per variant family: mean normalised MSE init -> BLD, mean replace-one-block KL init -> BLD."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for c in manifest.units:
+        width = arch.blocks[c.layer].ffn.intermediate_size
+        key = f"{c.kind}: {family(c.name, c.kind, width)}"
+        row = rows.setdefault(key, {"mse_init": [], "mse_bld": [], "kl_init": [], "kl_bld": []})
+        result = read_unit_result(unit_path(paths, c))
+        row["mse_init"].append(result.loss_init)
+        row["mse_bld"].append(result.loss_final)
+        row["kl_bld"].append(scores.get(c.layer, c.kind, c.name).kl)
+        if scores_init is not None:
+            row["kl_init"].append(scores_init.get(c.layer, c.kind, c.name).kl)
+    out = []
+    for key, r in sorted(rows.items()):
+        mean = {k: (sum(v) / len(v) if v else None) for k, v in r.items()}
+        better_mse = sum(b < a for a, b in zip(r["mse_init"], r["mse_bld"]))
+        better_kl = sum(b < a for a, b in zip(r["kl_init"], r["kl_bld"])) if r["kl_init"] else None
+        out.append({"family": key, "units": len(r["mse_init"]), **mean, "mse_improved": better_mse, "kl_improved": better_kl})
+    return out
+
+
+def _plots(out_dir: Path, parent_arch: Architecture, children: list[ModelReport], sweep: list[dict],
+           plans: list[ChildPlan]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = [p for p in sweep if p["feasible"]]
+    if points:
+        ax.plot([p["throughput"] / plans[0].parent_throughput for p in points], [p["score"] for p in points], "o-",
+                color="tab:blue", label="Pareto front (MIP, summed KL)")
+    for c in children:
+        ax.scatter([c.predicted_speedup], [c.summed_score], marker="*", s=160, color="tab:red", zorder=3)
+        ax.scatter([c.predicted_speedup], [c.kl], marker="x", s=80, color="tab:green", zorder=3)
+        ax.annotate(c.name, (c.predicted_speedup, c.summed_score), textcoords="offset points", xytext=(5, 5))
+    ax.scatter([], [], marker="*", color="tab:red", label="chosen child (summed KL)")
+    ax.scatter([], [], marker="x", color="tab:green", label="chosen child (measured KL)")
+    ax.set_xlabel("predicted throughput (x parent)")
+    ax.set_ylabel("KL to parent (nats/token)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "pareto.png", dpi=120)
+    plt.close(fig)
+    files.append("pareto.png")
+
+    if children:
+        import numpy as np
+
+        fig, axes = plt.subplots(len(children), 1, figsize=(max(6, 0.6 * len(children[0].layers)), 1.6 * len(children) + 0.6),
+                                 squeeze=False)
+        for ax, child, plan in zip(axes[:, 0], children, plans):
+            grid = np.zeros((2, len(plan.blocks)))
+            labels = [["", ""] for _ in plan.blocks]
+            for i, b in enumerate(plan.blocks):
+                grid[0, i] = _keep(b.attention, parent_arch.blocks[i].attention, parent_arch.shape)
+                grid[1, i] = _keep(b.ffn, parent_arch.blocks[i].ffn, parent_arch.shape)
+                labels[i] = [child.layers[i].split(" | ")[0], child.layers[i].split(" | ")[1]]
+            ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+            for i in range(len(plan.blocks)):
+                for r in range(2):
+                    ax.text(i, r, labels[i][r], ha="center", va="center", fontsize=6, color="white")
+            ax.set_yticks([0, 1], ["attention", "FFN"])
+            ax.set_xticks(range(len(plan.blocks)))
+            ax.set_title(f"{child.name}: predicted {child.predicted_speedup:.2f}x (colour: parameters kept)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out_dir / "layers.png", dpi=120)
+        plt.close(fig)
+        files.append("layers.png")
+
+    measured = [c for c in children if c.measured_speedup is not None]
+    if measured:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        xs = [c.predicted_speedup for c in measured]
+        ys = [c.measured_speedup for c in measured]
+        hi = max(xs + ys) * 1.1
+        ax.plot([1, hi], [1, hi], "--", color="gray", label="measured = predicted")
+        ax.scatter(xs, ys, color="tab:red")
+        for c in measured:
+            ax.annotate(c.name, (c.predicted_speedup, c.measured_speedup), textcoords="offset points", xytext=(5, -10))
+        ax.set_xlabel("predicted speed-up (decode)")
+        ax.set_ylabel("measured speed-up (decode)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "speed.png", dpi=120)
+        plt.close(fig)
+        files.append("speed.png")
+    return files
+
+
+def _keep(variant, parent_variant, shape) -> float:
+    """Colour of a sub-block in the layer map: its parameters as a fraction of the parent's (0 = removed)."""
+    from puzzle.arch import AttentionConfig, attention_params, ffn_params
+
+    count = attention_params if isinstance(variant, AttentionConfig) else ffn_params
+    full = count(shape, parent_variant)
+    return count(shape, variant) / full if full else 0.0
+
+
+def measure(name: str, path: Path, model, parent, batches, profile_cfg: ProfileConfig | None, arch: Architecture,
+            kv_dtype: str) -> tuple[ModelReport, Any]:
+    quality = model_quality(parent, model, batches)
+    timing = measure_model(model, profile_cfg) if profile_cfg is not None else None
+    heads = arch.shape.num_attention_heads
+    return ModelReport(
+        name=name, path=str(path), params=arch.total_params(), kv_bytes_per_token=arch.kv_bytes_per_token(kv_dtype),
+        kl=quality.kl, lm_loss=quality.lm_loss, top1=quality.top1,
+        measured_decode_s=timing.decode_time_s if timing else None, measured_prefill_s=timing.prefill_time_s if timing else None,
+        predicted_decode_s=0.0, vllm_native=not arch.vllm_unsupported(),
+        layers=[f"{b.attention.label(heads)} | {b.ffn.label()}" for b in arch.blocks],
+    ), timing
+
+
+def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architecture, children: list[ModelReport],
+                 plans: list[ChildPlan], bld_rows: list[dict], sweep: list[dict], profile: Profile, failures: list[str]) -> Path:
+    """report.md + report.json + plots."""
+    plots = _plots(paths.root, parent_arch, children, sweep, plans)
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    env = {"puzzle": puzzle.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "date": when}
+    data = {"environment": env, "profile": {"device": profile.device, "method": profile.method, "dtype": profile.dtype,
+                                             **{k: profile.config[k] for k in ("batch_size", "context_len", "prompt_len")}},
+            "parent": asdict(parent), "children": [asdict(c) for c in children], "bld": bld_rows, "sweep": sweep,
+            "infeasible": failures, "plots": plots}
+    write_json_atomic(paths.root / "report.json", data)
+    cpu_note = " (CPU numbers: a small model on this machine's cores, not a GPU prediction)" if profile.method == "cpu" else ""
+    lines = [
+        "# puzzle search report", "",
+        f"Parent: `{paths.parent}`  ", f"Device: {profile.device}, method {profile.method}, {profile.dtype}{cpu_note}  ",
+        f"Decode at batch {profile.config['batch_size']}, context {profile.config['context_len']}; "
+        f"prefill {profile.config['prefill_batch']} x {profile.config['prompt_len']} tokens  ",
+        f"Versions: puzzle {env['puzzle']}, torch {env['torch']}, transformers {env['transformers']}; {when}", "",
+        "## Children", "",
+        "| model | params | KV B/token | predicted speed-up | measured speed-up | error | KL to parent | LM loss | top-1 | summed KL | vLLM-native |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for m in [parent, *children]:
+        measured = f"{m.measured_speedup:.2f}x" if m.measured_speedup else "-"
+        err = f"{100 * (m.predicted_speedup / m.measured_speedup - 1):+.1f}%" if m.measured_speedup and m is not parent else "-"
+        lines.append(f"| {m.name} | {m.params / 1e6:.2f}M | {m.kv_bytes_per_token} | {m.predicted_speedup:.2f}x | {measured} | "
+                     f"{err} | {m.kl:.4f} | {m.lm_loss:.4f} | {m.top1:.3f} | {m.summed_score:.4f} | {'yes' if m.vllm_native else 'no'} |")
+    if failures:
+        lines += ["", "Infeasible targets:", *[f"- {f}" for f in failures]]
+    lines += ["", "Speed-up = decode throughput relative to the parent, same device and method. Error = predicted / "
+              "measured - 1. Summed KL = the MIP objective (sum of replace-one-block KLs); compare it with the child's "
+              "measured KL to see how additive the scores are.", ""]
+    for c, plan in zip(children, plans):
+        lines += [f"### {c.name}", "", "| layer | attention | FFN |", "|---:|---|---|"]
+        lines += [f"| {i} | {l.split(' | ')[0]} | {l.split(' | ')[1]} |" for i, l in enumerate(c.layers)]
+        lines.append("")
+    lines += ["## What BLD bought", "", "| family | units | MSE init | MSE after BLD | improved | KL init | KL after BLD | improved |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in bld_rows:
+        kl_init = f"{r['kl_init']:.5f}" if r["kl_init"] is not None else "-"
+        kl_better = f"{r['kl_improved']}/{r['units']}" if r["kl_improved"] is not None else "-"
+        lines.append(f"| {r['family']} | {r['units']} | {r['mse_init']:.4f} | {r['mse_bld']:.4f} | {r['mse_improved']}/{r['units']} | "
+                     f"{kl_init} | {r['kl_bld']:.5f} | {kl_better} |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    (paths.root / "report.md").write_text("\n".join(lines))
+    return paths.root / "report.md"

@@ -1,0 +1,120 @@
+"""`puzzle search` end to end on a tiny parent: every stage, resumption, and the errors between stages."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+from puzzle import pipeline
+from puzzle.blocks.library import Manifest
+from puzzle.checkpoint import load_architecture, load_model
+from puzzle.cli import app as cli
+from puzzle.distill.activations import logits_from_hidden, run_layers
+from puzzle.distill.bld import load_unit, unit_path
+from puzzle.errors import InfeasibleError, StageError
+from puzzle.mip.stage import ChildPlan, parse_relative
+from puzzle.pipeline import run_search, run_stage
+
+FAST = dict(profile={"batch_size": 4, "context_len": 96, "prompt_len": 32, "repeats": 3, "inner": 2, "warmup": 1,
+                     "generate_tokens": 8},
+            solve={"targets": [{"name": "fast", "throughput": "1.3x"}, {"name": "small", "memory": "0.75x"}],
+                   "sweep": [1.2, 1.5]},
+            report={"eval_tokens": 512, "batch_size": 4})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    parent, corpus = tiny_run_inputs(root / "inputs", layers=3)
+    config = write_config(root / "search.yaml", tiny_search_config(corpus, **FAST))
+    search = run_search(root / "run", parent=parent, config=config)
+    return search
+
+
+def test_every_stage_writes_its_outputs(finished_run):
+    paths = finished_run.paths
+    for path in (paths.manifest, paths.scores, paths.scores_init, paths.profile, paths.solutions / "sweep.json",
+                 paths.root / "report.md", paths.root / "report.json", paths.root / "pareto.png", paths.root / "layers.png"):
+        assert path.exists(), path
+    report = json.loads((paths.root / "report.json").read_text())
+    assert [c["name"] for c in report["children"]] == ["fast", "small"]
+    fast = ChildPlan.load(paths.solutions / "fast.json")
+    assert fast.predicted_speedup >= 1.3 - 1e-9
+    info = json.loads((paths.children / "fast" / "puzzle.json").read_text())
+    assert info["predicted"]["speedup"] == pytest.approx(fast.predicted_speedup)
+    assert (paths.root / "config.yaml").read_text().startswith("# resolved config")
+
+
+def test_realized_child_computes_the_parent_with_its_chosen_units(finished_run):
+    paths = finished_run.paths
+    plan = ChildPlan.load(paths.solutions / "small.json")
+    manifest = Manifest.load(paths.manifest)
+    parent = load_model(paths.parent)
+    arch = load_architecture(paths.parent)
+    replace = {}
+    for i, (mine, theirs) in enumerate(zip(plan.blocks, arch.blocks)):
+        for kind, v, p in (("attention", mine.attention, theirs.attention), ("ffn", mine.ffn, theirs.ffn)):
+            if v != p:
+                c = next(c for c in manifest.candidates_of(i, kind) if c.variant == v)
+                block = load_unit(unit_path(paths, c), c, parent.config) if c.trainable else \
+                    __import__("puzzle.blocks.subblock", fromlist=["SubBlock"]).SubBlock(parent.config, kind, v)
+                replace.setdefault(i, {})[kind] = block
+    assert replace, "the memory target replaces something"
+    ids = torch.randint(0, parent.config.vocab_size, (2, 40))
+    hidden, _ = run_layers(parent, ids, replace=replace)
+    child = load_model(paths.children / "small")
+    torch.testing.assert_close(child(ids).logits, logits_from_hidden(parent, hidden), atol=1e-5, rtol=1e-5)
+
+
+def test_rerun_skips_finished_stages(finished_run, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    for name in ("profile_stage", "solve_stage", "realize_stage", "report_stage", "_bld"):
+        monkeypatch.setattr(pipeline, name, boom)
+    monkeypatch.setattr(pipeline.Search, "library", boom)
+    monkeypatch.setattr(pipeline.Search, "score", boom)
+    run_search(finished_run.paths.root)
+
+
+def test_changed_bld_config_is_an_error_not_a_silent_retrain(finished_run):
+    with pytest.raises(StageError, match="bld stage ran with a different config"):
+        run_search(finished_run.paths.root, overrides={"bld": {"lr": 0.1}}, stage="bld")
+
+
+def test_impossible_target_names_the_binding_constraint(finished_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run.paths.root, run)
+    with pytest.raises(InfeasibleError, match="throughput"):
+        run_stage(run, "solve", {"solve": {"targets": [{"name": "huge", "throughput": "50x"}]}})
+    assert cli.run(["solve", str(run), "--target-throughput", "50x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_profile_of_another_parent_is_refused(finished_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run.paths.root, run)
+    profile = json.loads((run / "profile.json").read_text())
+    profile["parent_fingerprint"] = "0000"
+    (run / "profile.json").write_text(json.dumps(profile))
+    with pytest.raises(StageError, match="another parent"):
+        run_stage(run, "solve")
+
+
+def test_solve_without_scores_says_which_stage_to_run(finished_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run.paths.root, run)
+    (run / "scores.json").unlink()
+    with pytest.raises(Exception, match="run the `score` stage first"):
+        run_stage(run, "solve")
+
+
+def test_relative_and_size_targets():
+    assert parse_relative("2x", 100.0, "t") == 200.0
+    assert parse_relative("40GiB", 1.0, "m", size=True) == 40 * 2**30
+    assert parse_relative(123, 1.0, "m") == 123.0
+    with pytest.raises(Exception, match="write e.g."):
+        parse_relative("fast", 1.0, "target x: throughput")
