@@ -24,7 +24,7 @@ from puzzle.config import deep_merge, from_mapping, read_yaml, to_mapping, write
 from puzzle.data import DataConfig, load_token_data
 from puzzle.distill.bld import BLDConfig, load_unit, pending_units, train_units, unit_path
 from puzzle.errors import ConfigError, StageError
-from puzzle.jobs import Shard, device_for, my_share
+from puzzle.jobs import Shard, SlurmConfig, device_for, my_share
 from puzzle.progress import log
 from puzzle.run import RunPaths
 from puzzle.mip.stage import SolveConfig
@@ -48,6 +48,7 @@ class SearchConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     solve: SolveConfig = field(default_factory=SolveConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # resources of each array task (--launcher slurm)
     device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # the parent's compute dtype; auto: bf16 on GPU
 
@@ -472,7 +473,7 @@ def _bld(search: Search, workers: int, launcher: str) -> None:
                 if run.returncode != 0:
                     raise StageError(f"torchrun exited with {run.returncode}")
             else:
-                jobs.launch_slurm(argv, workers, log_dir, jobs.SlurmConfig(), "puzzle-bld", poll=poll)
+                jobs.launch_slurm(argv, workers, log_dir, search.cfg.slurm, "puzzle-bld", poll=poll)
             poll()
     missing = pending_units(manifest, search.paths)
     if missing:

@@ -12,8 +12,6 @@ import time
 from collections.abc import Sequence
 
 from puzzle.errors import ConfigError, InfeasibleError
-from puzzle.mip.backend_ortools import solve_ortools
-from puzzle.mip.backend_pulp import solve_pulp
 from puzzle.mip.diagnose import diagnose
 from puzzle.mip.dominance import pruned
 from puzzle.mip.metrics import evaluate
@@ -22,7 +20,19 @@ from puzzle.mip.problem import Problem, Targets
 from puzzle.mip.solution import Solution
 from puzzle.mip.verify import read_choice, verify
 
-BACKENDS: dict[str, Backend] = {"pulp": solve_pulp, "ortools": solve_ortools}
+def _solve_pulp(*args, **kwargs):
+    from puzzle.mip.backend_pulp import solve_pulp  # imported on use: a GPU image may lack one of the solvers
+
+    return solve_pulp(*args, **kwargs)
+
+
+def _solve_ortools(*args, **kwargs):
+    from puzzle.mip.backend_ortools import solve_ortools
+
+    return solve_ortools(*args, **kwargs)
+
+
+BACKENDS: dict[str, Backend] = {"pulp": _solve_pulp, "ortools": _solve_ortools}
 
 
 def solve(problem: Problem, targets: Targets, solver: str = "pulp", previous: Sequence[Solution] = ()) -> Solution:

@@ -1,0 +1,58 @@
+"""CUDA checks (run on the GPU machine: pytest -m gpu): bf16 modeling, graphs-based profiling, BLD."""
+
+import pytest
+import torch
+
+from factories import decilm_model
+from puzzle.arch import Architecture, AttentionConfig
+from puzzle.checkpoint import build_model, decilm_config
+from puzzle.profiling import ProfileConfig, measure_model, predicted_timing, profile_variants
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+BLOCKS = [("gqa2", "full"), ("no_op", "narrow"), ("window", "full"), ("linear", "linear"), ("kv1", "no_op")]
+
+
+def test_bf16_on_cuda_agrees_with_fp32_on_cpu():
+    model = decilm_model(BLOCKS, seed=1, hidden_size=256, head_dim=64)
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = model.to("cuda", torch.bfloat16)(ids.cuda()).logits.float().cpu()
+    assert (out - ref).norm() / ref.norm() < 3e-2
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_generate_on_cuda_with_cache_equals_recomputation():
+    model = decilm_model(BLOCKS, seed=2, hidden_size=256, head_dim=64).cuda()
+    prompt = torch.randint(0, 128, (2, 6), device="cuda")
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert cached.tolist() == model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False).tolist()
+
+
+def test_cuda_graph_profile_predicts_a_whole_model():
+    config = decilm_model([("gqa2", "full")] * 8, hidden_size=1024, head_dim=128, num_attention_heads=8).config
+    cfg = ProfileConfig(batch_size=32, context_len=1024, prompt_len=512, repeats=10)
+    arch = Architecture.from_config(config.to_dict())
+    variants = [("attention", arch.blocks[0].attention), ("ffn", arch.blocks[0].ffn), ("attention", AttentionConfig(no_op=True))]
+    profile = profile_variants(config, variants, cfg)
+    assert profile.method == "cuda_graphs"
+    model = build_model(config, torch.bfloat16).cuda()
+    measured = measure_model(model, cfg)
+    predicted = predicted_timing(profile, list(arch.blocks))
+    assert 0.6 < predicted.decode_time_s / measured.decode_time_s < 1.5
+    child = build_model(decilm_config(config.to_dict(), arch.with_block(3, attention=AttentionConfig(no_op=True))), torch.bfloat16).cuda()
+    assert measure_model(child, cfg).decode_time_s < measured.decode_time_s
+
+
+def test_bld_on_cuda_trains_with_autocast(tmp_path):
+    from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+    from puzzle.distill.bld import read_unit_result, unit_path
+    from puzzle.pipeline import run_search
+
+    parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=2)
+    config = write_config(tmp_path / "c.yaml", {**tiny_search_config(corpus, bld={"tokens_per_unit": 8192}), "device": "cuda"})
+    search = run_search(tmp_path / "run", parent=parent, config=config, stage="bld")
+    for unit in search.manifest().units:
+        result = read_unit_result(unit_path(search.paths, unit))
+        if not unit.variant.replace_with_linear:
+            assert result.loss_final < result.loss_init * 1.05, unit.unit_id
