@@ -53,7 +53,10 @@ class RandomTokens:
             yield torch.randint(0, self.vocab, (batch_size, seq_len), generator=gen)
 
 
-def run(tiny: bool) -> None:
+ALONE_QUICK = ("kv4", "kv1", "kv8_w1024", "linear", "ffn7168")  # a representative subset when time is short
+
+
+def run(tiny: bool, quick: bool = False) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = llama_8b_config(num_layers=2, tiny=tiny)
     with torch.device(device):
@@ -63,7 +66,7 @@ def run(tiny: bool) -> None:
     space = SearchSpace(attention=AttentionSpace(windows=(128, 1024)), ffn=FFNSpace(multiple=64 if tiny else 256))
     units = [c for c in build_candidates(arch, space) if c.layer == 1 and c.trainable]
     seq_len, batch = (128, 4) if tiny else (4096, 4)
-    steps = 3 if tiny else 12
+    steps = 3 if tiny else (6 if quick else 12)
     cfg = BLDConfig(tokens_per_unit=steps * batch * seq_len, batch_size=batch, eval_tokens=seq_len, checkpoint_every=10**6,
                     max_group_params=10**12)
     data = RandomTokens(config.vocab_size, seq_len, device.type)
@@ -100,6 +103,8 @@ def run(tiny: bool) -> None:
         results["together"] = {"units": len(units), "seconds": seconds, "tokens_per_s": tokens / seconds,
                                "unit_tokens_per_s": tokens * len(units) / seconds, "peak_gib": peak}
         for u in units:
+            if quick and not tiny and u.name not in ALONE_QUICK:
+                continue
             seconds, peak, out = timed([u])
             results["units"][u.unit_id] = {"params": unit_params(u, arch), "seconds": seconds, "tokens_per_s": tokens / seconds,
                                            "peak_gib": peak, "loss_init": out[0].loss_init, "loss_final": out[0].loss_final}
@@ -122,4 +127,6 @@ def run(tiny: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a small model on the CPU (smoke run)")
-    run(parser.parse_args().tiny)
+    parser.add_argument("--quick", action="store_true", help="6 timed steps; only a subset of units alone")
+    args = parser.parse_args()
+    run(args.tiny, args.quick)

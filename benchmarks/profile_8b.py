@@ -61,7 +61,7 @@ def random_model(config, device, dtype) -> DeciLMForCausalLM:
     return model.to(dtype).eval()
 
 
-def run(tiny: bool) -> None:
+def run(tiny: bool, quick: bool = False) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     parent_config = llama_8b_config(num_layers=4 if tiny else 32, tiny=tiny)
@@ -75,9 +75,10 @@ def run(tiny: bool) -> None:
     variants = [(c.kind, c.variant) for c in candidates if c.layer == 0]
     points = {
         "batch64_ctx4096": ProfileConfig(batch_size=8 if tiny else 64, context_len=256 if tiny else 4096,
-                                         prompt_len=128 if tiny else 2048, repeats=5 if tiny else 30),
+                                         prompt_len=128 if tiny else 2048, repeats=5 if tiny or quick else 30,
+                                         inner=5 if quick else 10),
         "batch1_ctx2048": ProfileConfig(batch_size=1, context_len=128 if tiny else 2048, prompt_len=128 if tiny else 2048,
-                                        repeats=5 if tiny else 30),
+                                        repeats=5 if tiny or quick else 30, inner=5 if quick else 10),
     }
     results, md = {"points": {}}, []
     for point, pcfg in points.items():
@@ -150,4 +151,6 @@ def run(tiny: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a small model on the CPU (smoke run)")
-    run(parser.parse_args().tiny)
+    parser.add_argument("--quick", action="store_true", help="fewer timing samples (5 x 5 calls, median)")
+    args = parser.parse_args()
+    run(args.tiny, args.quick)
