@@ -10,10 +10,11 @@ Calibration, blockwise distillation (BLD), scoring and global distillation all r
 Sources are local only (never a hub download): text files, directories searched recursively, JSON/JSONL
 records with a text field, and HF `datasets` folders written by `save_to_disk`. A *document* is a file, a
 JSON(L) record or a dataset row; its identity is its path relative to the directory given in
-`DataConfig.paths` (a file or dataset folder given directly: its name), plus `#<record index>`. The split is a hash of (seed, identity) alone, so a document lands in the same
-split whatever other documents exist, in whatever order, on whatever machine: held-out text is never
-trained on by any stage. Each split is one token stream, documents in identity order, each followed by the
-tokenizer's EOS (BOS if it has none). Batches are non-overlapping `seq_len` windows of that stream.
+`DataConfig.paths` (a file or dataset folder given directly: its name), plus `#<record index>`. The split
+is a hash of (seed, identity) alone, so a document lands in the same split whatever other documents exist,
+in whatever order, on whatever machine: held-out text is never trained on by any stage. Each split is one
+token stream, documents in identity order, each followed by the tokenizer's EOS (BOS if it has none).
+Batches are non-overlapping `seq_len` windows of that stream.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ class DataConfig:
         if not _is_int(self.seed):
             raise ConfigError(f"DataConfig.seed must be an integer, got {self.seed!r}")
         if self.max_documents is not None and (not _is_int(self.max_documents) or self.max_documents < 1):
-            raise ConfigError(f"DataConfig.max_documents must be a positive integer or null, got {self.max_documents!r}")
+            raise ConfigError(
+                f"DataConfig.max_documents must be a positive integer or null, got {self.max_documents!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
@@ -129,7 +132,8 @@ def iter_documents(cfg: DataConfig) -> Iterator[Document]:
     keep = None
     if cfg.max_documents is not None:
         # A fixed sample spread over the whole corpus, chosen by a hash independent of the split's hash.
-        ranked = sorted((_unit_hash("sample", cfg.seed, ident), ident) for s in sources for ident, _ in _records(s, cfg))
+        identities = (ident for source in sources for ident, _ in _records(source, cfg))
+        ranked = sorted((_unit_hash("sample", cfg.seed, ident), ident) for ident in identities)
         keep = {ident for _, ident in ranked[: cfg.max_documents]}
     for source in sources:
         for identity, text in _records(source, cfg):
@@ -282,7 +286,10 @@ def _dataset_records(source: _Source, field: str) -> Iterator[tuple[str, str]]:
     except ImportError:
         raise InputError(f"{source.path} is a `datasets` folder; install the `datasets` package to read it") from None
     loaded = datasets.load_from_disk(str(source.path))
-    parts = [(name, loaded[name]) for name in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    if isinstance(loaded, datasets.DatasetDict):
+        parts = [(name, loaded[name]) for name in sorted(loaded)]
+    else:
+        parts = [(None, loaded)]
     for name, part in parts:
         prefix = source.identity if name is None else f"{source.identity}/{name}"
         if field not in part.column_names:
@@ -346,7 +353,10 @@ def _separator_id(tokenizer: Any) -> int:
         token_id = getattr(tokenizer, name, None)
         if isinstance(token_id, int):
             return token_id
-    raise InputError("the tokenizer has neither an EOS nor a BOS token to put between documents; set eos_token in tokenizer_config.json")
+    raise InputError(
+        "the tokenizer has neither an EOS nor a BOS token to put between documents; "
+        "set eos_token in its tokenizer_config.json"
+    )
 
 
 def default_cache_dir() -> Path:

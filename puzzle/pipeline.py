@@ -27,12 +27,14 @@ from puzzle.errors import ConfigError, StageError
 from puzzle.jobs import Shard, SlurmConfig, device_for, my_share
 from puzzle.progress import log
 from puzzle.run import RunPaths
+from puzzle.distill.gkd import GKDConfig
+from puzzle.fusion import FusionConfig
 from puzzle.mip.stage import SolveConfig
 from puzzle.profiling import ProfileConfig
 from puzzle.report import ReportConfig
 from puzzle.scoring import ScoreConfig, score_candidates
 
-STAGES = ("convert", "library", "bld", "score", "profile", "solve", "realize", "report")
+STAGES = ("convert", "library", "bld", "score", "profile", "solve", "realize", "fuse", "distill", "report")
 EXPENSIVE = {"library", "bld"}
 
 
@@ -47,6 +49,8 @@ class SearchConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     solve: SolveConfig = field(default_factory=SolveConfig)
+    fuse: FusionConfig | None = None  # FFN Fusion of each child's attention-free runs -> children/{name}-fused
+    gkd: GKDConfig | None = None  # global distillation of every child from the parent (in place)
     report: ReportConfig = field(default_factory=ReportConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # resources of each array task (--launcher slurm)
     device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
@@ -74,7 +78,9 @@ def _section_key(cfg: SearchConfig, stage: str) -> str:
         "profile": ["space", "profile"],
         "solve": library + ["bld", "score", "profile", "solve"],
         "realize": library + ["bld", "score", "profile", "solve"],
-        "report": library + ["bld", "score", "profile", "solve", "report"],
+        "fuse": library + ["bld", "score", "profile", "solve", "fuse"],
+        "distill": library + ["bld", "score", "profile", "solve", "fuse", "gkd"],
+        "report": library + ["bld", "score", "profile", "solve", "fuse", "gkd", "report"],
     }[stage]
     payload = json.dumps({s: to_mapping(getattr(cfg, s)) for s in sections}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -288,6 +294,49 @@ def realize_stage(search: Search) -> list[Path]:
     return out
 
 
+def child_dirs(search: Search) -> list[Path]:
+    """Every child of the run: one per solved target, plus the fused variants the fuse stage made."""
+    out = []
+    for plan in plans_of(search):
+        for suffix in ("", "-fused"):
+            path = search.paths.children / f"{plan.name}{suffix}"
+            if path.exists():
+                out.append(path)
+    return out
+
+
+def fuse_stage(search: Search) -> None:
+    """FFN Fusion of every solved child that has attention-free runs (config section `fuse`)."""
+    from dataclasses import replace
+
+    from puzzle.fusion import find_runs, fuse_ffn
+
+    if search.cfg.fuse is not None:
+        cfg = replace(search.cfg.fuse, data=search.cfg.data, device=search.cfg.device)
+        for plan in plans_of(search):
+            child = search.paths.children / plan.name
+            if not find_runs(load_architecture(child)):
+                log(f"fuse: {plan.name} has no attention-free FFN runs; nothing to fuse")
+                continue
+            fuse_ffn(child, search.paths.children / f"{plan.name}-fused", cfg, overwrite=True,
+                     info={"stage": "fuse", "child": plan.name})
+    search.mark_done("fuse")
+
+
+def distill_stage(search: Search) -> None:
+    """Global distillation of every child from the parent, in place (config section `gkd`)."""
+    from dataclasses import replace
+
+    from puzzle.distill.gkd import run_gkd
+
+    if search.cfg.gkd is not None:
+        cfg = search.cfg.gkd if search.cfg.device == "auto" else replace(search.cfg.gkd, device=search.cfg.device)
+        for child in child_dirs(search):
+            log(f"[bold]distill[/]: {child.name} from the parent ({cfg.tokens:,} tokens)")
+            run_gkd(child, search.paths.parent, search.cfg.data, child, cfg, overwrite=True, info={"stage": "distill"})
+    search.mark_done("distill")
+
+
 def report_stage(search: Search) -> Path:
     from dataclasses import replace
 
@@ -311,24 +360,29 @@ def report_stage(search: Search) -> Path:
     parent_pred = predicted_timing(profile, list(arch.blocks))
     parent_report = replace(parent_report, predicted_decode_s=parent_pred.decode_time_s, measured_speedup=1.0 if parent_timing else None)
     children, plans = [], plans_of(search)
-    for plan in plans:
-        path = search.paths.children / plan.name
+    plan_by_name = {p.name: p for p in plans}
+    for path in child_dirs(search):
+        plan = plan_by_name.get(path.name)
         child_arch = load_architecture(path)
         child = load_model(path, dtype=parent.dtype, device=parent.device)
-        timed = load_model(path, dtype=dtype, device=device) if profile_cfg else child
-        report, timing = measure(plan.name, path, child, parent, batches, None, child_arch, search.cfg.profile.kv_dtype)
+        report, _ = measure(path.name, path, child, parent, batches, None, child_arch, search.cfg.profile.kv_dtype)
+        timing = None
         if profile_cfg:
             from puzzle.profiling import measure_model
 
-            timing = measure_model(timed, profile_cfg)
-        pred = predicted_timing(profile, list(child_arch.blocks))
+            timing = measure_model(load_model(path, dtype=dtype, device=device), profile_cfg)
+        try:
+            pred = predicted_timing(profile, list(child_arch.blocks))
+        except StageError:  # a fused FFN is wider than any profiled variant: no prediction
+            pred = None
         children.append(replace(
             report, measured_decode_s=timing.decode_time_s if timing else None,
-            measured_prefill_s=timing.prefill_time_s if timing else None, predicted_decode_s=pred.decode_time_s,
-            predicted_speedup=parent_pred.decode_time_s / pred.decode_time_s,
+            measured_prefill_s=timing.prefill_time_s if timing else None,
+            predicted_decode_s=pred.decode_time_s if pred else None,
+            predicted_speedup=parent_pred.decode_time_s / pred.decode_time_s if pred else None,
             measured_speedup=parent_timing.decode_time_s / timing.decode_time_s if timing and parent_timing else None,
-            summed_score=plan.solution.score))
-        del child, timed
+            summed_score=plan.solution.score if plan else None))
+        del child
     failures = read_json(search.paths.solutions / "sweep.json").get("infeasible", [])
     sweep_points = read_json(search.paths.solutions / "sweep.json")["points"]
     rows = bld_table(manifest, search.paths, arch, scores, scores_init)
@@ -396,6 +450,10 @@ def _run_stage(search: Search, name: str, workers: int = 1, launcher: str = "loc
         solve_stage(search)
     elif name == "realize":
         realize_stage(search)
+    elif name == "fuse":
+        fuse_stage(search)
+    elif name == "distill":
+        distill_stage(search)
     elif name == "report":
         report_stage(search)
 

@@ -52,10 +52,10 @@ class ModelReport:
     top1: float
     measured_decode_s: float | None
     measured_prefill_s: float | None
-    predicted_decode_s: float
+    predicted_decode_s: float | None  # None: a derived child (e.g. fused) with variants the profile lacks
     measured_speedup: float | None = None
-    predicted_speedup: float = 1.0
-    summed_score: float = 0.0
+    predicted_speedup: float | None = 1.0
+    summed_score: float | None = 0.0  # the MIP objective; None for derived children
     vllm_native: bool = True
     layers: list[str] = field(default_factory=list)
 
@@ -105,6 +105,8 @@ def _plots(out_dir: Path, parent_arch: Architecture, children: list[ModelReport]
         ax.plot([p["throughput"] / plans[0].parent_throughput for p in points], [p["score"] for p in points], "o-",
                 color="tab:blue", label="Pareto front (MIP, summed KL)")
     for c in children:
+        if c.summed_score is None:
+            continue
         ax.scatter([c.predicted_speedup], [c.summed_score], marker="*", s=160, color="tab:red", zorder=3)
         ax.scatter([c.predicted_speedup], [c.kl], marker="x", s=80, color="tab:green", zorder=3)
         ax.annotate(c.name, (c.predicted_speedup, c.summed_score), textcoords="offset points", xytext=(5, 5))
@@ -119,12 +121,15 @@ def _plots(out_dir: Path, parent_arch: Architecture, children: list[ModelReport]
     plt.close(fig)
     files.append("pareto.png")
 
-    if children:
+    planned = {p.name: p for p in plans}
+    mapped = [c for c in children if c.name in planned]
+    if mapped:
         import numpy as np
 
-        fig, axes = plt.subplots(len(children), 1, figsize=(max(6, 0.6 * len(children[0].layers)), 1.6 * len(children) + 0.6),
+        fig, axes = plt.subplots(len(mapped), 1, figsize=(max(6, 0.6 * len(mapped[0].layers)), 1.6 * len(mapped) + 0.6),
                                  squeeze=False)
-        for ax, child, plan in zip(axes[:, 0], children, plans):
+        for ax, child in zip(axes[:, 0], mapped):
+            plan = planned[child.name]
             grid = np.zeros((2, len(plan.blocks)))
             labels = [["", ""] for _ in plan.blocks]
             for i, b in enumerate(plan.blocks):
@@ -143,7 +148,7 @@ def _plots(out_dir: Path, parent_arch: Architecture, children: list[ModelReport]
         plt.close(fig)
         files.append("layers.png")
 
-    measured = [c for c in children if c.measured_speedup is not None]
+    measured = [c for c in children if c.measured_speedup is not None and c.predicted_speedup is not None]
     if measured:
         fig, ax = plt.subplots(figsize=(4.5, 4))
         xs = [c.predicted_speedup for c in measured]
@@ -212,15 +217,18 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
     ]
     for m in [parent, *children]:
         measured = f"{m.measured_speedup:.2f}x" if m.measured_speedup else "-"
-        err = f"{100 * (m.predicted_speedup / m.measured_speedup - 1):+.1f}%" if m.measured_speedup and m is not parent else "-"
-        lines.append(f"| {m.name} | {m.params / 1e6:.2f}M | {m.kv_bytes_per_token} | {m.predicted_speedup:.2f}x | {measured} | "
-                     f"{err} | {m.kl:.4f} | {m.lm_loss:.4f} | {m.top1:.3f} | {m.summed_score:.4f} | {'yes' if m.vllm_native else 'no'} |")
+        predicted = f"{m.predicted_speedup:.2f}x" if m.predicted_speedup else "-"
+        err = f"{100 * (m.predicted_speedup / m.measured_speedup - 1):+.1f}%" \
+            if m.measured_speedup and m.predicted_speedup and m is not parent else "-"
+        summed = f"{m.summed_score:.4f}" if m.summed_score is not None else "-"
+        lines.append(f"| {m.name} | {m.params / 1e6:.2f}M | {m.kv_bytes_per_token} | {predicted} | {measured} | "
+                     f"{err} | {m.kl:.4f} | {m.lm_loss:.4f} | {m.top1:.3f} | {summed} | {'yes' if m.vllm_native else 'no'} |")
     if failures:
         lines += ["", "Infeasible targets:", *[f"- {f}" for f in failures]]
     lines += ["", "Speed-up = decode throughput relative to the parent, same device and method. Error = predicted / "
               "measured - 1. Summed KL = the MIP objective (sum of replace-one-block KLs); compare it with the child's "
               "measured KL to see how additive the scores are.", ""]
-    for c, plan in zip(children, plans):
+    for c in children:
         lines += [f"### {c.name}", "", "| layer | attention | FFN |", "|---:|---|---|"]
         lines += [f"| {i} | {l.split(' | ')[0]} | {l.split(' | ')[1]} |" for i, l in enumerate(c.layers)]
         lines.append("")

@@ -240,7 +240,8 @@ def test_train_repeats_epochs_with_fresh_permutations(token_data):
     assert rows[:per_epoch] != rows[per_epoch : 2 * per_epoch]
     # Resuming mid-way through the second epoch gives the same rows.
     step = (per_epoch + 5) // 8
-    resumed = [tuple(r.tolist()) for b in token_data.batches("train", 8, n_tokens=16 * (2 * per_epoch + 3), start_step=step) for r in b]
+    later = token_data.batches("train", 8, n_tokens=16 * (2 * per_epoch + 3), start_step=step)
+    resumed = [tuple(r.tolist()) for b in later for r in b]
     assert resumed == rows[step * 8 :]
     assert token_data.num_batches("train", 8, n_tokens=16 * (2 * per_epoch + 3)) == -(-(2 * per_epoch + 3) // 8)
 

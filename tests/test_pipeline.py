@@ -118,3 +118,21 @@ def test_relative_and_size_targets():
     assert parse_relative(123, 1.0, "m") == 123.0
     with pytest.raises(Exception, match="write e.g."):
         parse_relative("fast", 1.0, "target x: throughput")
+
+
+def test_fuse_and_distill_stages_make_and_improve_derived_children(tmp_path):
+    parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=3)
+    sections = {**FAST, "solve": {"targets": [{"name": "one-attention", "max_attention_layers": 1}], "sweep": [1.2]}}
+    config = tiny_search_config(corpus, **sections)
+    config["space"]["attention"]["linear"] = False  # removed attention must be no-op for FFN runs to form
+    config["fuse"] = {"threshold": None, "eval_tokens": 256, "calibration_tokens": 256, "batch_size": 4}
+    config["gkd"] = {"tokens": 2048, "batch_size": 4, "eval_tokens": 256, "checkpoint_every": 100, "lr": 1e-3}
+    search = run_search(tmp_path / "run", parent=parent, config=write_config(tmp_path / "c.yaml", config))
+    children = search.paths.children
+    assert (children / "one-attention-fused" / "puzzle.json").exists()
+    for name in ("one-attention", "one-attention-fused"):
+        gkd = json.loads((children / name / "gkd.json").read_text())
+        assert gkd["after"]["kl"] < gkd["before"]["kl"], name
+    report = json.loads((search.paths.root / "report.json").read_text())
+    fused = next(c for c in report["children"] if c["name"] == "one-attention-fused")
+    assert fused["summed_score"] is None and fused["measured_speedup"] is not None

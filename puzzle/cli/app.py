@@ -13,6 +13,8 @@ import typer
 
 from puzzle.cli.convert import convert_command
 from puzzle.cli.demo import demo_command
+from puzzle.cli.distill import distill_command
+from puzzle.cli.fuse_ffn import fuse_ffn_command
 from puzzle.cli.inspect import inspect_command
 from puzzle.cli.search import search_command
 from puzzle.cli.stages import bld_command, profile_command, realize_command, score_command, solve_command
@@ -35,6 +37,8 @@ app.command("score")(score_command)
 app.command("profile")(profile_command)
 app.command("solve")(solve_command)
 app.command("realize")(realize_command)
+app.command("fuse-ffn")(fuse_ffn_command)
+app.command("distill")(distill_command)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -45,8 +49,10 @@ def run(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="puzzle")  # standalone mode: typer prints usage errors and raises SystemExit
     except SystemExit as stop:
+        _close_distributed()
         return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     except PuzzleError as err:
+        _close_distributed()
         if os.environ.get("PUZZLE_DEBUG", "") not in ("", "0"):
             raise
         from puzzle.cli.output import err_console
@@ -54,7 +60,17 @@ def run(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         err_console.print("[dim](set PUZZLE_DEBUG=1 for the traceback)[/]")
         return err.exit_code
+    _close_distributed()
     return 0
+
+
+def _close_distributed() -> None:
+    """Under torchrun, end the process group (else PyTorch warns at exit)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main() -> None:
