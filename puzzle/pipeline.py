@@ -30,11 +30,12 @@ from puzzle.run import RunPaths
 from puzzle.distill.gkd import GKDConfig
 from puzzle.fusion import FusionConfig
 from puzzle.mip.stage import SolveConfig
+from puzzle.prune import PruneConfig
 from puzzle.profiling import ProfileConfig
 from puzzle.report import ReportConfig
 from puzzle.scoring import ScoreConfig, score_candidates
 
-STAGES = ("convert", "library", "bld", "score", "profile", "solve", "realize", "fuse", "distill", "report")
+STAGES = ("convert", "library", "bld", "score", "profile", "solve", "realize", "fuse", "prune", "distill", "report")
 EXPENSIVE = {"library", "bld"}
 
 
@@ -50,6 +51,7 @@ class SearchConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     solve: SolveConfig = field(default_factory=SolveConfig)
     fuse: FusionConfig | None = None  # FFN Fusion of each child's attention-free runs -> children/{name}-fused
+    prune: PruneConfig | None = None  # Minitron pruning of each child -> children/{name}-pruned
     gkd: GKDConfig | None = None  # global distillation of every child from the parent (in place)
     report: ReportConfig = field(default_factory=ReportConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # resources of each array task (--launcher slurm)
@@ -79,8 +81,9 @@ def _section_key(cfg: SearchConfig, stage: str) -> str:
         "solve": library + ["bld", "score", "profile", "solve"],
         "realize": library + ["bld", "score", "profile", "solve"],
         "fuse": library + ["bld", "score", "profile", "solve", "fuse"],
-        "distill": library + ["bld", "score", "profile", "solve", "fuse", "gkd"],
-        "report": library + ["bld", "score", "profile", "solve", "fuse", "gkd", "report"],
+        "prune": library + ["bld", "score", "profile", "solve", "fuse", "prune"],
+        "distill": library + ["bld", "score", "profile", "solve", "fuse", "prune", "gkd"],
+        "report": library + ["bld", "score", "profile", "solve", "fuse", "prune", "gkd", "report"],
     }[stage]
     payload = json.dumps({s: to_mapping(getattr(cfg, s)) for s in sections}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -295,10 +298,10 @@ def realize_stage(search: Search) -> list[Path]:
 
 
 def child_dirs(search: Search) -> list[Path]:
-    """Every child of the run: one per solved target, plus the fused variants the fuse stage made."""
+    """Every child of the run: one per solved target, plus the fused / pruned variants made from it."""
     out = []
     for plan in plans_of(search):
-        for suffix in ("", "-fused"):
+        for suffix in ("", "-fused", "-pruned"):
             path = search.paths.children / f"{plan.name}{suffix}"
             if path.exists():
                 out.append(path)
@@ -323,6 +326,20 @@ def fuse_stage(search: Search) -> None:
     search.mark_done("fuse")
 
 
+def prune_stage(search: Search) -> None:
+    """Minitron pruning of every solved child (config section `prune`), before distillation."""
+    from dataclasses import replace
+
+    from puzzle.prune import prune
+
+    if search.cfg.prune is not None:
+        cfg = replace(search.cfg.prune, data=search.cfg.data, device=search.cfg.device, distill=None)
+        for plan in plans_of(search):
+            prune(search.paths.children / plan.name, search.paths.children / f"{plan.name}-pruned", cfg,
+                  overwrite=True, info={"stage": "prune", "child": plan.name})
+    search.mark_done("prune")
+
+
 def distill_stage(search: Search) -> None:
     """Global distillation of every child from the parent, in place (config section `gkd`)."""
     from dataclasses import replace
@@ -332,8 +349,11 @@ def distill_stage(search: Search) -> None:
     if search.cfg.gkd is not None:
         cfg = search.cfg.gkd if search.cfg.device == "auto" else replace(search.cfg.gkd, device=search.cfg.device)
         for child in child_dirs(search):
+            kept = read_json(child / "puzzle.json").get("prune", {}).get("kept_layers")
+            # A depth-pruned child's layer i is the parent's layer kept[i] (for the hidden-state term).
+            child_cfg = replace(cfg, layer_map=tuple(kept)) if kept and cfg.layer_map is None else cfg
             log(f"[bold]distill[/]: {child.name} from the parent ({cfg.tokens:,} tokens)")
-            run_gkd(child, search.paths.parent, search.cfg.data, child, cfg, overwrite=True, info={"stage": "distill"})
+            run_gkd(child, search.paths.parent, search.cfg.data, child, child_cfg, overwrite=True, info={"stage": "distill"})
     search.mark_done("distill")
 
 
@@ -386,7 +406,13 @@ def report_stage(search: Search) -> Path:
     failures = read_json(search.paths.solutions / "sweep.json").get("infeasible", [])
     sweep_points = read_json(search.paths.solutions / "sweep.json")["points"]
     rows = bld_table(manifest, search.paths, arch, scores, scores_init)
-    path = write_report(search.paths, parent=parent_report, parent_arch=arch, children=children, plans=plans, bld_rows=rows,
+    tasks = None
+    if cfg.tasks:
+        from puzzle.report import task_scores
+
+        tasks = task_scores({"parent": search.paths.parent, **{c.name: Path(c.path) for c in children}}, cfg.tasks, cfg,
+                            search.cfg.device)
+    path = write_report(search.paths, parent=parent_report, parent_arch=arch, tasks=tasks, children=children, plans=plans, bld_rows=rows,
                         sweep=sweep_points, profile=profile, failures=failures)
     search.mark_done("report")
     return path
@@ -452,6 +478,8 @@ def _run_stage(search: Search, name: str, workers: int = 1, launcher: str = "loc
         realize_stage(search)
     elif name == "fuse":
         fuse_stage(search)
+    elif name == "prune":
+        prune_stage(search)
     elif name == "distill":
         distill_stage(search)
     elif name == "report":

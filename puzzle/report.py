@@ -35,10 +35,13 @@ class ReportConfig:
     eval_tokens: int = 1 << 16  # held-out tokens for each model's quality
     batch_size: int = 8
     measure_speed: bool = True  # time parent and children end to end (same method as the profile)
+    tasks: tuple[str, ...] = ()  # lm-eval tasks (shipped names or task folders) for the parent and every child
+    task_batch_size: int = 32
+    task_limit: int | None = None  # documents per task (None: all)
 
     def __post_init__(self) -> None:
-        if self.eval_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("report.eval_tokens and report.batch_size must be positive")
+        if self.eval_tokens < 1 or self.batch_size < 1 or self.task_batch_size < 1:
+            raise ConfigError("report.eval_tokens, report.batch_size and report.task_batch_size must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,8 +195,24 @@ def measure(name: str, path: Path, model, parent, batches, profile_cfg: ProfileC
     ), timing
 
 
+def task_scores(models: dict[str, Path], tasks: tuple[str, ...], cfg: ReportConfig, device: str) -> dict[str, dict[str, float]]:
+    """lm-eval scores per model: accuracy for multiple choice, bits per byte for perplexity tasks."""
+    from puzzle.evaluation import EvalConfig, evaluate_many
+
+    results = evaluate_many(models, list(tasks), EvalConfig(batch_size=cfg.task_batch_size, limit=cfg.task_limit,
+                                                             device=device, write=False))
+    out: dict[str, dict[str, float]] = {}
+    for name, result in results.items():
+        out[name] = {}
+        for task, task_result in result.tasks.items():
+            metric = next((m for m in ("acc", "bits_per_byte") if m in task_result.metrics), None)
+            out[name][f"{task} ({metric or 'first metric'})"] = result.score(task, metric)
+    return out
+
+
 def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architecture, children: list[ModelReport],
-                 plans: list[ChildPlan], bld_rows: list[dict], sweep: list[dict], profile: Profile, failures: list[str]) -> Path:
+                 plans: list[ChildPlan], bld_rows: list[dict], sweep: list[dict], profile: Profile, failures: list[str],
+                 tasks: dict[str, dict[str, float]] | None = None) -> Path:
     """report.md + report.json + plots."""
     plots = _plots(paths.root, parent_arch, children, sweep, plans)
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -202,7 +221,7 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
     data = {"environment": env, "profile": {"device": profile.device, "method": profile.method, "dtype": profile.dtype,
                                              **{k: profile.config[k] for k in ("batch_size", "context_len", "prompt_len")}},
             "parent": asdict(parent), "children": [asdict(c) for c in children], "bld": bld_rows, "sweep": sweep,
-            "infeasible": failures, "plots": plots}
+            "infeasible": failures, "plots": plots, "tasks": tasks or {}}
     write_json_atomic(paths.root / "report.json", data)
     cpu_note = " (CPU numbers: a small model on this machine's cores, not a GPU prediction)" if profile.method == "cpu" else ""
     lines = [
@@ -225,6 +244,10 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
                      f"{err} | {m.kl:.4f} | {m.lm_loss:.4f} | {m.top1:.3f} | {summed} | {'yes' if m.vllm_native else 'no'} |")
     if failures:
         lines += ["", "Infeasible targets:", *[f"- {f}" for f in failures]]
+    if tasks:
+        columns = list(next(iter(tasks.values())))
+        lines += ["", "### lm-eval", "", "| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        lines += [f"| {name} | " + " | ".join(f"{scores[c]:.4f}" for c in columns) + " |" for name, scores in tasks.items()]
     lines += ["", "Speed-up = decode throughput relative to the parent, same device and method. Error = predicted / "
               "measured - 1. Summed KL = the MIP objective (sum of replace-one-block KLs); compare it with the child's "
               "measured KL to see how additive the scores are.", ""]

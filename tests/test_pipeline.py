@@ -87,9 +87,11 @@ def test_changed_bld_config_is_an_error_not_a_silent_retrain(finished_run):
 def test_impossible_target_names_the_binding_constraint(finished_run, tmp_path, capsys):
     run = tmp_path / "copy"
     shutil.copytree(finished_run.paths.root, run)
-    with pytest.raises(InfeasibleError, match="throughput"):
-        run_stage(run, "solve", {"solve": {"targets": [{"name": "huge", "throughput": "50x"}]}})
-    assert cli.run(["solve", str(run), "--target-throughput", "50x"]) == 2
+    # Timing-independent: no child is smaller than its embeddings. (A throughput target could become
+    # feasible when a loaded machine inflates the profiled layer times relative to the fixed part.)
+    with pytest.raises(InfeasibleError, match="memory"):
+        run_stage(run, "solve", {"solve": {"targets": [{"name": "tiny", "memory": 1000}]}})
+    assert cli.run(["solve", str(run), "--max-memory", "1000"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
 
@@ -120,19 +122,39 @@ def test_relative_and_size_targets():
         parse_relative("fast", 1.0, "target x: throughput")
 
 
-def test_fuse_and_distill_stages_make_and_improve_derived_children(tmp_path):
+def test_fuse_prune_and_distill_stages_make_and_improve_derived_children(tmp_path):
     parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=3)
     sections = {**FAST, "solve": {"targets": [{"name": "one-attention", "max_attention_layers": 1}], "sweep": [1.2]}}
     config = tiny_search_config(corpus, **sections)
     config["space"]["attention"]["linear"] = False  # removed attention must be no-op for FFN runs to form
     config["fuse"] = {"threshold": None, "eval_tokens": 256, "calibration_tokens": 256, "batch_size": 4}
+    config["prune"] = {"drop_layers": 1, "calibration_tokens": 256, "eval_tokens": 256, "batch_size": 4}
     config["gkd"] = {"tokens": 2048, "batch_size": 4, "eval_tokens": 256, "checkpoint_every": 100, "lr": 1e-3}
     search = run_search(tmp_path / "run", parent=parent, config=write_config(tmp_path / "c.yaml", config))
     children = search.paths.children
     assert (children / "one-attention-fused" / "puzzle.json").exists()
-    for name in ("one-attention", "one-attention-fused"):
+    pruned = json.loads((children / "one-attention-pruned" / "puzzle.json").read_text())
+    assert len(pruned["prune"]["kept_layers"]) == 2
+    for name in ("one-attention", "one-attention-fused", "one-attention-pruned"):
         gkd = json.loads((children / name / "gkd.json").read_text())
         assert gkd["after"]["kl"] < gkd["before"]["kl"], name
     report = json.loads((search.paths.root / "report.json").read_text())
     fused = next(c for c in report["children"] if c["name"] == "one-attention-fused")
     assert fused["summed_score"] is None and fused["measured_speedup"] is not None
+
+
+def test_report_includes_lm_eval_scores_when_the_config_names_tasks(finished_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run.paths.root, run)
+    task = tmp_path / "tasks"
+    (task / "data").mkdir(parents=True)
+    (task / "data" / "mc.jsonl").write_text("".join(json.dumps({"context": "def f(x):\n", "choices": ["    return x\n", "    x return\n"], "label": 0}) + "\n" for _ in range(3)))
+    (task / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data/mc.jsonl\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_choice: choices\ndoc_to_target: label\n"
+        "target_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+    run_stage(run, "report", {"report": {"tasks": [str(task)], "measure_speed": False}})
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["tasks"]) == {"parent", "fast", "small"}
+    assert 0.0 <= report["tasks"]["parent"]["tiny_mc (acc)"] <= 1.0
+    assert "### lm-eval" in (run / "report.md").read_text()

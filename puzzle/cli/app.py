@@ -14,8 +14,10 @@ import typer
 from puzzle.cli.convert import convert_command
 from puzzle.cli.demo import demo_command
 from puzzle.cli.distill import distill_command
+from puzzle.cli.eval import eval_command
 from puzzle.cli.fuse_ffn import fuse_ffn_command
 from puzzle.cli.inspect import inspect_command
+from puzzle.cli.prune import prune_command
 from puzzle.cli.search import search_command
 from puzzle.cli.stages import bld_command, profile_command, realize_command, score_command, solve_command
 from puzzle.errors import PuzzleError
@@ -39,6 +41,8 @@ app.command("solve")(solve_command)
 app.command("realize")(realize_command)
 app.command("fuse-ffn")(fuse_ffn_command)
 app.command("distill")(distill_command)
+app.command("prune")(prune_command)
+app.command("eval")(eval_command)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -1,0 +1,128 @@
+"""What `prune` is asked to do (`PruneConfig`) and what it did (`PruneResult`, saved in puzzle.json).
+
+DESIGN.md section 3 "Minitron pruning"; issue 8. Every default of the prune stage lives here. A target left
+at None keeps that axis as it is; a target equal to the parent's size is the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from puzzle.config import from_mapping
+from puzzle.data import DataConfig
+from puzzle.distill.gkd import GKDConfig
+from puzzle.errors import ConfigError, InputError
+from puzzle.scoring import Quality
+
+PRUNE_VERSION = 1
+
+
+def minitron_kd(tokens: int, **overrides: Any) -> GKDConfig:
+    """The retraining Minitron found best: forward KL on the logits only, T = 1 (FACTS.md)."""
+    return GKDConfig(**{"tokens": tokens, "cosine_weight": 0.0, **overrides})
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneConfig:
+    """Targets, calibration and retraining of one Minitron pruning run (YAML section `prune`)."""
+
+    # Width targets (None: keep). ffn_size is one width for every gated FFN, or one entry per layer (None: keep).
+    hidden_size: int | None = None
+    ffn_size: int | tuple[int | None, ...] | None = None
+    heads: int | None = None  # query heads of every attention layer (num_attention_heads is global)
+    kv_heads: int | None = None  # KV heads of every attention layer; None: keep them where the heads allow
+    # Depth: drop this many layers, ranked by `metric` (cos: 1 - cos(input, output), ShortGPT's block
+    # importance; loss: LM-loss increase when removed), the `contiguous` block of them or any.
+    drop_layers: int = 0
+    metric: Literal["cos", "loss"] = "cos"
+    contiguous: bool = False
+    # Calibration (train split) and the quality check against the parent (held-out split).
+    data: DataConfig | None = None
+    # On the demo, 2^14 tokens kept 98-99% of the channels / neurons 2^16 keeps, in the same head and layer order.
+    calibration_tokens: int = 1 << 16
+    eval_tokens: int = 1 << 15  # held-out tokens for KL / LM loss right after pruning; 0 skips the check
+    batch_size: int = 8
+    distill: GKDConfig | None = None  # KD right after pruning (minitron_kd(tokens) is Minitron's recipe)
+    # auto: a plain LlamaForCausalLM folder when every layer is the same Llama layer, else DeciLM.
+    output_format: Literal["auto", "decilm", "plain"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "heads", "kv_heads"):
+            value = getattr(self, name)
+            if value is not None and not _positive(value):
+                raise ConfigError(f"prune.{name} must be a positive integer or null, got {value!r}")
+        sizes = self.ffn_size if isinstance(self.ffn_size, tuple) else (self.ffn_size,)
+        if not all(s is None or _positive(s) for s in sizes):
+            raise ConfigError(f"prune.ffn_size must be a positive integer or a list of them (null: keep), got {self.ffn_size!r}")
+        if self.heads is not None and self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ConfigError(f"prune.kv_heads {self.kv_heads} does not divide prune.heads {self.heads}; "
+                              "every KV head serves the same number of query heads")
+        if isinstance(self.drop_layers, bool) or not isinstance(self.drop_layers, int) or self.drop_layers < 0:
+            raise ConfigError(f"prune.drop_layers must be a non-negative integer, got {self.drop_layers!r}")
+        if self.contiguous and not self.drop_layers:
+            raise ConfigError("prune.contiguous chooses which layers drop_layers removes; set drop_layers too")
+        if self.metric not in ("cos", "loss"):
+            raise ConfigError(f"prune.metric must be cos or loss, got {self.metric!r}")
+        for name in ("calibration_tokens", "batch_size"):
+            if not _positive(getattr(self, name)):
+                raise ConfigError(f"prune.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if isinstance(self.eval_tokens, bool) or not isinstance(self.eval_tokens, int) or self.eval_tokens < 0:
+            raise ConfigError(f"prune.eval_tokens must be a non-negative integer, got {self.eval_tokens!r}")
+        if self.output_format not in ("auto", "decilm", "plain") or self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("prune.output_format must be auto, decilm or plain and prune.device auto, cpu or cuda")
+
+    @property
+    def prunes_width(self) -> bool:
+        return any(v is not None for v in (self.hidden_size, self.ffn_size, self.heads, self.kv_heads))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShapeSummary:
+    """The sizes a pruning run changes, per model (0 in a per-layer entry: no softmax attention / gated FFN)."""
+
+    layers: int
+    hidden_size: int
+    num_attention_heads: int
+    kv_heads: tuple[int, ...]
+    ffn_sizes: tuple[int, ...]
+    params: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneResult:
+    """What `prune` did; saved in the child's puzzle.json under "prune"."""
+
+    source: str
+    out: str
+    output_format: Literal["decilm", "plain"]
+    before: ShapeSummary
+    after: ShapeSummary
+    kept_layers: tuple[int, ...]  # parent layer of each child layer (saved layers are renumbered 0..n-1)
+    metric: str | None  # how layers were ranked (None: no depth pruning)
+    layer_scores: tuple[float, ...] | None  # importance of each parent layer alone (free choice)
+    window_scores: tuple[float, ...] | None  # importance of each block of drop_layers layers (contiguous)
+    calibration_tokens: int  # 0: nothing needed calibration (identity)
+    quality: Quality | None = None  # held-out, against the parent, right after pruning
+    distill_tokens: int = 0
+    quality_distilled: Quality | None = None  # the same after KD
+    config: dict[str, Any] = field(default_factory=dict)
+    version: int = PRUNE_VERSION
+
+    @property
+    def dropped_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.before.layers) if i not in self.kept_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "prune result") -> PruneResult:
+        if data.get("version") != PRUNE_VERSION:
+            raise InputError(f"{where}: version {data.get('version')} is not {PRUNE_VERSION}; rerun puzzle prune")
+        return from_mapping(cls, data, where)

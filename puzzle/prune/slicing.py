@@ -1,0 +1,128 @@
+"""A PrunePlan applied to weights: every tensor sliced along the axes the plan shrinks, layers renumbered.
+
+DESIGN.md section 3 "Minitron pruning". The hidden axis runs through the whole model: the embedding and LM
+head columns, every projection's input columns (q/k/v, gate/up) and output rows (o, down, and their biases),
+both square matrices of a linear replacement, and every RMSNorm gain. Pruning it changes what an RMSNorm
+divides by (the mean square over fewer channels); Minitron accepts that, which is one reason KD follows.
+Heads slice q rows / o columns by whole heads and k / v rows by whole KV heads; q_norm / k_norm act on
+head_dim, which pruning leaves alone. Tied embeddings stay tied. Dropped layers are removed (not made
+no-op): the child is smaller on disk, can be a plain Llama, and its layer i is parent layer kept[i].
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from puzzle.arch import Architecture
+from puzzle.checkpoint import decilm_config
+from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, DeciLMRotaryEmbedding
+from puzzle.prune.plan import LayerPlan, PrunePlan, pruned_architecture
+
+# Per tensor (name inside a layer, or global name): the index set of each axis (None: not sliced).
+_GLOBAL_AXES = {
+    "model.embed_tokens.weight": (None, "hidden"),
+    "lm_head.weight": (None, "hidden"),
+    "model.norm.weight": ("hidden",),
+}
+_LAYER_AXES = {
+    "input_layernorm.weight": ("hidden",),
+    "post_attention_layernorm.weight": ("hidden",),
+    "self_attn.q_proj.weight": ("q", "hidden"),
+    "self_attn.q_proj.bias": ("q",),
+    "self_attn.k_proj.weight": ("kv", "hidden"),
+    "self_attn.k_proj.bias": ("kv",),
+    "self_attn.v_proj.weight": ("kv", "hidden"),
+    "self_attn.v_proj.bias": ("kv",),
+    "self_attn.o_proj.weight": ("hidden", "q"),
+    "self_attn.o_proj.bias": ("hidden",),
+    "self_attn.q_norm.weight": (None,),
+    "self_attn.k_norm.weight": (None,),
+    "self_attn.linear_attn.weight": ("hidden", "hidden"),
+    "mlp.gate_proj.weight": ("ffn", "hidden"),
+    "mlp.gate_proj.bias": ("ffn",),
+    "mlp.up_proj.weight": ("ffn", "hidden"),
+    "mlp.up_proj.bias": ("ffn",),
+    "mlp.down_proj.weight": ("hidden", "ffn"),
+    "mlp.down_proj.bias": ("hidden",),
+    "mlp.linear_mlp.weight": ("hidden", "hidden"),
+}
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def head_rows(heads: tuple[int, ...] | None, head_dim: int) -> torch.Tensor | None:
+    """Row indices of whole heads in a (heads * head_dim, ...) projection."""
+    if heads is None:
+        return None
+    return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()  # (h * D,)
+
+
+def _indices(plan: PrunePlan, layer: LayerPlan | None, head_dim: int) -> dict[str, torch.Tensor | None]:
+    as_index = lambda kept: None if kept is None else torch.tensor(kept)  # noqa: E731
+    index = {"hidden": as_index(plan.hidden)}
+    if layer is not None:
+        index |= {"q": head_rows(layer.q_heads, head_dim), "kv": head_rows(layer.kv_heads, head_dim),
+                  "ffn": as_index(layer.ffn)}
+    return index
+
+
+def slice_tensor(t: torch.Tensor, axes: tuple[str | None, ...], index: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """`t` with each axis restricted to its index set (a copy, never a view of the parent's storage)."""
+    assert len(axes) == t.dim(), f"{len(axes)} axes for a tensor of shape {tuple(t.shape)}"
+    for dim, kind in enumerate(axes):
+        if kind is not None and index[kind] is not None:
+            t = t.index_select(dim, index[kind].to(t.device))
+    return t.clone()
+
+
+def slice_state_dict(state: dict[str, torch.Tensor], plan: PrunePlan, head_dim: int) -> dict[str, torch.Tensor]:
+    """The child's state dict: kept layers renumbered 0..n-1, every tensor sliced by the plan."""
+    new_index = {layer.source: i for i, layer in enumerate(plan.layers)}
+    global_index = _indices(plan, None, head_dim)
+    layer_index = {layer.source: _indices(plan, layer, head_dim) for layer in plan.layers}
+    out = {}
+    for name, tensor in state.items():
+        match = _LAYER_NAME.fullmatch(name)
+        if match is None:
+            assert name in _GLOBAL_AXES, f"no pruning rule for tensor {name}"
+            out[name] = slice_tensor(tensor, _GLOBAL_AXES[name], global_index)
+            continue
+        source, rest = int(match.group(1)), match.group(2)
+        if source not in new_index:
+            continue  # a dropped layer
+        assert rest in _LAYER_AXES, f"no pruning rule for tensor {name}"
+        out[f"model.layers.{new_index[source]}.{rest}"] = slice_tensor(tensor, _LAYER_AXES[rest], layer_index[source])
+    return out
+
+
+def pruned_config(config: dict[str, Any], arch: Architecture) -> dict[str, Any]:
+    """The parent's config.json dict with the child's global sizes and block_configs."""
+    config = dict(config)
+    config.update(hidden_size=arch.shape.hidden_size, num_attention_heads=arch.shape.num_attention_heads,
+                  head_dim=arch.shape.head_dim,  # explicit: hidden_size / heads no longer gives it
+                  num_hidden_layers=arch.num_layers, block_configs=arch.block_configs())
+    return config
+
+
+@torch.no_grad()
+def apply_plan(model: DeciLMForCausalLM, plan: PrunePlan) -> DeciLMForCausalLM:
+    """A new model (same device and dtype, eval mode) holding the plan's slice of `model`'s weights.
+
+    Trust but verify: the child's parameter count must equal what the architecture description accounts.
+    """
+    config = model.config.to_dict()
+    arch = pruned_architecture(Architecture.from_config(config), plan)
+    child_config = decilm_config(pruned_config(config, arch), arch)
+    state = slice_state_dict(model.state_dict(), plan, model.config.head_dim)
+    with torch.device("meta"):
+        child = DeciLMForCausalLM(child_config)
+    child.load_state_dict(state, strict=True, assign=True)
+    # inv_freq is a non-persistent buffer: not in the state dict, so build it for real.
+    child.model.rotary_emb = DeciLMRotaryEmbedding(child_config).to(model.device)
+    if child_config.tie_word_embeddings:
+        child.lm_head.weight = child.model.embed_tokens.weight
+    counted = sum(p.numel() for p in child.parameters())
+    assert counted == arch.total_params(), f"pruned model has {counted} parameters, its description {arch.total_params()}"
+    return child.eval()

@@ -1,0 +1,178 @@
+"""The prune stage: checkpoint in, pruned (and optionally distilled) checkpoint out; behind `puzzle prune`.
+
+Checks everything the config files allow, loads the parent, measures importance on the calibration data
+(importance.py), turns the targets into a plan (plan.py), slices the weights (slicing.py), measures the child
+against the parent on held-out tokens, and writes it: as a plain LlamaForCausalLM folder when every layer is
+the same Llama layer (export.py), else in puzzle's DeciLM format. With `cfg.distill` the child first
+learns from the parent (puzzle.distill.gkd); a killed KD resumes when the same call is repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from puzzle.arch import Architecture
+from puzzle.checkpoint import atomic_output_dir, finish_checkpoint_dir, load_model, normalized_config, read_json, save_model
+from puzzle.config import to_mapping
+from puzzle.data import TokenData, load_token_data
+from puzzle.errors import ConfigError, InputError, OutputExistsError
+from puzzle.jobs import Shard, device_for
+from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
+from puzzle.progress import log
+from puzzle.prune.config import PruneConfig, PruneResult, ShapeSummary
+from puzzle.prune.export import plain_llama_blockers, save_plain_llama
+from puzzle.prune.importance import Importance, Needs, measure_importance
+from puzzle.prune.plan import check_targets, ffn_targets, head_targets, make_plan, needs_calibration
+from puzzle.prune.slicing import apply_plan
+from puzzle.scoring import Quality, model_quality
+
+
+def prune(ckpt: Path, out: Path, cfg: PruneConfig = PruneConfig(), *, overwrite: bool = False,
+          info: dict[str, Any] | None = None) -> PruneResult:
+    """Prune checkpoint `ckpt` to `cfg`'s targets (width and / or depth) and write the child to `out`.
+
+    Reads any checkpoint puzzle reads (plain HF parents, puzzle / Llama-Nemotron children). Importance comes
+    from `cfg.data`'s train split, the quality check from its held-out split; with `cfg.distill` the child
+    is retrained by KD from `ckpt`. The child's puzzle.json holds the result under "prune" (plus `info`).
+    Raises ConfigError / InputError / OutputExistsError before any weight is read when the request cannot work.
+    """
+    ckpt, out = Path(ckpt), Path(out)
+    config, arch = _check_request(ckpt, out, cfg, overwrite)
+    parent = load_model(ckpt, dtype=None, device=device_for(Shard(), cfg.device)).requires_grad_(False)
+    data = _token_data(ckpt, cfg.data) if cfg.data is not None else None
+    importance = _importance(parent, arch, cfg, data)
+    plan = make_plan(arch, cfg, importance)
+    child = apply_plan(parent, plan)
+    child_arch = Architecture.from_config(child.config.to_dict())
+    result = PruneResult(
+        source=str(ckpt), out=str(out), output_format=_output_format(config, child_arch, cfg),
+        before=summarize(arch), after=summarize(child_arch), kept_layers=tuple(p.source for p in plan.layers),
+        metric=cfg.metric if cfg.drop_layers else None,
+        layer_scores=_floats(importance.layers), window_scores=_floats(importance.windows) if cfg.contiguous else None,
+        calibration_tokens=importance.tokens, quality=_quality(parent, child, data, cfg), config=to_mapping(cfg),
+    )
+    del parent
+    details = {"stage": "prune", "parent": str(ckpt.resolve()), **(info or {})}
+    if cfg.distill is not None:
+        return _distill_and_write(child, ckpt, result, cfg, details, overwrite)
+    _write(child, out, result, ckpt, details, overwrite)
+    return result
+
+
+def summarize(arch: Architecture) -> ShapeSummary:
+    heads = arch.shape.num_attention_heads
+    return ShapeSummary(
+        layers=arch.num_layers, hidden_size=arch.shape.hidden_size, num_attention_heads=heads,
+        kv_heads=tuple(b.attention.num_kv_heads(heads) for b in arch.blocks),
+        ffn_sizes=tuple(b.ffn.intermediate_size or 0 for b in arch.blocks), params=arch.total_params(),
+    )
+
+
+def _check_request(ckpt: Path, out: Path, cfg: PruneConfig, overwrite: bool) -> tuple[dict[str, Any], Architecture]:
+    """What can be refused from the config files alone; returns the parent's (config dict, architecture)."""
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it or choose another output path")
+    if out.resolve() == ckpt.resolve():
+        raise OutputExistsError(f"{out} is the input checkpoint; choose another output path")
+    config = normalized_config(ckpt)
+    arch = Architecture.from_config(config, str(ckpt / "config.json"))
+    check_targets(arch, cfg)
+    if cfg.data is None and needs_calibration(arch, cfg):
+        raise ConfigError("pruning ranks channels, heads and layers on calibration text: give --data PATH "
+                          "(a text / JSONL file or folder)")
+    if cfg.data is None and cfg.distill is not None:
+        raise ConfigError("--distill-tokens needs training text: give --data PATH")
+    hidden_pruned = cfg.hidden_size is not None and cfg.hidden_size < arch.shape.hidden_size
+    if cfg.distill is not None and cfg.distill.cosine_weight > 0 and hidden_pruned:
+        raise ConfigError("KD with a hidden-state cosine term cannot compare a narrower hidden size with the "
+                          "parent's; use logits-only KD (distill.cosine_weight: 0, Minitron's choice)")
+    if cfg.output_format == "plain" and config.get("puzzle_parent_family") != "llama":
+        raise ConfigError(f"{ckpt}: a plain LlamaForCausalLM needs a Llama parent; drop --plain to write puzzle's format")
+    return config, arch
+
+
+def _token_data(ckpt: Path, data_cfg) -> TokenData:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=True)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{ckpt}: no usable tokenizer ({err}); calibration needs the checkpoint's tokenizer files") from None
+    return load_token_data(data_cfg, tokenizer)
+
+
+def _importance(model: DeciLMForCausalLM, arch: Architecture, cfg: PruneConfig, data: TokenData | None) -> Importance:
+    if not needs_calibration(arch, cfg):
+        return Importance()
+    _, heads = head_targets(arch, cfg.heads, cfg.kv_heads)
+    needs = Needs(
+        hidden=cfg.hidden_size is not None and cfg.hidden_size < arch.shape.hidden_size,
+        heads=tuple(i for i, h in enumerate(heads) if h is not None),
+        ffn=tuple(i for i, s in enumerate(ffn_targets(arch, cfg.ffn_size)) if s is not None),
+        drop=cfg.drop_layers, metric=cfg.metric, contiguous=cfg.contiguous,
+    )
+    n_tokens = max(cfg.calibration_tokens, data.config.seq_len)
+    return measure_importance(model, data.batches("train", cfg.batch_size, n_tokens=n_tokens, seed=0), needs)
+
+
+def _quality(parent: DeciLMForCausalLM, child: DeciLMForCausalLM, data: TokenData | None, cfg: PruneConfig) -> Quality | None:
+    if data is None or cfg.eval_tokens == 0:
+        return None
+    n_tokens = min(max(cfg.eval_tokens, data.config.seq_len), data.num_tokens("held_out"))
+    return model_quality(parent, child, data.batches("held_out", cfg.batch_size, n_tokens=n_tokens, shuffle=False))
+
+
+def _output_format(config: dict[str, Any], arch: Architecture, cfg: PruneConfig) -> str:
+    blockers = plain_llama_blockers(config, arch)
+    if cfg.output_format == "plain" and blockers:
+        raise ConfigError(f"the pruned model cannot be a plain LlamaForCausalLM: {'; '.join(blockers)}; "
+                          "drop --plain to write puzzle's format")
+    return "plain" if cfg.output_format != "decilm" and not blockers else "decilm"
+
+
+def _floats(scores: torch.Tensor | None) -> tuple[float, ...] | None:
+    return None if scores is None else tuple(round(float(s), 6) for s in scores)
+
+
+def _write(child: DeciLMForCausalLM, out: Path, result: PruneResult, source: Path, details: dict[str, Any],
+           overwrite: bool, extra_files: tuple[Path, ...] = ()) -> None:
+    info = {**details, "prune": result.to_dict()}
+    if result.output_format == "plain":
+        save_plain_llama(child, out, source=source, info=info, overwrite=overwrite, extra_files=extra_files)
+    else:
+        with atomic_output_dir(out, overwrite) as tmp:
+            child.save_pretrained(tmp, max_shard_size="5GB", safe_serialization=True)
+            finish_checkpoint_dir(tmp, json.loads((tmp / "config.json").read_text()), source, info)
+            for file in extra_files:
+                shutil.copy2(file, tmp / file.name)
+    log(f"prune: {result.before.params:,} -> {result.after.params:,} parameters -> {out}")
+
+
+def _distill_and_write(child: DeciLMForCausalLM, ckpt: Path, result: PruneResult, cfg: PruneConfig,
+                       details: dict[str, Any], overwrite: bool) -> PruneResult:
+    """KD of the pruned child from `ckpt` (puzzle.distill.gkd) in two hidden folders beside `out`, then the
+    final write. Both folders stay when KD fails, so repeating the call resumes the KD."""
+    from puzzle.distill.gkd import run_gkd
+
+    out = Path(result.out)
+    staging, trained = out.with_name(f".{out.name}.pruned"), out.with_name(f".{out.name}.kd")
+    save_model(child, staging, source=ckpt, overwrite=True, info={**details, "prune": result.to_dict()})
+    del child  # GKD loads its own student and teacher
+    gkd = cfg.distill
+    if gkd.cosine_weight > 0 and gkd.layer_map is None:  # hidden states are compared layer by kept layer
+        gkd = replace(gkd, layer_map=result.kept_layers)
+    kd = run_gkd(staging, ckpt, cfg.data, trained, gkd, overwrite=True, info=details)
+    details = {**details, "gkd": read_json(trained / "puzzle.json")["gkd"]}
+    a = kd.after
+    result = replace(result, distill_tokens=kd.tokens,
+                     quality_distilled=Quality(kl=a.kl, lm_loss=a.lm_loss, top1=a.top1, tokens=a.positions))
+    _write(load_model(trained, dtype=None), out, result, ckpt, details, overwrite, extra_files=(trained / "gkd.json",))
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(trained, ignore_errors=True)
+    return result
