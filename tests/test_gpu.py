@@ -51,7 +51,8 @@ def test_bld_on_cuda_trains_with_autocast(tmp_path):
 
     parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=2)
     config = write_config(tmp_path / "c.yaml", {**tiny_search_config(corpus, bld={"tokens_per_unit": 8192}), "device": "cuda"})
-    search = run_search(tmp_path / "run", parent=parent, config=config, stage="bld")
+    run_search(tmp_path / "run", parent=parent, config=config, stage="library")
+    search = run_search(tmp_path / "run", stage="bld")
     for unit in search.manifest().units:
         result = read_unit_result(unit_path(search.paths, unit))
         if not unit.variant.replace_with_linear:
