@@ -4,7 +4,8 @@ Puzzle (Bercovich et al. 2024), section 4: put one candidate into the parent, ev
 and measure on held-out tokens KL(parent || model) of the next-token distribution (the best signal the
 paper found), the LM loss and the top-1 agreement with the parent. The parent's own variant scores 0 KL by
 construction. Layers are scored one at a time: the parent runs to the layer once per batch and each of
-the layer's candidates runs the rest, so memory holds one layer's candidates and one batch.
+the layer's candidates runs the rest (the parent's log-probs of the batch are computed once and kept), so
+memory holds one layer's candidates and one batch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from puzzle.blocks.space import Candidate
 from puzzle.blocks.subblock import SubBlock
 from puzzle.checkpoint import read_json, write_json_atomic
 from puzzle.distill.activations import logits_from_hidden, run_layers
-from puzzle.distill.losses import kl_per_token
 from puzzle.errors import ConfigError, StageError
 from puzzle.progress import track
 
@@ -78,28 +78,56 @@ class Scores:
         return cls(**data, entries=entries)
 
 
+@dataclass(frozen=True)
+class _Target:
+    """The parent's side of the metrics for a run of positions: computed once, compared with every candidate."""
+
+    log_p: torch.Tensor  # (N, V) parent log-probabilities, fp32
+    p: torch.Tensor  # (N, V) their exp
+    top1: torch.Tensor  # (N,) parent argmax
+    labels: torch.Tensor  # (N,) next tokens
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor) -> _Target:
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        return cls(log_p=log_p, p=log_p.exp(), top1=logits.argmax(-1), labels=labels)
+
+
 class _Sums:
     def __init__(self) -> None:
         self.kl = self.nll = self.top1 = 0.0
         self.n = 0
 
-    def add(self, parent_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.kl += kl_per_token(parent_logits, logits).sum().item()
-        self.nll += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        self.top1 += (logits.argmax(-1) == parent_logits.argmax(-1)).sum().item()
-        self.n += labels.numel()
+    def add(self, target: _Target, logits: torch.Tensor) -> None:
+        # Same quantities as kl_per_token and cross_entropy, from one log_softmax of the candidate.
+        log_q = F.log_softmax(logits.float(), dim=-1)
+        self.kl += (target.p * (target.log_p - log_q)).sum().item()
+        self.nll -= log_q.gather(-1, target.labels[:, None]).sum().item()
+        self.top1 += (logits.argmax(-1) == target.top1).sum().item()
+        self.n += target.labels.numel()
 
     def score(self, c: Candidate) -> CandidateScore:
         return CandidateScore(layer=c.layer, kind=c.kind, name=c.name, kl=self.kl / self.n, lm_loss=self.nll / self.n,
                               top1=self.top1 / self.n)
 
 
-def _chunks(model, hidden: torch.Tensor, parent_hidden: torch.Tensor, labels: torch.Tensor, chunk: int):
-    """(parent logits, logits, labels) over the predicting positions, `chunk` positions at a time."""
-    h, p = hidden[:, :-1].flatten(0, 1), parent_hidden[:, :-1].flatten(0, 1)  # (N, C)
-    y = labels[:, 1:].flatten()
+TARGET_CACHE_BYTES = 1 << 30  # keep the parent's log-probs of a batch across its layer's candidates up to this size
+
+
+def _flat(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden[:, :-1].flatten(0, 1)  # (N, C): the positions that predict a next token
+
+
+def _targets(model, parent_hidden: torch.Tensor, batch: torch.Tensor, chunk: int):
+    p, y = _flat(parent_hidden), batch[:, 1:].flatten()
+    for s in range(0, p.shape[0], chunk):
+        yield _Target.from_logits(logits_from_hidden(model, p[s:s + chunk]), y[s:s + chunk])
+
+
+def _candidate_logits(model, hidden: torch.Tensor, chunk: int):
+    h = _flat(hidden)
     for s in range(0, h.shape[0], chunk):
-        yield logits_from_hidden(model, p[s:s + chunk]), logits_from_hidden(model, h[s:s + chunk]), y[s:s + chunk]
+        yield logits_from_hidden(model, h[s:s + chunk])
 
 
 @torch.no_grad()
@@ -121,15 +149,20 @@ def score_candidates(parent, candidates: list[Candidate], load_block: Callable[[
             for batch in batches:
                 batch = batch.to(device)
                 parent_hidden, io = run_layers(parent, batch, capture={layer})
+                positions = batch.shape[0] * (batch.shape[1] - 1)
+                keep = positions * parent.config.vocab_size * 8 <= TARGET_CACHE_BYTES
+                cached = list(_targets(parent, parent_hidden, batch, cfg.logits_chunk)) if keep else None
                 for c in scored:
                     block = blocks[c.unit_id]
                     replacement = block if block is not None else SubBlock(parent.config, c.kind, c.variant).to(device)
                     hidden, _ = run_layers(parent, hidden=io[layer].x, start=layer, replace={layer: {c.kind: replacement}})
-                    for p_logits, logits, labels in _chunks(parent, hidden, parent_hidden, batch, cfg.logits_chunk):
-                        sums[c.unit_id].add(p_logits, logits, labels)
+                    targets = cached if keep else _targets(parent, parent_hidden, batch, cfg.logits_chunk)
+                    for target, logits in zip(targets, _candidate_logits(parent, hidden, cfg.logits_chunk)):
+                        sums[c.unit_id].add(target, logits)
                 if layer == min(by_layer):
-                    for p_logits, _, labels in _chunks(parent, parent_hidden, parent_hidden, batch, cfg.logits_chunk):
-                        parent_sums.add(p_logits, p_logits, labels)
+                    targets = cached if keep else _targets(parent, parent_hidden, batch, cfg.logits_chunk)
+                    for target, logits in zip(targets, _candidate_logits(parent, parent_hidden, cfg.logits_chunk)):
+                        parent_sums.add(target, logits)
             for c in group:
                 if c.is_parent:
                     continue
@@ -181,6 +214,6 @@ def model_quality(parent, model, batches, logits_chunk: int = 4096) -> Quality:
         h = model.model(batch.to(model.device), use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
         y = batch[:, 1:].flatten()
         for s in range(0, h.shape[0], logits_chunk):
-            sums.add(parent.lm_head(p[s:s + logits_chunk]), model.lm_head(h[s:s + logits_chunk]).to(parent.device),
-                     y[s:s + logits_chunk])
+            target = _Target.from_logits(parent.lm_head(p[s:s + logits_chunk]), y[s:s + logits_chunk])
+            sums.add(target, model.lm_head(h[s:s + logits_chunk]).to(parent.device))
     return Quality(kl=sums.kl / sums.n, lm_loss=sums.nll / sums.n, top1=sums.top1 / sums.n, tokens=sums.n)

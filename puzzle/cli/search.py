@@ -23,7 +23,7 @@ def search_command(
     launcher: Launcher = "local",
     device: Device = None,
 ) -> None:
-    """Run the Puzzle search: convert, library, bld, score, profile, solve, realize, report.
+    """Run the Puzzle search: convert, library, bld, score, profile, solve, realize, [fuse, prune, distill,] report.
 
     Stages that are done are skipped, so rerunning the same command resumes an interrupted search.
 
