@@ -1,5 +1,6 @@
 """`puzzle search` end to end on a tiny parent: every stage, resumption, and the errors between stages."""
 
+import dataclasses
 import json
 import shutil
 
@@ -158,3 +159,26 @@ def test_report_includes_lm_eval_scores_when_the_config_names_tasks(finished_run
     assert set(report["tasks"]) == {"parent", "fast", "small"}
     assert 0.0 <= report["tasks"]["parent"]["tiny_mc (acc)"] <= 1.0
     assert "### lm-eval" in (run / "report.md").read_text()
+
+
+def test_vllm_native_target_drops_exactly_the_variants_vllm_does_not_serve(finished_run, tmp_path):
+    from puzzle.mip.stage import build_problem, vllm_native_problem
+    from puzzle.profiling import Profile
+    from puzzle.scoring import Scores
+
+    paths = finished_run.paths
+    manifest, arch = Manifest.load(paths.manifest), load_architecture(paths.parent)
+    problem = build_problem(manifest, Scores.load(paths.scores), Profile.load(paths.profile), arch)
+    native = vllm_native_problem(problem, manifest, arch, "t")
+    for full, kept in zip(problem.layers, native.layers):
+        assert [o.name for o in kept.attention] == [o.name for o in full.attention if o.name != "linear" and "_w" not in o.name]
+        assert [o.name for o in kept.ffn] == [o.name for o in full.ffn if o.name != "linear"]
+        assert any(o.name == "linear" for o in full.attention)  # the unrestricted space has them: not vacuous
+
+    run = tmp_path / "copy"
+    shutil.copytree(paths.root, run)
+    assert cli.run(["solve", str(run), "--max-memory", "0.75x", "--vllm-native"]) == 0
+    plan = ChildPlan.load(run / "solutions" / "memory0.75x-vllm.json")
+    assert plan.target["vllm_native"] is True
+    assert not dataclasses.replace(arch, blocks=plan.blocks).vllm_unsupported()
+    assert cli.run(["solve", str(run), "--vllm-native"]) == 2  # a restriction without a target

@@ -41,11 +41,13 @@ def demo_command(
     search = run_demo(out, workers=workers)
     report = json.loads((search.paths.root / "report.json").read_text())
     table = Table(title="demo children (CPU-measured)")
-    for column in ("model", "params", "predicted speed-up", "measured speed-up", "KL to parent", "LM loss", "top-1", "path"):
-        table.add_column(column, justify="left" if column in ("model", "path") else "right")
+    # Short headers and no path column: the table must fit an 80-column terminal or log.
+    for column in ("model", "params", "speed-up pred.", "speed-up meas.", "KL", "LM loss", "top-1", "vLLM"):
+        table.add_column(column, justify="left" if column == "model" else "right")
     for row in [report["parent"], *report["children"]]:
         measured = f"{row['measured_speedup']:.2f}x" if row["measured_speedup"] else "-"
         table.add_row(row["name"], f"{row['params'] / 1e6:.2f}M", f"{row['predicted_speedup']:.2f}x", measured,
-                      f"{row['kl']:.4f}", f"{row['lm_loss']:.3f}", f"{row['top1']:.3f}", row["path"])
+                      f"{row['kl']:.4f}", f"{row['lm_loss']:.3f}", f"{row['top1']:.3f}", "yes" if row["vllm_native"] else "no")
     console.print(table)
+    done(f"children: {search.paths.root / 'children'}/{{{','.join(c['name'] for c in report['children'])}}}")
     done(f"report: {search.paths.root / 'report.md'} (plots next to it)")

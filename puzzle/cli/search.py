@@ -19,6 +19,7 @@ def search_command(
     stage: Annotated[Optional[str], typer.Option("--stage", help="Run only this stage: convert, library, bld, score, profile, solve, realize, report.")] = None,
     target_throughput: Annotated[Optional[str], typer.Option("--target-throughput", help="One target instead of the config's: e.g. 2x or tokens/s.")] = None,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Parameters + KV cache of the child, e.g. 40GiB or 0.6x.")] = None,
+    vllm_native: Annotated[bool, typer.Option("--vllm-native", help="With --target-throughput / --max-memory: only variants vLLM serves natively.")] = False,
     workers: Workers = 1,
     launcher: Launcher = "local",
     device: Device = None,
@@ -35,7 +36,7 @@ def search_command(
     from puzzle.mip.stage import target_from_flags
     from puzzle.pipeline import run_search
 
-    target = target_from_flags(throughput=target_throughput, memory=max_memory)
+    target = target_from_flags(throughput=target_throughput, memory=max_memory, vllm_native=vllm_native)
     overrides = dotted({"device": device, "data.paths": [str(p) for p in data] if data else None,
                         "solve.targets": [target] if target else None})
     run_search(out, parent=parent, config=config, overrides=overrides, stage=stage, workers=workers, launcher=launcher)

@@ -81,12 +81,14 @@ def solve_command(
     max_attention_layers: Annotated[Optional[int], typer.Option("--max-attention-layers")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Name of the child (default: from the target).")] = None,
     solver: Annotated[Optional[str], typer.Option("--solver", help="pulp (CBC, default) or ortools.")] = None,
+    vllm_native: Annotated[bool, typer.Option("--vllm-native", help="Only variants vLLM's native DeciLM model serves.")] = False,
 ) -> None:
     """Choose one attention and one FFN variant per layer (MIP) for each target; writes solutions/*.json.
 
     Without target flags the config's `solve.targets` are solved.
 
     Example:  puzzle solve runs/llama8b --target-throughput 2x --max-memory 40GiB
+    Example:  puzzle solve runs/llama8b --target-throughput 1.5x --vllm-native
     """
     from puzzle.config import dotted
     from puzzle.pipeline import run_stage
@@ -95,7 +97,7 @@ def solve_command(
 
     target = target_from_flags(name, throughput=target_throughput, memory=max_memory, latency=max_latency,
                                kv_bytes_per_token=max_kv_bytes_per_token, min_attention_layers=min_attention_layers,
-                               max_attention_layers=max_attention_layers)
+                               max_attention_layers=max_attention_layers, vllm_native=vllm_native)
     overrides = dotted({"solve.solver": solver, "solve.targets": [target] if target else None})
     search = run_stage(run, "solve", overrides)
     done(f"solutions: {search.paths.solutions}")

@@ -42,8 +42,11 @@ class TargetSpec:
     min_attention_layers: int | None = None
     max_attention_layers: int | None = None
     max_shared_fraction: float | None = None  # diversity against the targets solved before this one
+    vllm_native: bool = False  # only variants vLLM's DeciLMForCausalLM serves (no linear or window attention, no linear FFN)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.vllm_native, bool):
+            raise ConfigError(f"target {self.name!r}: vllm_native must be true or false, got {self.vllm_native!r}")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             raise ConfigError(f"target name {self.name!r}: use letters, digits, '.', '_' or '-' (it names a folder)")
         if all(getattr(self, f) is None for f in ("throughput", "latency", "memory", "kv_bytes_per_token",
@@ -66,11 +69,13 @@ class SolveConfig:
 
 def target_from_flags(name: str | None = None, **constraints) -> dict[str, Any] | None:
     """One `solve.targets` entry from command-line flags (None when no flag was given)."""
-    given = {k: v for k, v in constraints.items() if v is not None}
+    given = {k: v for k, v in constraints.items() if v is not None and k != "vllm_native"}
     if not given:
+        if constraints.get("vllm_native"):
+            raise ConfigError("--vllm-native restricts a target: give it one too, e.g. --target-throughput 2x")
         return None
-    label = name or "-".join(f"{k.split('_')[0]}{v}" for k, v in given.items())
-    return {"name": re.sub(r"[^A-Za-z0-9._-]", "_", label), **given}
+    label = name or "-".join(f"{k.split('_')[0]}{v}" for k, v in given.items()) + ("-vllm" if constraints.get("vllm_native") else "")
+    return {"name": re.sub(r"[^A-Za-z0-9._-]", "_", label), **given, **({"vllm_native": True} if constraints.get("vllm_native") else {})}
 
 
 def parse_relative(value: str | float | None, parent: float, what: str, size: bool = False) -> float | None:
@@ -140,6 +145,36 @@ def _costs(profile: Profile, attention: AttentionConfig | None, ffn: FFNConfig |
     if ffn is not None and not ffn.no_op:
         out.append(profile.cost("ffn", ffn))
     return out
+
+
+def vllm_serves(variant: AttentionConfig | FFNConfig | BlockConfig) -> bool:
+    """Whether vLLM's native DeciLM model implements this sub-block (or attention + FFN pair)."""
+    if isinstance(variant, BlockConfig):
+        return vllm_serves(variant.attention) and vllm_serves(variant.ffn)
+    return not variant.replace_with_linear and getattr(variant, "window_length", None) is None
+
+
+def vllm_native_problem(problem: Problem, manifest: Manifest, arch: Architecture, target: str) -> Problem:
+    """The problem without the variants vLLM does not serve (the library keeps them for other targets)."""
+    if arch.shape.qk_norm:
+        raise ConfigError(f"target {target}: vllm_native is impossible for this parent: q/k RMSNorm (Qwen3) is not in "
+                          "vLLM's DeciLM model; drop vllm_native")
+    layers = []
+    for i, (layer, parent) in enumerate(zip(problem.layers, arch.blocks)):
+        served = {}
+        for kind in ("attention", "ffn", "block"):
+            for c in manifest.candidates_of(i, kind):
+                served[("attention" if kind == "block" else kind, c.name)] = vllm_serves(c.variant)
+        parent_ok = {"attention": vllm_serves(parent.attention), "ffn": vllm_serves(parent.ffn)}
+        kept = {kind: tuple(o for o in getattr(layer, kind) if served.get((kind, o.name), parent_ok[kind]))
+                for kind in ("attention", "ffn")}
+        for kind, options in kept.items():
+            if not options:
+                raise ConfigError(f"target {target}: layer {i} has no {kind} variant vLLM serves (the parent's is "
+                                  f"{getattr(layer, kind)[0].name}); add kv-head or no-op variants to space.{kind}, or drop vllm_native")
+        layers.append(LayerOptions(**kept))
+    return Problem(layers=tuple(layers), fixed_decode_time_s=problem.fixed_decode_time_s,
+                   fixed_prefill_time_s=problem.fixed_prefill_time_s, fixed_param_bytes=problem.fixed_param_bytes)
 
 
 def resolve_targets(spec: TargetSpec, problem: Problem, profile: Profile) -> Targets:
@@ -221,9 +256,10 @@ def solve_targets(problem: Problem, profile: Profile, manifest: Manifest, arch: 
     parent = parent_metrics(problem, batch_size=pc["batch_size"], context_len=pc["context_len"],
                             generate_tokens=pc["generate_tokens"])
     for spec in cfg.targets:
-        targets = resolve_targets(spec, problem, profile)
+        targets = resolve_targets(spec, problem, profile)  # relative to the real parent, also for vllm_native
+        allowed = vllm_native_problem(problem, manifest, arch, spec.name) if spec.vllm_native else problem
         try:
-            solution = solve(problem, targets, cfg.solver, previous=previous if targets.diversity else ())
+            solution = solve(allowed, targets, cfg.solver, previous=previous if targets.diversity else ())
         except TargetInfeasibleError as err:
             failures.append(f"target {spec.name}: {err}")
             continue
