@@ -144,7 +144,9 @@ def score_candidates(parent, candidates: list[Candidate], load_block: Callable[[
     with track(f"score ({weights})", len(candidates)) as bar:
         for layer, group in sorted(by_layer.items()):
             scored = [c for c in group if not c.is_parent]
+            # In the parent's dtype (bf16 on GPUs): the candidate is scored as the child will run it.
             blocks = {c.unit_id: load_block(c) for c in scored}
+            blocks = {k: None if b is None else b.to(dtype=parent.dtype) for k, b in blocks.items()}
             sums = {c.unit_id: _Sums() for c in scored}
             for batch in batches:
                 batch = batch.to(device)
@@ -154,7 +156,7 @@ def score_candidates(parent, candidates: list[Candidate], load_block: Callable[[
                 cached = list(_targets(parent, parent_hidden, batch, cfg.logits_chunk)) if keep else None
                 for c in scored:
                     block = blocks[c.unit_id]
-                    replacement = block if block is not None else SubBlock(parent.config, c.kind, c.variant).to(device)
+                    replacement = block if block is not None else SubBlock(parent.config, c.kind, c.variant).to(device, parent.dtype)
                     hidden, _ = run_layers(parent, hidden=io[layer].x, start=layer, replace={layer: {c.kind: replacement}})
                     targets = cached if keep else _targets(parent, parent_hidden, batch, cfg.logits_chunk)
                     for target, logits in zip(targets, _candidate_logits(parent, hidden, cfg.logits_chunk)):

@@ -182,3 +182,14 @@ def test_vllm_native_target_drops_exactly_the_variants_vllm_does_not_serve(finis
     assert plan.target["vllm_native"] is True
     assert not dataclasses.replace(arch, blocks=plan.blocks).vllm_unsupported()
     assert cli.run(["solve", str(run), "--vllm-native"]) == 2  # a restriction without a target
+
+
+def test_bf16_parent_runs_every_stage(tmp_path):
+    """GPUs run the parent in bf16 while units keep fp32 weights: every stage must meet the parent's dtype."""
+    parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=2)
+    config = {**tiny_search_config(corpus, **{**FAST, "solve": {"targets": [{"name": "fast", "throughput": "1.3x"}],
+                                                                "sweep": [1.2]}}), "dtype": "bfloat16"}
+    search = run_search(tmp_path / "run", parent=parent, config=write_config(tmp_path / "c.yaml", config))
+    report = json.loads((search.paths.root / "report.json").read_text())
+    assert [c["name"] for c in report["children"]] == ["fast"]
+    assert 0 <= report["children"][0]["kl"] < 1  # measured, finite
