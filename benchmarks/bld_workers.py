@@ -49,7 +49,10 @@ def main() -> None:
     md = (f"BLD of the demo library ({results['units']} units, bld config of puzzle/configs/demo.yaml) on "
           f"{results['cpu_count']} CPU cores.\n\n| workers | threads each | wall time (s) |\n|---:|---:|---:|\n"
           f"| 1 | {results['cpu_count']} | {one:.1f} |\n| 2 | {max(1, results['cpu_count'] // 2)} | {two:.1f} |\n\n"
-          f"2 workers / 1 worker: {results['speedup']:.2f}x faster.")
+          f"Speed-up of 2 workers over 1: {results['speedup']:.2f}x (below 1 means slower). Each worker runs the "
+          f"parent's forward up to its deepest layer and pays its own start-up, and two single-threaded "
+          f"processes slow each other down on shared caches and memory, while one process already uses both "
+          f"cores; on GPUs, one worker per GPU, see multigpu.md.")
     write_results("bld_workers", results, md)
     print(md)
 

@@ -6,7 +6,7 @@
 BLD: a Llama-3.1-8B-shaped parent cut to `--layers` layers (random weights, bf16) and every default
 candidate of those layers as units. The calibration statistics are collected once (the library stage);
 then `torchrun --nproc-per-node k` starts k workers that each take their share of the units
-(`puzzle.jobs.my_share`, the split `puzzle bld` uses) and train them with `train_units` on random tokens.
+(`puzzle.distill.bld.worker_share`, the split `puzzle bld` uses) and train them with `train_units` on random tokens.
 Units/s is units over the slowest worker's training time (after a one-step warm-up of its first group);
 the torchrun wall time, process start and parent build included, is reported beside it.
 
@@ -88,8 +88,8 @@ def bld_worker(work: Path, tiny: bool, layers: int, steps: int, tag: str) -> Non
 
     from benchmarks.bld_8b_layer import RandomTokens
     from puzzle.blocks.library import unit_params
-    from puzzle.distill.bld import plan_groups, train_group, train_units, unit_path
-    from puzzle.jobs import my_share, shard_from_env
+    from puzzle.distill.bld import plan_groups, train_group, train_units, unit_path, worker_share
+    from puzzle.jobs import shard_from_env
     from puzzle.run import RunPaths
 
     shard = shard_from_env()
@@ -100,7 +100,7 @@ def bld_worker(work: Path, tiny: bool, layers: int, steps: int, tag: str) -> Non
     if shard.rank == 0:
         shutil.copytree(work / "stats", paths.root, dirs_exist_ok=True)
     _barrier(work / tag, shard)
-    mine = my_share(units, lambda u: unit_params(u, arch), shard)
+    mine = worker_share(units, arch, shard)
     warm = RunPaths(work / f"{tag}-warmup-{shard.rank}")
     shutil.copytree(work / "stats", warm.root, dirs_exist_ok=True)
     train_group(plan_groups(mine, arch, cfg.max_group_params)[0], parent, arch, warm, data,
@@ -198,7 +198,7 @@ def markdown(record: dict) -> str:
 def _bld_markdown(b: dict, gpus: int) -> list[str]:
     precision = "bf16 parent, fp32 units with bf16 autocast" if gpus else "fp32 on the CPU (gloo smoke run, tiny shapes)"
     lines = [f"BLD: Llama-3.1-8B-shaped parent cut to {b['layers']} layers (random weights, {precision}), all {b['units']} default units of those layers, {b['tokens_per_unit']:,} tokens per unit; "
-             f"split over workers by `puzzle.jobs.my_share` (contiguous by parameters). Units/s over the slowest worker's "
+             f"split over workers by `puzzle bld`'s own contiguous split. Units/s over the slowest worker's "
              f"training time; wall = the whole torchrun launch (start, parent build, warm-up).", "",
              "| workers | units/s | speedup | efficiency | slowest worker (s) | units per worker | torchrun wall (s) | peak GiB |",
              "|---:|---:|---:|---:|---:|---|---:|---:|"]

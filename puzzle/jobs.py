@@ -72,23 +72,39 @@ def device_for(shard: Shard, requested: str = "auto") -> torch.device:
     return torch.device("cuda", shard.local_rank % torch.cuda.device_count())
 
 
-def split_contiguous(items: Sequence[T], cost: Callable[[T], float], parts: int) -> list[list[T]]:
-    """Cut `items` (kept in order) into `parts` contiguous slices of roughly equal total cost."""
+def split_contiguous(items: Sequence[T], cost: Callable[[T], float], parts: int,
+                     reach: Callable[[T], float] | None = None) -> list[list[T]]:
+    """Cut `items` (kept in order) into `parts` contiguous slices with the smallest largest slice cost.
+
+    A slice costs the sum of its items' `cost` plus, once, the `reach` of its last item: what a worker pays
+    to get that far (for BLD: the parent's forward up to the deepest layer it trains), non-decreasing
+    along `items`. Found by bisection on the largest cost, each probe filling slices greedily.
+    """
     costs = [max(cost(item), 1e-9) for item in items]
-    total, slices, current, acc = sum(costs), [], [], 0.0
-    for item, c in zip(items, costs):
-        boundary = total * (len(slices) + 1) / parts
-        if current and acc + c / 2 > boundary and len(slices) < parts - 1:
-            slices.append(current)
-            current = []
-        current.append(item)
-        acc += c
-    slices.append(current)
+    reaches = [reach(item) if reach else 0.0 for item in items]
+
+    def pack(limit: float) -> list[list[int]]:
+        slices, current, acc = [], [], 0.0
+        for i, c in enumerate(costs):
+            if current and acc + c + reaches[i] > limit:
+                slices.append(current)
+                current, acc = [], 0.0
+            current.append(i)
+            acc += c
+        return slices + [current] if current else slices
+
+    low = max((c + r for c, r in zip(costs, reaches)), default=0.0)
+    high = sum(costs) + max(reaches, default=0.0)
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (low, mid) if len(pack(mid)) <= parts else (mid, high)
+    slices = [[items[i] for i in s] for s in pack(high)]
     return slices + [[] for _ in range(parts - len(slices))]
 
 
-def my_share(items: Sequence[T], cost: Callable[[T], float], shard: Shard) -> list[T]:
-    return split_contiguous(items, cost, shard.world_size)[shard.rank]
+def my_share(items: Sequence[T], cost: Callable[[T], float], shard: Shard,
+             reach: Callable[[T], float] | None = None) -> list[T]:
+    return split_contiguous(items, cost, shard.world_size, reach)[shard.rank]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from puzzle.blocks.space import SearchSpace
 from puzzle.checkpoint import convert, fingerprint, load_architecture, load_model, read_json, write_json_atomic
 from puzzle.config import deep_merge, from_mapping, read_yaml, to_mapping, write_yaml
 from puzzle.data import DataConfig, load_token_data
-from puzzle.distill.bld import BLDConfig, load_unit, pending_units, train_units, unit_path
+from puzzle.distill.bld import BLDConfig, load_unit, pending_units, train_units, unit_path, worker_share
 from puzzle.errors import ConfigError, StageError
-from puzzle.jobs import Shard, SlurmConfig, device_for, my_share
+from puzzle.jobs import Shard, SlurmConfig, device_for
 from puzzle.progress import log
 from puzzle.run import RunPaths
 from puzzle.distill.gkd import GKDConfig
@@ -181,9 +181,8 @@ class Search:
         """Train this worker's share of the units (all of them for a single worker)."""
         manifest = self.manifest()
         arch = load_architecture(self.paths.parent)
-        from puzzle.blocks.library import unit_params
 
-        mine = my_share(manifest.units, lambda u: unit_params(u, arch), self.shard)
+        mine = worker_share(manifest.units, arch, self.shard)
         worker = f"{self.shard.rank}/{self.shard.world_size}"
         train_units(mine, self.parent_model(), arch, self.paths, self.data(), self.cfg.bld, self.device, worker)
 

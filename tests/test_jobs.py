@@ -43,3 +43,31 @@ def test_slurm_script_runs_one_worker_per_array_task(tmp_path):
     script = slurm_script(["bld", "runs/x", "--worker"], 4, tmp_path, SlurmConfig(gpus_per_task=1), "puzzle-bld")
     assert script.startswith("#!/bin/bash\n") and "#SBATCH --array=0-3" in script
     assert "#SBATCH --gpus-per-task=1" in script and script.rstrip().endswith("-m puzzle bld runs/x --worker")
+
+
+def _makespan(slices, cost, reach):
+    return max(sum(cost(i) for i in s) + reach(s[-1]) for s in slices if s)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_contiguous_minimises_the_largest_slice_counting_reach(seed):
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    items = list(range(rng.randint(1, 9)))
+    costs = {i: rng.uniform(0.1, 5) for i in items}
+    reaches = dict(zip(items, sorted(rng.uniform(0, 4) for _ in items)))  # non-decreasing along the items
+    parts = rng.randint(1, 4)
+    slices = split_contiguous(items, costs.get, parts, reaches.get)
+    assert len(slices) == parts and [i for s in slices for i in s] == items
+    best = min(_makespan([items[a:b] for a, b in zip((0, *cuts), (*cuts, len(items)))], costs.get, reaches.get)
+               for k in range(min(parts, len(items)))
+               for cuts in itertools.combinations(range(1, len(items)), k))
+    assert _makespan(slices, costs.get, reaches.get) <= best * (1 + 1e-9)
+
+
+def test_the_deeper_worker_gets_fewer_units_when_reaching_them_costs():
+    # 8 equal layers; reaching layer i costs 3 (i + 1) (the parent's forward): the cut moves past the middle.
+    slices = split_contiguous(list(range(8)), lambda i: 4.0, 2, lambda i: 3.0 * (i + 1))
+    assert [len(s) for s in slices] == [5, 3]  # costs 35 and 36; an even cut would cost 28 and 40

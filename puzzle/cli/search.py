@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from puzzle.cli.options import Device, Launcher, Workers
-from puzzle.cli.output import console, done
+from puzzle.cli.output import done
 
 
 def search_command(

@@ -149,6 +149,24 @@ def plan_groups(units: list[Candidate], arch: Architecture, max_group_params: in
     return groups + ([current] if current else [])
 
 
+def bld_unit_cost(c: Candidate, arch: Architecture) -> float:
+    """Relative work of one unit per token: forward + backward (3x its parameters), or one forward for the
+    closed-form ones. With `parent_reach_cost` it lets workers take equal shares (`puzzle.jobs.my_share`)."""
+    return unit_params(c, arch) * (1 if is_closed_form(c) else 3)
+
+
+def parent_reach_cost(c: Candidate, arch: Architecture) -> float:
+    """The parent's forward up to the unit's layer, paid once per worker for its deepest unit."""
+    return sum(arch.layer_params(i) for i in range(c.layer + 1))
+
+
+def worker_share(units: list[Candidate], arch: Architecture, shard) -> list[Candidate]:
+    """This worker's units (layer order): contiguous shares of about equal work, the parent's forward counted."""
+    from puzzle.jobs import my_share
+
+    return my_share(units, lambda u: bld_unit_cost(u, arch), shard, lambda u: parent_reach_cost(u, arch))
+
+
 def is_closed_form(c: Candidate) -> bool:
     """A decoupled linear replacement: fitted by least squares, not by gradient steps."""
     return c.kind in ("attention", "ffn") and c.variant.replace_with_linear

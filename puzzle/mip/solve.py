@@ -20,15 +20,25 @@ from puzzle.mip.problem import Problem, Targets
 from puzzle.mip.solution import Solution
 from puzzle.mip.verify import read_choice, verify
 
-def _solve_pulp(*args, **kwargs):
-    from puzzle.mip.backend_pulp import solve_pulp  # imported on use: a GPU image may lack one of the solvers
 
+def _missing(package: str, other: str) -> ConfigError:
+    return ConfigError(f"solver {package!r} is not installed in this Python: pip install {package}, "
+                       f"or set solve.solver: {other} (--solver {other})")
+
+
+def _solve_pulp(*args, **kwargs):
+    try:  # imported on use: a GPU image may lack one of the solvers
+        from puzzle.mip.backend_pulp import solve_pulp
+    except ModuleNotFoundError as err:
+        raise _missing("pulp", "ortools") from err
     return solve_pulp(*args, **kwargs)
 
 
 def _solve_ortools(*args, **kwargs):
-    from puzzle.mip.backend_ortools import solve_ortools
-
+    try:
+        from puzzle.mip.backend_ortools import solve_ortools
+    except ModuleNotFoundError as err:
+        raise _missing("ortools", "pulp") from err
     return solve_ortools(*args, **kwargs)
 
 

@@ -10,7 +10,7 @@ to `solutions/{name}.json`; a sweep over throughput targets gives the quality/sp
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 

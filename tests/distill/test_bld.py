@@ -13,11 +13,10 @@ from safetensors.torch import load_file
 
 from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
 from puzzle.blocks.init import least_squares
-from puzzle.blocks.library import unit_params
 from puzzle.checkpoint import load_architecture
 from puzzle.distill.activations import run_layers
-from puzzle.distill.bld import read_unit_result, unit_path
-from puzzle.jobs import Shard, my_share
+from puzzle.distill.bld import read_unit_result, unit_path, worker_share
+from puzzle.jobs import Shard
 from puzzle.pipeline import open_run, run_bld, run_search
 
 ROOT = Path(__file__).parents[2]
@@ -96,7 +95,7 @@ def test_two_local_workers_split_the_units_without_overlap(tmp_path):
     arch = load_architecture(search.paths.parent)
     units = search.manifest().units
     for rank in range(2):
-        share = my_share(units, lambda u: unit_params(u, arch), Shard(rank=rank, world_size=2))
+        share = worker_share(units, arch, Shard(rank=rank, world_size=2))
         assert share, "each worker gets work"
         for u in share:
             assert read_unit_result(unit_path(search.paths, u)).worker == f"{rank}/2"
