@@ -21,7 +21,7 @@ def test_every_shipped_config_parses(path):
 def test_demo_config_is_small_enough_for_a_cpu():
     cfg = load_search_config(Path(__file__).parents[1] / "puzzle" / "configs" / "demo.yaml")
     assert cfg.bld.tokens_per_unit <= 1 << 17 and cfg.profile.batch_size <= 32
-    assert [t.name for t in cfg.solve.targets] == ["1.5x", "2x"]
+    assert [(t.name, t.vllm_native) for t in cfg.solve.targets] == [("1.5x", False), ("2x", False), ("2x-vllm", True)]
 
 
 @pytest.mark.parametrize("data,message", [
