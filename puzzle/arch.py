@@ -84,6 +84,13 @@ class AttentionConfig:
     def num_kv_heads(self, num_attention_heads: int) -> int:
         return num_attention_heads // self.n_heads_in_group if self.has_softmax else 0
 
+    @property
+    def vllm_unsupported(self) -> str | None:
+        """Why vLLM's native DeciLM model cannot run this attention (None: it can)."""
+        if self.replace_with_linear:
+            return "linear attention"
+        return "window attention" if self.window_length is not None else None
+
     def label(self, num_attention_heads: int) -> str:
         """Short name used for library variants and tables: kv8, kv2_w128, linear, no_op."""
         if not self.has_softmax:
@@ -139,6 +146,11 @@ class FFNConfig:
         """Short name: ffn3072, linear, no_op."""
         return f"ffn{self.intermediate_size}" if self.is_gated else self.kind
 
+    @property
+    def vllm_unsupported(self) -> str | None:
+        """Why vLLM's native DeciLM model cannot run this FFN (None: it can)."""
+        return "linear FFN" if self.replace_with_linear else None
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -164,6 +176,10 @@ class BlockConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"attention": self.attention.to_dict(), "ffn": self.ffn.to_dict()}
+
+    @property
+    def vllm_unsupported(self) -> list[str]:
+        return [r for r in (self.attention.vllm_unsupported, self.ffn.vllm_unsupported) if r]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,10 +343,5 @@ class Architecture:
         if self.shape.qk_norm:
             reasons.append("q/k RMSNorm (Qwen3) is not in vLLM's DeciLM model")
         for i, block in enumerate(self.blocks):
-            if block.attention.replace_with_linear:
-                reasons.append(f"layer {i}: linear attention")
-            if block.attention.window_length is not None:
-                reasons.append(f"layer {i}: window attention")
-            if block.ffn.replace_with_linear:
-                reasons.append(f"layer {i}: linear FFN")
+            reasons += [f"layer {i}: {reason}" for reason in block.vllm_unsupported]
         return reasons

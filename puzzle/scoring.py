@@ -145,8 +145,7 @@ def score_candidates(parent, candidates: list[Candidate], load_block: Callable[[
         for layer, group in sorted(by_layer.items()):
             scored = [c for c in group if not c.is_parent]
             # In the parent's dtype (bf16 on GPUs): the candidate is scored as the child will run it.
-            blocks = {c.unit_id: load_block(c) for c in scored}
-            blocks = {k: None if b is None else b.to(dtype=parent.dtype) for k, b in blocks.items()}
+            blocks = {c.unit_id: None if (b := load_block(c)) is None else b.to(dtype=parent.dtype) for c in scored}
             sums = {c.unit_id: _Sums() for c in scored}
             for batch in batches:
                 batch = batch.to(device)

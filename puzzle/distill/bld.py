@@ -39,6 +39,7 @@ from puzzle.blocks.subblock import Rotary, SubBlock
 from puzzle.distill.activations import LayerIO, run_layers
 from puzzle.distill.losses import normalized_mse
 from puzzle.errors import ConfigError
+from puzzle.jobs import Shard, my_share
 from puzzle.progress import track
 from puzzle.run import RunPaths
 
@@ -160,10 +161,8 @@ def parent_reach_cost(c: Candidate, arch: Architecture) -> float:
     return sum(arch.layer_params(i) for i in range(c.layer + 1))
 
 
-def worker_share(units: list[Candidate], arch: Architecture, shard) -> list[Candidate]:
+def worker_share(units: list[Candidate], arch: Architecture, shard: Shard) -> list[Candidate]:
     """This worker's units (layer order): contiguous shares of about equal work, the parent's forward counted."""
-    from puzzle.jobs import my_share
-
     return my_share(units, lambda u: bld_unit_cost(u, arch), shard, lambda u: parent_reach_cost(u, arch))
 
 

@@ -147,13 +147,6 @@ def _costs(profile: Profile, attention: AttentionConfig | None, ffn: FFNConfig |
     return out
 
 
-def vllm_serves(variant: AttentionConfig | FFNConfig | BlockConfig) -> bool:
-    """Whether vLLM's native DeciLM model implements this sub-block (or attention + FFN pair)."""
-    if isinstance(variant, BlockConfig):
-        return vllm_serves(variant.attention) and vllm_serves(variant.ffn)
-    return not variant.replace_with_linear and getattr(variant, "window_length", None) is None
-
-
 def vllm_native_problem(problem: Problem, manifest: Manifest, arch: Architecture, target: str) -> Problem:
     """The problem without the variants vLLM does not serve (the library keeps them for other targets)."""
     if arch.shape.qk_norm:
@@ -164,8 +157,8 @@ def vllm_native_problem(problem: Problem, manifest: Manifest, arch: Architecture
         served = {}
         for kind in ("attention", "ffn", "block"):
             for c in manifest.candidates_of(i, kind):
-                served[("attention" if kind == "block" else kind, c.name)] = vllm_serves(c.variant)
-        parent_ok = {"attention": vllm_serves(parent.attention), "ffn": vllm_serves(parent.ffn)}
+                served[("attention" if kind == "block" else kind, c.name)] = not c.variant.vllm_unsupported
+        parent_ok = {"attention": not parent.attention.vllm_unsupported, "ffn": not parent.ffn.vllm_unsupported}
         kept = {kind: tuple(o for o in getattr(layer, kind) if served.get((kind, o.name), parent_ok[kind]))
                 for kind in ("attention", "ffn")}
         for kind, options in kept.items():
