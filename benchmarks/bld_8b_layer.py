@@ -116,7 +116,8 @@ def run(tiny: bool, quick: bool = False) -> None:
           f"after one warm-up step; parent bf16, units fp32 master weights with bf16 autocast" if device.type == "cuda" else
           f"BLD smoke run on the CPU ({config.hidden_size} hidden)", "",
           f"All {t['units']} units of the layer trained together (one shared parent pass per batch): "
-          f"{t['tokens_per_s']:,.0f} tokens/s for the group = {t['unit_tokens_per_s']:,.0f} unit-tokens/s; peak memory {t['peak_gib']} GiB.", "",
+          f"{t['tokens_per_s']:,.0f} tokens/s for the group = {t['unit_tokens_per_s']:,.0f} unit-tokens/s; peak memory "
+          f"{t['peak_gib'] if t['peak_gib'] is None else round(t['peak_gib'], 1)} GiB.", "",
           "Each unit alone (parent pass included):", "", "| sub-block | variant | params (M) | tokens/s | peak GiB |", "|---|---|---:|---:|---:|", *rows]
     name = "bld_8b_layer_tiny" if tiny else "bld_8b_layer"
     paths = write_results(name, results, "\n".join(md))

@@ -8,8 +8,10 @@ error, not a silent retrain; cheap ones simply rerun.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,9 @@ from puzzle.blocks.space import SearchSpace
 from puzzle.checkpoint import convert, fingerprint, load_architecture, load_model, read_json, write_json_atomic
 from puzzle.config import deep_merge, from_mapping, read_yaml, to_mapping, write_yaml
 from puzzle.data import DataConfig, load_token_data
-from puzzle.distill.bld import BLDConfig, load_unit, pending_units, train_units, unit_path, worker_share
+from puzzle.distill.bld import NEUTRAL_FIELDS as BLD_NEUTRAL_FIELDS
+from puzzle.distill.bld import (BLDConfig, load_unit, parent_activations, pending_units, plan_parent_activations,
+                                train_units, unit_path, worker_share)
 from puzzle.errors import ConfigError, StageError
 from puzzle.jobs import Shard, SlurmConfig, device_for
 from puzzle.progress import log
@@ -85,7 +89,10 @@ def _section_key(cfg: SearchConfig, stage: str) -> str:
         "distill": library + ["bld", "score", "profile", "solve", "fuse", "prune", "gkd"],
         "report": library + ["bld", "score", "profile", "solve", "fuse", "prune", "gkd", "report"],
     }[stage]
-    payload = json.dumps({s: to_mapping(getattr(cfg, s)) for s in sections}, sort_keys=True)
+    settings = {s: to_mapping(getattr(cfg, s)) for s in sections}
+    if "bld" in settings:  # how BLD is run (checkpoints, activation cache) does not change its units
+        settings["bld"] = {k: v for k, v in settings["bld"].items() if k not in BLD_NEUTRAL_FIELDS}
+    payload = json.dumps(settings, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -182,9 +189,16 @@ class Search:
         manifest = self.manifest()
         arch = load_architecture(self.paths.parent)
 
-        mine = worker_share(manifest.units, arch, self.shard)
+        parent, data, cfg = self.parent_model(), self.data(), self.cfg.bld
+        plan = plan_parent_activations(manifest.units, arch, parent, data, cfg, self.paths, self.shard.world_size,
+                                       manifest.parent_fingerprint)
+        mine = worker_share(manifest.units, arch, self.shard, shared_parent=plan.mode == "disk")
+        if not pending_units(manifest, self.paths, mine):
+            return
+        log(plan.reason)
+        source = parent_activations(plan, parent, data, cfg, self.shard, self.device)
         worker = f"{self.shard.rank}/{self.shard.world_size}"
-        train_units(mine, self.parent_model(), arch, self.paths, self.data(), self.cfg.bld, self.device, worker)
+        train_units(mine, parent, arch, self.paths, data, cfg, self.device, worker, source)
 
     def bld_done(self) -> bool:
         return not pending_units(self.manifest(), self.paths)
@@ -540,27 +554,31 @@ def _bld(search: Search, workers: int, launcher: str) -> None:
     elif pending:
         argv = ["bld", str(search.paths.root), "--worker"]
         log_dir = search.paths.logs / "bld"
-        with track(f"bld: {workers} workers ({launcher})", len(manifest.units)) as bar:
-            seen = [len(manifest.units) - len(pending)]
-            bar.advance(seen[0])
+        with contextlib.ExitStack() as stack:
+            # local workers start before the progress display (a forked worker must not inherit its thread)
+            local = stack.enter_context(jobs.LocalWorkers(argv, workers, log_dir)) if launcher == "local" else None
+            with track(f"bld: {workers} workers ({launcher})", len(manifest.units)) as bar:
+                seen = [len(manifest.units) - len(pending)]
+                bar.advance(seen[0])
 
-            def poll() -> None:
-                finished = len(manifest.units) - len(pending_units(manifest, search.paths))
-                bar.advance(finished - seen[0])
-                seen[0] = finished
+                def poll() -> None:
+                    finished = len(manifest.units) - len(pending_units(manifest, search.paths))
+                    bar.advance(finished - seen[0])
+                    seen[0] = finished
 
-            if launcher == "local":
-                jobs.launch_local(argv, workers, log_dir, poll=poll)
-            elif launcher == "torchrun":
-                import subprocess
+                if local is not None:
+                    local.wait(poll=poll)
+                elif launcher == "torchrun":
+                    import subprocess
 
-                run = subprocess.run(jobs.torchrun_command(argv, workers))
-                if run.returncode != 0:
-                    raise StageError(f"torchrun exited with {run.returncode}")
-            else:
-                jobs.launch_slurm(argv, workers, log_dir, search.cfg.slurm, "puzzle-bld", poll=poll)
-            poll()
+                    run = subprocess.run(jobs.torchrun_command(argv, workers))
+                    if run.returncode != 0:
+                        raise StageError(f"torchrun exited with {run.returncode}")
+                else:
+                    jobs.launch_slurm(argv, workers, log_dir, search.cfg.slurm, "puzzle-bld", poll=poll)
+                poll()
     missing = pending_units(manifest, search.paths)
     if missing:
         raise StageError(f"{len(missing)} units were not trained (e.g. {missing[0].unit_id}); see {search.paths.logs / 'bld'}")
+    shutil.rmtree(search.paths.progress / "parent_activations", ignore_errors=True)  # only BLD reads them
     search.mark_done("bld")

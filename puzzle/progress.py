@@ -25,6 +25,12 @@ from rich.progress import (
 _console = Console(stderr=True)
 
 
+def reset_consoles() -> None:
+    """A forked worker writes to a log file: look at its new stderr again (terminal or not, width)."""
+    global _console
+    _console = Console(stderr=True)
+
+
 def quiet() -> bool:
     return os.environ.get("PUZZLE_QUIET", "") not in ("", "0")
 

@@ -57,3 +57,23 @@ def test_bld_on_cuda_trains_with_autocast(tmp_path):
         result = read_unit_result(unit_path(search.paths, unit))
         if not unit.variant.replace_with_linear:
             assert result.loss_final < result.loss_init * 1.05, unit.unit_id
+
+
+def test_bld_on_cuda_reads_parent_activations_from_disk(tmp_path):
+    """The disk cache on a GPU: bf16 shards written from and read back to the device train the same units."""
+    from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+    from puzzle.distill.bld import unit_path
+    from puzzle.pipeline import run_search
+    from safetensors.torch import load_file
+
+    parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=2)
+    weights = {}
+    for mode in ("recompute", "disk"):
+        bld = {"tokens_per_unit": 8192, "parent_activations": mode}
+        config = write_config(tmp_path / f"{mode}.yaml", {**tiny_search_config(corpus, bld=bld), "device": "cuda"})
+        run_search(tmp_path / mode, parent=parent, config=config, stage="library")
+        search = run_search(tmp_path / mode, stage="bld")
+        weights[mode] = {u.unit_id: load_file(unit_path(search.paths, u)) for u in search.manifest().units}
+    for unit_id, tensors in weights["recompute"].items():
+        for name, tensor in tensors.items():
+            torch.testing.assert_close(weights["disk"][unit_id][name], tensor, atol=1e-4, rtol=1e-3)

@@ -1,8 +1,12 @@
-"""Sharding from torchrun / Slurm variables, and contiguous, balanced, disjoint slices."""
+"""Sharding from torchrun / Slurm variables, contiguous, balanced, disjoint slices, and local workers."""
+
+import os
+from pathlib import Path
 
 import pytest
 
-from puzzle.errors import ConfigError
+from puzzle import jobs
+from puzzle.errors import ConfigError, StageError
 from puzzle.jobs import Shard, shard_from_env, slurm_script, split_contiguous, SlurmConfig
 
 
@@ -71,3 +75,31 @@ def test_the_deeper_worker_gets_fewer_units_when_reaching_them_costs():
     # 8 equal layers; reaching layer i costs 3 (i + 1) (the parent's forward): the cut moves past the middle.
     slices = split_contiguous(list(range(8)), lambda i: 4.0, 2, lambda i: 3.0 * (i + 1))
     assert [len(s) for s in slices] == [5, 3]  # costs 35 and 36; an even cut would cost 28 and 40
+
+
+@pytest.mark.parametrize("fork", ["1", "0"])
+def test_local_workers_run_the_cli_and_a_failure_names_its_log(tmp_path, monkeypatch, fork):
+    """Forked (single-threaded) and freshly started workers behave alike: each runs `puzzle <argv>` with its
+    output in logs/rank{N}.log, and a failed worker stops the wait with an error naming that log."""
+    monkeypatch.setenv("PUZZLE_NO_FORK", "0" if fork == "1" else "1")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1]))
+    with jobs.LocalWorkers(["--help"], 2, tmp_path / "ok", threads_per_worker=1) as local:
+        local.wait()
+    for rank in range(2):
+        assert "Usage" in (tmp_path / "ok" / f"rank{rank}.log").read_text()
+    with pytest.raises(StageError, match="rank0.log"):
+        with jobs.LocalWorkers(["bld", str(tmp_path / "missing"), "--worker"], 1, tmp_path / "bad", 1) as local:
+            local.wait()
+    assert "error:" in (tmp_path / "bad" / "rank0.log").read_text()
+
+
+def test_only_single_threaded_workers_are_forked():
+    # A child forked after this process used OpenMP hangs in its first parallel region with > 1 thread.
+    assert not jobs._can_fork(2)
+
+
+def test_local_workers_get_disjoint_cores_only_when_there_are_enough(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert [jobs.worker_cpus(r, 2, 2) for r in range(2)] == [[0, 1], [2, 3]]
+    assert jobs.worker_cpus(0, 2, 3) == [], "oversubscribed: no binding"
+    assert jobs.worker_cpus(0, 1, 4) == [], "a single worker is not bound"

@@ -69,7 +69,7 @@ def test_realized_child_computes_the_parent_with_its_chosen_units(finished_run):
     torch.testing.assert_close(child(ids).logits, logits_from_hidden(parent, hidden), atol=1e-5, rtol=1e-5)
 
 
-def test_rerun_skips_finished_stages(finished_run, monkeypatch):
+def _forbid_reruns(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
@@ -77,12 +77,23 @@ def test_rerun_skips_finished_stages(finished_run, monkeypatch):
         monkeypatch.setattr(pipeline, name, boom)
     monkeypatch.setattr(pipeline.Search, "library", boom)
     monkeypatch.setattr(pipeline.Search, "score", boom)
+
+
+def test_rerun_skips_finished_stages(finished_run, monkeypatch):
+    _forbid_reruns(monkeypatch)
     run_search(finished_run.paths.root)
 
 
 def test_changed_bld_config_is_an_error_not_a_silent_retrain(finished_run):
     with pytest.raises(StageError, match="bld stage ran with a different config"):
         run_search(finished_run.paths.root, overrides={"bld": {"lr": 0.1}}, stage="bld")
+
+
+def test_how_bld_runs_is_not_a_config_change(finished_run, monkeypatch):
+    """Checkpoint interval and the parent-activation cache change how BLD works, not its units."""
+    _forbid_reruns(monkeypatch)
+    run_search(finished_run.paths.root,
+               overrides={"bld": {"parent_activations": "disk", "checkpoint_every": 3, "activation_cache_gb": 1.0}})
 
 
 def test_impossible_target_names_the_binding_constraint(finished_run, tmp_path, capsys):

@@ -8,6 +8,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def reset_consoles() -> None:
+    """A forked worker writes to a log file: look at its new stdout/stderr again (commands that imported
+    `console` by name are not worker commands)."""
+    global console, err_console
+    console, err_console = Console(), Console(stderr=True)
+
+
 def human_count(n: float) -> str:
     """12_345_678 -> '12.3M'."""
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -36,8 +37,9 @@ from puzzle.blocks.init import init_candidate
 from puzzle.blocks.library import Manifest, load_stats, to_device_stats, unit_params
 from puzzle.blocks.space import Candidate
 from puzzle.blocks.subblock import Rotary, SubBlock
-from puzzle.distill.activations import LayerIO, run_layers
+from puzzle.distill.activations import LayerIO
 from puzzle.distill.losses import normalized_mse
+from puzzle.distill.parent_cache import DiskActivations, RecomputedActivations, cache_key, shard_bytes
 from puzzle.errors import ConfigError
 from puzzle.jobs import Shard, my_share
 from puzzle.progress import track
@@ -58,6 +60,10 @@ class BLDConfig:
     checkpoint_every: int = 200  # steps between checkpoints of the running group
     linear_attention_init: Literal["least_squares", "fold"] = "least_squares"
     autocast: bool = True  # bf16 autocast for the units on CUDA (master weights stay fp32)
+    # recompute: each worker runs the parent per batch; disk: computed once, in shards shared by the workers;
+    # auto: disk when the forward would otherwise be repeated (several workers or groups) and the shards fit
+    parent_activations: Literal["auto", "recompute", "disk"] = "auto"
+    activation_cache_gb: float = 64.0  # the most disk `auto` may use for the shards
 
     def __post_init__(self) -> None:
         for name in ("tokens_per_unit", "batch_size", "eval_tokens", "max_group_params", "checkpoint_every"):
@@ -67,6 +73,10 @@ class BLDConfig:
             raise ConfigError("bld: lr must be > 0, warmup_fraction in [0, 1), min_lr_fraction in [0, 1]")
         if self.linear_attention_init not in ("least_squares", "fold"):
             raise ConfigError("bld.linear_attention_init must be 'least_squares' or 'fold'")
+        if self.parent_activations not in ("auto", "recompute", "disk"):
+            raise ConfigError(f"bld.parent_activations must be auto, recompute or disk, got {self.parent_activations!r}")
+        if not self.activation_cache_gb >= 0:
+            raise ConfigError(f"bld.activation_cache_gb must be >= 0, got {self.activation_cache_gb}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,9 +171,11 @@ def parent_reach_cost(c: Candidate, arch: Architecture) -> float:
     return sum(arch.layer_params(i) for i in range(c.layer + 1))
 
 
-def worker_share(units: list[Candidate], arch: Architecture, shard: Shard) -> list[Candidate]:
-    """This worker's units (layer order): contiguous shares of about equal work, the parent's forward counted."""
-    return my_share(units, lambda u: bld_unit_cost(u, arch), shard, lambda u: parent_reach_cost(u, arch))
+def worker_share(units: list[Candidate], arch: Architecture, shard: Shard, shared_parent: bool = False) -> list[Candidate]:
+    """This worker's units (layer order): contiguous shares of about equal work, the parent's forward counted
+    unless the workers share it (`shared_parent`: the disk cache spreads it evenly over them)."""
+    reach = None if shared_parent else (lambda u: parent_reach_cost(u, arch))
+    return my_share(units, lambda u: bld_unit_cost(u, arch), shard, reach)
 
 
 def is_closed_form(c: Candidate) -> bool:
@@ -181,8 +193,8 @@ def _linear_and_norm(block: SubBlock):
 class _Group:
     """The units of one group with their optimiser; knows how to checkpoint and evaluate itself."""
 
-    def __init__(self, units, parent, arch, paths, cfg, steps, device):
-        self.units, self.parent, self.cfg, self.steps = units, parent, cfg, steps
+    def __init__(self, units, parent, arch, paths, cfg, steps, device, source):
+        self.units, self.parent, self.cfg, self.steps, self.source = units, parent, cfg, steps, source
         self.blocks = {
             u.unit_id: init_candidate(u, parent, arch, to_device_stats(load_stats(paths, u.layer), device),
                                       cfg.linear_attention_init)
@@ -200,9 +212,15 @@ class _Group:
         self.layers = sorted({u.layer for u in units})
         self.autocast = cfg.autocast and device.type == "cuda"
 
-    def losses(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    def step(self, batch: torch.Tensor, index: int) -> dict[str, float]:
+        """One parent forward, then each unit's forward and backward in turn; returns the units' losses.
+
+        Each unit's backward runs right after its forward, while its activations are still in cache, and
+        frees them before the next unit starts: the gradients are the same as one backward of the summed
+        losses (no parameter is shared between units), the peak memory is that of the largest unit.
+        """
         with torch.no_grad():
-            _, io = run_layers(self.parent, batch, stop=self.layers[-1] + 1, capture=set(self.layers))
+            io = self.source.layer_io("train", index, batch, self.layers)
         out = {}
         for u in self.units:
             x, target = unit_io(u, io[u.layer])
@@ -212,8 +230,10 @@ class _Group:
                 continue
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 pred = self.blocks[u.unit_id](x, self.rotary(x))
-            out[u.unit_id] = normalized_mse(pred.float(), target)
-        return out
+            loss = normalized_mse(pred.float(), target)
+            loss.backward()
+            out[u.unit_id] = loss.detach()
+        return {k: v.item() for k, v in out.items()}
 
     @torch.no_grad()
     def _accumulate(self, unit_id: str, x: torch.Tensor, target: torch.Tensor) -> None:
@@ -236,11 +256,12 @@ class _Group:
         """Held-out normalised MSE over all batches together (sum of errors / sum of target energy)."""
         err: dict[str, float] = {}
         energy: dict[str, float] = {}
-        for batch in batches:
-            _, io = run_layers(self.parent, batch, stop=self.layers[-1] + 1, capture=set(self.layers))
+        for index, batch in enumerate(batches):
+            io = self.source.layer_io("held_out", index, batch, self.layers)
             for u in self.units:
                 x, target = unit_io(u, io[u.layer])
-                pred = self.blocks[u.unit_id](x.float(), self.rotary(x.float()))
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):  # as in training
+                    pred = self.blocks[u.unit_id](x.float(), self.rotary(x.float())).float()
                 err[u.unit_id] = err.get(u.unit_id, 0.0) + (pred - target.float()).pow(2).sum().item()
                 energy[u.unit_id] = energy.get(u.unit_id, 0.0) + target.float().pow(2).sum().item()
         return {k: err[k] / max(energy[k], 1e-30) for k in err}
@@ -257,8 +278,13 @@ class _Group:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+# Fields that change how the work is done, not its result: checkpoints and finished units stay valid across them.
+NEUTRAL_FIELDS = ("checkpoint_every", "parent_activations", "activation_cache_gb")
+
+
 def _group_key(units: list[Candidate], cfg: BLDConfig, data_key: str) -> str:
-    text = json.dumps([[u.unit_id for u in units], asdict(cfg), data_key], sort_keys=True)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NEUTRAL_FIELDS}
+    text = json.dumps([[u.unit_id for u in units], settings, data_key], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -269,14 +295,29 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def train_steps(cfg: BLDConfig, seq_len: int) -> int:
+    return max(1, math.ceil(cfg.tokens_per_unit / (cfg.batch_size * seq_len)))
+
+
+def train_batches(data, cfg: BLDConfig, start_step: int = 0):
+    """The training batches every unit sees, in order (batch k is the same for every worker and group)."""
+    steps = train_steps(cfg, data.config.seq_len)
+    return data.batches("train", cfg.batch_size, n_tokens=steps * cfg.batch_size * data.config.seq_len, shuffle=True,
+                        seed=cfg.seed, start_step=start_step)
+
+
+def eval_batches(data, cfg: BLDConfig) -> list[torch.Tensor]:
+    return list(data.batches("held_out", cfg.batch_size, n_tokens=max(cfg.eval_tokens, data.config.seq_len),
+                             shuffle=False))
+
+
 def train_group(units: list[Candidate], parent, arch: Architecture, paths: RunPaths, data, cfg: BLDConfig,
-                device: torch.device, worker: str = "0/1") -> list[UnitResult]:
+                device: torch.device, worker: str = "0/1", source=None) -> list[UnitResult]:
     """Train one group of units to the token budget (resuming from its checkpoint) and write each unit."""
     seq_len = data.config.seq_len
-    steps = max(1, math.ceil(cfg.tokens_per_unit / (cfg.batch_size * seq_len)))
-    group = _Group(units, parent, arch, paths, cfg, steps, device)
-    eval_batches = [b.to(device) for b in data.batches("held_out", cfg.batch_size, n_tokens=max(cfg.eval_tokens, seq_len),
-                                                       shuffle=False)]
+    steps = train_steps(cfg, seq_len)
+    group = _Group(units, parent, arch, paths, cfg, steps, device, source or RecomputedActivations(parent))
+    held_out = [b.to(device) for b in eval_batches(data, cfg)]
     checkpoint = paths.progress / f"{_group_key(units, cfg, str(data.cache_path))}.pt"
     start, seconds = 0, 0.0
     if checkpoint.exists():
@@ -284,26 +325,24 @@ def train_group(units: list[Candidate], parent, arch: Architecture, paths: RunPa
         group.load(state)
         start, loss_init, seconds = state["step"], state["loss_init"], state["seconds"]
     else:
-        loss_init = group.evaluate(eval_batches)
+        loss_init = group.evaluate(held_out)
     began = time.perf_counter()
-    batches = data.batches("train", cfg.batch_size, n_tokens=steps * cfg.batch_size * seq_len, shuffle=True,
-                           seed=cfg.seed, start_step=start)
+    batches = train_batches(data, cfg, start_step=start)
     with track(f"bld L{group.layers[0]}-{group.layers[-1]} ({len(units)} units)", steps) as bar:
         bar.advance(start)
         for step, batch in enumerate(batches, start=start):
-            losses = group.losses(batch.to(device))
             group.optimizer.zero_grad(set_to_none=True)
+            losses = group.step(batch.to(device), step)
             if losses:
-                sum(losses.values()).backward()
                 group.optimizer.step()
             group.scheduler.step()
-            bar.advance(1, loss=sum(v.item() for v in losses.values()) / max(1, len(losses)))
+            bar.advance(1, loss=sum(losses.values()) / max(1, len(losses)))
             done = step + 1
             if done % cfg.checkpoint_every == 0 and done < steps:
                 _save_atomic(group.state(done, {"loss_init": loss_init,
                                                 "seconds": seconds + time.perf_counter() - began}), checkpoint)
     group.solve_closed_form()
-    loss_final = group.evaluate(eval_batches)
+    loss_final = group.evaluate(held_out)
     seconds += time.perf_counter() - began
     results = []
     for u in units:
@@ -322,10 +361,68 @@ def pending_units(manifest: Manifest, paths: RunPaths, units: list[Candidate] | 
 
 
 def train_units(units: list[Candidate], parent, arch: Architecture, paths: RunPaths, data, cfg: BLDConfig,
-                device: torch.device, worker: str = "0/1") -> list[UnitResult]:
+                device: torch.device, worker: str = "0/1", source=None) -> list[UnitResult]:
     """Train the given units (skipping finished ones), group by group."""
     todo = [u for u in units if not unit_path(paths, u).exists()]
     results = []
     for group in plan_groups(todo, arch, cfg.max_group_params):
-        results += train_group(group, parent, arch, paths, data, cfg, device, worker)
+        results += train_group(group, parent, arch, paths, data, cfg, device, worker, source)
     return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The parent's activations: recomputed, or shared through the disk
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    mode: Literal["recompute", "disk"]
+    reason: str  # one line for the user
+    depth: int = 0  # layers in each shard
+    root: Path | None = None
+
+
+def plan_parent_activations(units: list[Candidate], arch: Architecture, parent, data, cfg: BLDConfig, paths: RunPaths,
+                            world_size: int, parent_fingerprint: str) -> ActivationPlan:
+    """Recompute or cache, decided from the whole manifest (not the pending units) so every worker agrees."""
+    depth = max(u.layer for u in units) + 1
+    seq_len = data.config.seq_len
+    batches = train_steps(cfg, seq_len) + len(eval_batches(data, cfg))
+    need = batches * shard_bytes(parent, cfg.batch_size * seq_len, depth)
+    groups = len(plan_groups(units, arch, cfg.max_group_params))
+    key = cache_key(parent=parent_fingerprint, data=str(data.cache_path), seq_len=seq_len, batch_size=cfg.batch_size,
+                    tokens=cfg.tokens_per_unit, eval_tokens=cfg.eval_tokens, seed=cfg.seed, depth=depth,
+                    dtype=str(parent.dtype))
+    root = paths.progress / "parent_activations" / key
+    size = f"{batches} batches x {need / batches / 2**20:.1f} MiB = {need / 2**30:.2f} GiB"
+    if cfg.parent_activations == "recompute":
+        return ActivationPlan("recompute", "parent activations: recomputed per batch (bld.parent_activations: recompute)")
+    if cfg.parent_activations == "auto" and world_size == 1 and groups == 1:
+        return ActivationPlan("recompute", "parent activations: recomputed per batch (one worker, one group)")
+    # free disk is not part of the decision: workers deciding at different times must agree (it splits the units)
+    if cfg.parent_activations == "auto" and need > cfg.activation_cache_gb * 2**30:
+        return ActivationPlan("recompute", f"parent activations: recomputed per batch by each worker (a cache needs "
+                                           f"{size}, over bld.activation_cache_gb = {cfg.activation_cache_gb:g})")
+    written = sum(f.stat().st_size for f in root.glob("*.safetensors")) if root.exists() else 0
+    free = shutil.disk_usage(paths.progress if paths.progress.exists() else paths.root).free
+    if need - written > free:
+        raise ConfigError(f"bld: the parent-activation cache needs {size} but {paths.root} has {free / 2**30:.1f} GiB "
+                          "free; free disk space, or set bld.parent_activations: recompute")
+    return ActivationPlan("disk", f"parent activations: computed once, shared on disk by {world_size} worker(s) "
+                                  f"x {groups} group(s) ({size})", depth, root)
+
+
+def parent_activations(plan: ActivationPlan, parent, data, cfg: BLDConfig, shard: Shard, device: torch.device):
+    """The source the groups read; with the disk cache, this worker first writes its own share of the shards
+    (batch k belongs to worker k % world_size), held-out batches first."""
+    if plan.mode == "recompute":
+        return RecomputedActivations(parent)
+    cache = DiskActivations(parent, plan.root, plan.depth)
+    mine = lambda k: k % shard.world_size == shard.rank  # noqa: E731
+    held_out = [("held_out", k, b.to(device)) for k, b in enumerate(eval_batches(data, cfg)) if mine(k)]
+    train = [("train", k, b.to(device)) for k, b in enumerate(train_batches(data, cfg)) if mine(k)]
+    with track(f"parent activations ({shard.rank}/{shard.world_size})", len(held_out) + len(train)) as bar:
+        for item in held_out + train:
+            cache.produce([item])
+            bar.advance(1)
+    return cache

@@ -2,12 +2,15 @@
 a killed run resumes to identical tensors, and parallel workers split the units without overlap."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,8 +18,9 @@ from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
 from puzzle.blocks.init import least_squares
 from puzzle.checkpoint import load_architecture
 from puzzle.distill.activations import run_layers
-from puzzle.distill.bld import read_unit_result, unit_path, worker_share
-from puzzle.jobs import Shard
+from puzzle.distill.bld import plan_parent_activations, read_unit_result, train_units, unit_path
+from puzzle.distill.parent_cache import DiskActivations, RecomputedActivations
+from puzzle.errors import ConfigError
 from puzzle.pipeline import open_run, run_bld, run_search
 
 ROOT = Path(__file__).parents[2]
@@ -92,11 +96,68 @@ def test_sigkilled_bld_resumes_and_matches_an_uninterrupted_run(tmp_path):
 def test_two_local_workers_split_the_units_without_overlap(tmp_path):
     search = _library(tmp_path, "run")
     run_bld(search.paths.root, workers=2)
-    arch = load_architecture(search.paths.parent)
-    units = search.manifest().units
-    for rank in range(2):
-        share = worker_share(units, arch, Shard(rank=rank, world_size=2))
-        assert share, "each worker gets work"
-        for u in share:
-            assert read_unit_result(unit_path(search.paths, u)).worker == f"{rank}/2"
+    units = sorted(search.manifest().units, key=lambda u: (u.layer, u.kind, u.name))
+    owners = [read_unit_result(unit_path(search.paths, u)).worker for u in units]
+    assert set(owners) == {"0/2", "1/2"}, "each worker gets work"
+    assert owners == sorted(owners), "each worker owns a contiguous run of layers"
     assert open_run(search.paths.root).is_done("bld")
+    assert not (search.paths.progress / "parent_activations").exists(), "the shared activations are removed"
+
+
+def _train_with(search, source_of, units):
+    parent, data, cfg = search.parent_model(), search.data(), search.cfg.bld
+    arch = load_architecture(search.paths.parent)
+    train_units(units, parent, arch, search.paths, data, cfg, torch.device("cpu"), source=source_of(parent))
+    return {u.unit_id: (load_file(unit_path(search.paths, u)), read_unit_result(unit_path(search.paths, u)))
+            for u in units}
+
+
+def test_units_trained_on_disk_activations_equal_units_trained_on_recomputed_ones(tmp_path):
+    recomputed = _library(tmp_path, "recomputed")
+    cached = _library(tmp_path, "cached")
+    units = recomputed.manifest().units
+    root = cached.paths.progress / "parent_activations"
+    a = _train_with(recomputed, RecomputedActivations, units)
+    b = _train_with(cached, lambda parent: DiskActivations(parent, root, max(u.layer for u in units) + 1), units)
+    assert len(list(root.glob("train-*.safetensors"))) == cached.cfg.bld.tokens_per_unit // (4 * 64)
+    for unit_id, (weights, result) in a.items():
+        other, other_result = b[unit_id]
+        assert all(torch.equal(weights[k], other[k]) for k in weights), unit_id
+        assert (result.loss_init, result.loss_final) == (other_result.loss_init, other_result.loss_final)
+
+
+def test_a_missing_shard_is_computed_by_whoever_needs_it(tmp_path):
+    """A worker that died before writing its shards delays nobody: the reader computes and writes them."""
+    search = _library(tmp_path, "run")
+    parent, data, cfg = search.parent_model(), search.data(), search.cfg.bld
+    cache = DiskActivations(parent, tmp_path / "cache", depth=3)
+    batch = next(iter(data.batches("train", 4)))
+    io = cache.layer_io("train", 5, batch, [1, 2])
+    assert cache.path("train", 5).exists()
+    _, expected = run_layers(parent, batch, stop=3, capture={1, 2})
+    for i in (1, 2):
+        for field in ("x", "attn", "h", "ffn", "y"):
+            assert torch.equal(getattr(io[i], field), getattr(expected[i], field)), (i, field)
+    again = cache.layer_io("train", 5, batch, [2])  # read back from the file
+    assert torch.equal(again[2].y, expected[2].y)
+
+
+def test_auto_caches_the_parent_only_when_its_forward_would_be_repeated(tmp_path, monkeypatch):
+    search = _library(tmp_path, "run")
+    manifest, parent, data = search.manifest(), search.parent_model(), search.data()
+    arch = load_architecture(search.paths.parent)
+
+    def plan(world_size, **bld):
+        cfg = replace(search.cfg.bld, **bld)
+        return plan_parent_activations(manifest.units, arch, parent, data, cfg, search.paths, world_size,
+                                       manifest.parent_fingerprint)
+
+    assert plan(1).mode == "recompute"
+    assert plan(2).mode == "disk"
+    assert plan(1, max_group_params=30000).mode == "disk", "several groups re-run the parent"
+    assert plan(2, activation_cache_gb=0).mode == "recompute"
+    assert plan(2, parent_activations="recompute").mode == "recompute"
+    assert plan(1, parent_activations="disk").mode == "disk"
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+    with pytest.raises(ConfigError, match="parent_activations: recompute"):
+        plan(2)  # no silent switch to recomputing: the workers must agree on the split

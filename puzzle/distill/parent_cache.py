@@ -1,0 +1,98 @@
+"""Where BLD gets the parent's activations: recomputed per batch, or computed once into shards on disk.
+
+Recomputing is the default and costs no disk: a worker runs the parent's forward once per batch up to the
+deepest layer of its group. When several workers (or several groups of one worker) would each repeat that
+forward, the disk cache computes it once: batch k of a split is written by worker k % world_size to
+`progress/parent_activations/<key>/<split>-<k>.safetensors` (the embedding and every layer's attention
+and FFN branch outputs, through a rename), and everyone reads it. A worker computes and writes any shard it
+needs that is not there yet, so a slow or killed worker delays nobody. The hidden states are rebuilt from
+the branches with the same additions as `run_layers`, so training on the cache gives the same tensors as
+training on the recomputed activations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from puzzle.distill.activations import LayerIO, embed, run_layers
+
+
+class RecomputedActivations:
+    """The parent's forward on every request, stopping after the deepest layer asked for."""
+
+    def __init__(self, parent):
+        self.parent = parent
+
+    def layer_io(self, split: str, index: int, batch: torch.Tensor, layers: list[int]) -> dict[int, LayerIO]:
+        _, io = run_layers(self.parent, batch, stop=max(layers) + 1, capture=set(layers))
+        return io
+
+
+class DiskActivations:
+    """Shards of the parent's activations for layers 0..depth-1, one file per batch, shared by workers."""
+
+    def __init__(self, parent, root: Path, depth: int):
+        self.parent, self.root, self.depth = parent, root, depth
+
+    def path(self, split: str, index: int) -> Path:
+        return self.root / f"{split}-{index:06d}.safetensors"
+
+    def layer_io(self, split: str, index: int, batch: torch.Tensor, layers: list[int]) -> dict[int, LayerIO]:
+        path = self.path(split, index)
+        tensors = load_file(path, device=str(self.parent.device)) if path.exists() else self._compute(path, batch)
+        return _rebuild(tensors, self.depth, set(layers))
+
+    def produce(self, batches: Iterable[tuple[str, int, torch.Tensor]]) -> None:
+        """Write the shards of these batches that are not on disk yet."""
+        for split, index, batch in batches:
+            path = self.path(split, index)
+            if not path.exists():
+                self._compute(path, batch)
+
+    @torch.no_grad()
+    def _compute(self, path: Path, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, io = run_layers(self.parent, batch, stop=self.depth, capture=range(self.depth))
+        tensors = {"x0": embed(self.parent, batch)}
+        for i, layer in io.items():
+            if layer.attn is not None:
+                tensors[f"attn.{i}"] = layer.attn
+            if layer.ffn is not None:
+                tensors[f"ffn.{i}"] = layer.ffn
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+        return tensors
+
+
+def _rebuild(tensors: dict[str, torch.Tensor], depth: int, capture: set[int]) -> dict[int, LayerIO]:
+    """The LayerIO of each captured layer, with the hidden states summed as `run_layers` sums them."""
+    x, out = tensors["x0"], {}
+    for i in range(max(capture) + 1):
+        attn, ffn = tensors.get(f"attn.{i}"), tensors.get(f"ffn.{i}")
+        h = x if attn is None else x + attn
+        io = LayerIO(x=x, attn=attn, h=h, ffn=ffn)
+        if i in capture:
+            out[i] = io
+        x = io.y
+    return out
+
+
+def shard_bytes(parent, batch_tokens: int, depth: int) -> int:
+    """Bytes of one batch's shard: the embedding plus each layer's non-empty branches."""
+    layers = parent.model.layers[:depth]
+    branches = 1 + sum((layer.self_attn is not None) + (layer.mlp is not None) for layer in layers)
+    return branches * batch_tokens * parent.config.hidden_size * parent.dtype.itemsize
+
+
+def cache_key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
