@@ -17,7 +17,7 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Run directory of the demo search.")] = Path("runs/demo"),
     parent_only: Annotated[bool, typer.Option("--parent-only", help="Only build (or reuse) the demo parent.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain the demo parent even if a cached one exists.")] = False,
-    workers: Workers = 1,  # on a 2-core CPU one process with both threads beat two (benchmarks/results/bld_workers.md)
+    workers: Workers = 1,  # 2 are only ~1.05x faster on 2 cores and cache 1.2 GiB of activations (bld_workers.md)
 ) -> None:
     """Train (or reuse) the demo parent, a small Llama trained on the Python standard library, and run
     `puzzle search` on it: library, BLD, scoring, profiling, MIP, realize, report — all on this CPU.
