@@ -422,7 +422,5 @@ def parent_activations(plan: ActivationPlan, parent, data, cfg: BLDConfig, shard
     held_out = [("held_out", k, b.to(device)) for k, b in enumerate(eval_batches(data, cfg)) if mine(k)]
     train = [("train", k, b.to(device)) for k, b in enumerate(train_batches(data, cfg)) if mine(k)]
     with track(f"parent activations ({shard.rank}/{shard.world_size})", len(held_out) + len(train)) as bar:
-        for item in held_out + train:
-            cache.produce([item])
-            bar.advance(1)
+        cache.produce(held_out + train, on_batch=bar.advance)
     return cache

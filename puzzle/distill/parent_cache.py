@@ -16,13 +16,14 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from puzzle.distill.activations import LayerIO, embed, run_layers
+from puzzle.distill.activations import LayerIO, run_layers
 
 
 class RecomputedActivations:
@@ -47,20 +48,27 @@ class DiskActivations:
 
     def layer_io(self, split: str, index: int, batch: torch.Tensor, layers: list[int]) -> dict[int, LayerIO]:
         path = self.path(split, index)
-        tensors = load_file(path, device=str(self.parent.device)) if path.exists() else self._compute(path, batch)
-        return _rebuild(tensors, self.depth, set(layers))
+        tensors = self._read(path, max(layers)) if path.exists() else self._compute(path, batch)
+        return _rebuild(tensors, set(layers))
 
-    def produce(self, batches: Iterable[tuple[str, int, torch.Tensor]]) -> None:
+    def _read(self, path: Path, last: int) -> dict[str, torch.Tensor]:
+        """Only what layers 0..last need: a worker of the first layers reads the first part of each shard."""
+        wanted = {"x0"} | {f"{kind}.{i}" for kind in ("attn", "ffn") for i in range(last + 1)}
+        with safe_open(path, framework="pt", device=str(self.parent.device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k in wanted}
+
+    def produce(self, batches: Iterable[tuple[str, int, torch.Tensor]], on_batch: Callable[[], None] = lambda: None) -> None:
         """Write the shards of these batches that are not on disk yet."""
         for split, index, batch in batches:
             path = self.path(split, index)
             if not path.exists():
                 self._compute(path, batch)
+            on_batch()
 
     @torch.no_grad()
     def _compute(self, path: Path, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         _, io = run_layers(self.parent, batch, stop=self.depth, capture=range(self.depth))
-        tensors = {"x0": embed(self.parent, batch)}
+        tensors = {"x0": io[0].x}  # the embedding
         for i, layer in io.items():
             if layer.attn is not None:
                 tensors[f"attn.{i}"] = layer.attn
@@ -74,7 +82,7 @@ class DiskActivations:
         return tensors
 
 
-def _rebuild(tensors: dict[str, torch.Tensor], depth: int, capture: set[int]) -> dict[int, LayerIO]:
+def _rebuild(tensors: dict[str, torch.Tensor], capture: set[int]) -> dict[int, LayerIO]:
     """The LayerIO of each captured layer, with the hidden states summed as `run_layers` sums them."""
     x, out = tensors["x0"], {}
     for i in range(max(capture) + 1):
