@@ -1,19 +1,34 @@
 # `make demo` and `make test` are the whole set-up: both create and use .venv themselves.
+# Installs come from the committed lock (requirements/lock.txt), so a release elsewhere cannot break a fresh
+# clone; `make test-latest` and `make test-oldest` test the newest releases and the oldest supported
+# transformers on purpose (CI runs both). requirements/README.md says how to refresh the lock.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.puzzle-installed
+LOCK := requirements/lock.txt
 PYTEST_ARGS ?=
+# The oldest releases puzzle supports: modeling code (pyproject's lower bound) and the config class that vLLM
+# reads through auto_map with its own, older transformers. tests/test_packaging.py keeps them in step.
+OLDEST_TRANSFORMERS := 5.17.0
+OLDEST_CONFIG_TRANSFORMERS := 4.56.0
+# What the newest / oldest venvs run: the code that must follow transformers' renames.
+COMPAT_TESTS := tests/modeling tests/test_checkpoint.py
 
-.PHONY: install demo test test-slow test-all test-vllm clean
+.PHONY: install demo test test-slow test-all test-vllm test-latest test-oldest clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@# CPU machines: the CPU wheel of torch first (a bare `torch` requirement would pull several GB of
-	@# CUDA wheels); pyproject's `torch>=2.5` is then already satisfied. A GPU image's torch is kept.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+# $(1): venv folder. CPU machines get the lock's CPU wheel of torch (a bare `torch` requirement would pull
+# several GB of CUDA wheels); a GPU image's own torch is kept, so its venv uses the lock without torch.
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q -c $(LOCK) torch
+	grep -v -e '^torch==' $(LOCK) > $(1)/constraints.txt
+endef
+
+$(STAMP): pyproject.toml $(LOCK)
+	$(call make_venv,$(VENV))
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +46,36 @@ test-all: install
 	PUZZLE_QUIET=1 $(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(OLDEST_CONFIG_VENV) .pytest_cache build *.egg-info
+
+# The newest release of every dependency (torch stays the installed build): upgraded on every call.
+LATEST_VENV := .venv-latest
+$(LATEST_VENV)/.created:
+	$(call make_venv,$(LATEST_VENV))
+	touch $@
+
+test-latest: $(LATEST_VENV)/.created
+	$(LATEST_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LATEST_VENV)/keep-torch.txt
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/keep-torch.txt -e '.[dev]'
+	PUZZLE_QUIET=1 $(LATEST_VENV)/bin/python -m pytest -q -m "not gpu and not slow" $(COMPAT_TESTS) $(PYTEST_ARGS)
+
+# The oldest supported transformers for the modeling code, everything else from the lock where it fits; and
+# the oldest one vLLM may read our config class with, in a venv of its own (no torch needed for a config).
+OLDEST_VENV := .venv-oldest
+OLDEST_CONFIG_VENV := .venv-oldest-config
+$(OLDEST_VENV)/.installed: pyproject.toml $(LOCK)
+	$(call make_venv,$(OLDEST_VENV))
+	grep -v -e '^transformers==' -e '^tokenizers==' -e '^huggingface-hub==' $(OLDEST_VENV)/constraints.txt > $(OLDEST_VENV)/constraints-oldest.txt
+	$(OLDEST_VENV)/bin/python -m pip install -q -c $(OLDEST_VENV)/constraints-oldest.txt -e '.[dev]' 'transformers==$(OLDEST_TRANSFORMERS)'
+	touch $@
+$(OLDEST_CONFIG_VENV)/.installed:
+	$(PYTHON) -m venv $(OLDEST_CONFIG_VENV)
+	$(OLDEST_CONFIG_VENV)/bin/python -m pip install -q 'transformers==$(OLDEST_CONFIG_TRANSFORMERS)'
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed $(OLDEST_CONFIG_VENV)/.installed
+	PUZZLE_QUIET=1 PUZZLE_CONFIG_COMPAT_PYTHON=$(CURDIR)/$(OLDEST_CONFIG_VENV)/bin/python \
+		$(OLDEST_VENV)/bin/python -m pytest -q -m "not gpu and not slow" $(COMPAT_TESTS) $(PYTEST_ARGS)
 
 # vLLM's CPU build in its own venv (see scripts/vllm_greedy.py); checks that vLLM serves our checkpoints.
 VLLM_VENV ?= .venv-vllm

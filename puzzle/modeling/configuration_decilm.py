@@ -61,7 +61,7 @@ def _standard_rope(rope_parameters, rope_scaling, rope_theta):
 
 class DeciLMConfig(PretrainedConfig):
     model_type = "nemotron-nas"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

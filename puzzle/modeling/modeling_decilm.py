@@ -10,6 +10,10 @@ type), Qwen2 q/k/v bias, Qwen3 per-head q/k RMSNorm, Mistral/Qwen2 sliding windo
 
 This file is copied into every puzzle checkpoint and loaded with `trust_remote_code=True` where puzzle is
 not installed, so it imports only torch and public transformers APIs (transformers >= 5.17).
+
+The generation cache has had two names: `past_key_values` (transformers <= 5.19) and `cache` (5.20 on,
+where `generate` passes only `cache` and model outputs carry a `cache` field). The models take either name
+and return the cache under the installed release's field name (`_with_cache`).
 """
 
 import torch
@@ -22,6 +26,21 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from .configuration_decilm import DeciLMConfig
+
+# The name of the cache field of model outputs in the installed transformers ("cache" from 5.20 on).
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _given_cache(cache, past_key_values):
+    """The cache a caller passed, under either name (`generate` of transformers >= 5.20 passes `cache`)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once, as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
+def _with_cache(output_cls, cache, **fields):
+    """A model output holding `cache` under the field name of the installed transformers release."""
+    return output_cls(**{_CACHE_FIELD: cache}, **fields)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,7 +351,7 @@ class DeciLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeciLMDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     @classmethod
@@ -363,17 +382,22 @@ class DeciLMModel(DeciLMPreTrainedModel):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         use_cache=None,
         output_hidden_states=None,
+        past_key_values=None,
         **kwargs,
     ):
-        """`hidden_states` (when asked) are the embeddings and each layer's output, all before the final norm."""
+        """`hidden_states` (when asked) are the embeddings and each layer's output, all before the final norm.
+
+        The KV cache comes as `cache` or, from older callers, `past_key_values`.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        past_key_values = _given_cache(cache, past_key_values)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and past_key_values is None:
             past_key_values = DeciLMCache(self.config)
@@ -404,9 +428,10 @@ class DeciLMModel(DeciLMPreTrainedModel):
         if isinstance(past_key_values, DeciLMCache):
             past_key_values.tokens_seen += q_len
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(
+        return _with_cache(
+            BaseModelOutputWithPast,
+            past_key_values,
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
         )
 
@@ -438,20 +463,21 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
         output_hidden_states=None,
         logits_to_keep=0,
         return_dict=None,
+        past_key_values=None,
         **kwargs,
     ):
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_given_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -462,10 +488,11 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return _with_cache(
+            CausalLMOutputWithPast,
+            getattr(outputs, _CACHE_FIELD),
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
         )
 
