@@ -312,6 +312,25 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def remote_code_allowed(path: Path, trust_remote_code: bool = False) -> bool:
+    """`trust_remote_code` for loading the folder with transformers' Auto classes: False when its config needs
+    no code of its own; True when that code is puzzle's own modeling files (byte for byte) or the user opted
+    in; otherwise an InputError that asks for the opt-in (`--trust-remote-code`), as transformers does."""
+    path = Path(path)
+    auto_map = read_config(path).get("auto_map")
+    if not auto_map:
+        return False
+    if trust_remote_code:
+        return True
+    ours = set(auto_map.values()) <= set(AUTO_MAP.values()) and all(
+        (path / name).is_file() and (path / name).read_bytes() == (MODELING_DIR / name).read_bytes()
+        for name in MODELING_FILES)
+    if not ours:
+        raise InputError(f"{path}: config.json's auto_map runs code shipped in the folder that is not this puzzle "
+                         "version's modeling code; pass --trust-remote-code if you trust it")
+    return True
+
+
 def load_model(path: Path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu") -> DeciLMForCausalLM:
     """Load any model folder puzzle reads as a DeciLMForCausalLM (eval mode); `dtype=None` keeps the stored dtype."""
     path = Path(path)

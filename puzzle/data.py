@@ -359,6 +359,22 @@ def _separator_id(tokenizer: Any) -> int:
     )
 
 
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False) -> Any:
+    """The fast tokenizer of a model folder. Code shipped with it runs only when the user opted in
+    (`--trust-remote-code`), as in transformers; a folder without a usable tokenizer is one clear error."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise InputError(f"{folder}: its tokenizer runs code shipped with it; pass --trust-remote-code "
+                             "(trust_remote_code: true) if you trust that code") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{folder}: no usable tokenizer ({first}); copy the parent's tokenizer files into it") from None
+
+
 def default_cache_dir() -> Path:
     """`$PUZZLE_CACHE_DIR/tokens`, else `~/.cache/puzzle/tokens`."""
     base = os.environ.get("PUZZLE_CACHE_DIR")

@@ -1,8 +1,9 @@
 """Evaluation with lm-evaluation-harness: `puzzle eval` and the quality numbers of the report (issue 9).
 
 DESIGN.md section 4 (`puzzle eval CKPT --tasks TASKS`). Models run through lm-eval's Hugging Face backend
-(`HFLM`, `trust_remote_code=True`), so a puzzle checkpoint is evaluated exactly as a user loads it: through the
-modeling files inside the folder, with no puzzle import. Plain HF parents run the same way.
+(`HFLM`), so a puzzle checkpoint is evaluated exactly as a user loads it: through the modeling files inside
+the folder, with no puzzle import. Plain HF parents run the same way. Code in a folder runs without asking only
+when it is this puzzle version's own modeling code; anything else needs `trust_remote_code` (the user's opt-in).
 
 Tasks are lm-eval task YAMLs reading local JSON/JSONL files (`dataset_path: json`, `dataset_kwargs.data_files`).
 lm-eval hands relative data paths to `datasets`, which resolves them against the working directory; here they
@@ -30,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from puzzle.checkpoint import fingerprint, read_config, read_json, write_json_atomic
+from puzzle.checkpoint import fingerprint, read_config, read_json, remote_code_allowed, write_json_atomic
 from puzzle.errors import ConfigError, InputError
 from puzzle.eval_tasks import SHIPPED_TASKS_DIR
 from puzzle.progress import log
@@ -56,6 +57,8 @@ class EvalConfig:
     # Bootstrap resamples for the stderr of non-mean metrics (perplexities); lm-eval's 100000 takes minutes.
     bootstrap_iters: int = 1000
     write: bool = True  # write CKPT/eval/results.json
+    # Run code shipped in a model folder that is not this puzzle version's own modeling code (user's opt-in).
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_length"):
@@ -351,19 +354,21 @@ def _device(requested: str) -> str:
     return requested
 
 
-def _check_model_folder(ckpt: Path) -> None:
+def _check_model_folder(ckpt: Path, cfg: EvalConfig) -> None:
     read_config(ckpt)  # a missing folder or config.json is one clear error
+    remote_code_allowed(ckpt, cfg.trust_remote_code)  # code that is not puzzle's needs the user's opt-in
     if not any((ckpt / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(f"{ckpt}: no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the parent's tokenizer files into it")
 
 
 def _open_model(ckpt: Path, cfg: EvalConfig, device: str) -> Any:
-    """lm-eval's HF model over the folder, loaded as users load it (trust_remote_code, the folder's own code)."""
+    """lm-eval's HF model over the folder, loaded as users load it (the folder's own code)."""
     from lm_eval.models.huggingface import HFLM
 
+    trust = remote_code_allowed(ckpt, cfg.trust_remote_code)
     try:
         return HFLM(
-            pretrained=str(ckpt), backend="causal", trust_remote_code=True, device=device, dtype=cfg.dtype,
+            pretrained=str(ckpt), backend="causal", trust_remote_code=trust, device=device, dtype=cfg.dtype,
             batch_size=cfg.batch_size, max_length=cfg.max_length,
         )
     except (OSError, ValueError) as err:
@@ -420,7 +425,7 @@ def evaluate(ckpt: Path, tasks: TaskNames | TaskSet, cfg: EvalConfig = EvalConfi
     import torch
 
     ckpt = Path(ckpt)
-    _check_model_folder(ckpt)  # before the tasks' data is read
+    _check_model_folder(ckpt, cfg)  # before the tasks' data is read
     device = _device(cfg.device)
     taskset = tasks if isinstance(tasks, TaskSet) else load_tasks(tasks)
     log(f"evaluating {ckpt} on {', '.join(taskset.names)} ({device})")
@@ -447,6 +452,6 @@ def evaluate_many(models: dict[str, Path], tasks: TaskNames | TaskSet,
                   cfg: EvalConfig = EvalConfig()) -> dict[str, EvalResult]:
     """Evaluate several models on the same tasks (built once); {name: result}, in the order given."""
     for path in models.values():
-        _check_model_folder(Path(path))  # fail before hours of evaluation, not after
+        _check_model_folder(Path(path), cfg)  # fail before hours of evaluation, not after
     taskset = tasks if isinstance(tasks, TaskSet) else load_tasks(tasks)
     return {name: evaluate(Path(path), taskset, cfg) for name, path in models.items()}

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from puzzle.arch import Architecture, FFNConfig
 from puzzle.checkpoint import decilm_config, load_architecture, load_model, save_model
 from puzzle.config import from_mapping, to_mapping
-from puzzle.data import DataConfig, TokenData, load_token_data
+from puzzle.data import DataConfig, TokenData, load_token_data, load_tokenizer
 from puzzle.distill.activations import logits_from_hidden, run_layers
 from puzzle.distill.losses import cosine_distance, kl_per_token
 from puzzle.errors import ConfigError, InputError, OutputExistsError
@@ -68,6 +68,7 @@ class FusionConfig:
     batch_size: int = 8
     distill_tokens: int = 0  # > 0: short KD from the unfused model afterwards (puzzle.distill.gkd)
     device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
+    trust_remote_code: bool = False  # run code shipped with the checkpoint's tokenizer (user's opt-in)
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):
@@ -431,7 +432,7 @@ def fuse_ffn(
     model = data = None
     if out is not None or cfg.threshold is not None:  # a dry run without calibration reads no weights
         model = load_model(ckpt, dtype=None, device=device_for(Shard(), cfg.device)).requires_grad_(False)
-        data = _token_data(ckpt, cfg.data) if cfg.data is not None else None
+        data = load_token_data(cfg.data, load_tokenizer(ckpt, cfg.trust_remote_code)) if cfg.data is not None else None
     plans, tokens = _plan(model, runs, data, cfg)
     after, cost = fused_architecture(arch, [g for p in plans for g in p.fused]), DecodeCostModel()
     report = FusionReport(
@@ -525,7 +526,7 @@ def _distill(fused: Path, ckpt: Path, out: Path, report: FusionReport, cfg: Fusi
     gkd = GKDConfig(
         tokens=cfg.distill_tokens, batch_size=cfg.batch_size, eval_tokens=cfg.eval_tokens or GKDConfig.eval_tokens,
         layer_map=tuple(-1 if i in inside else i for i in range(layers)),
-        device=cfg.device,
+        device=cfg.device, trust_remote_code=cfg.trust_remote_code,
     )
     result = run_gkd(fused, ckpt, cfg.data, out, gkd, overwrite=overwrite, info={"stage": "fuse-ffn"})
     a = result.after
@@ -533,11 +534,3 @@ def _distill(fused: Path, ckpt: Path, out: Path, report: FusionReport, cfg: Fusi
     return replace(report, distill_tokens=result.tokens, quality_distilled=distilled)
 
 
-def _token_data(ckpt: Path, cfg: DataConfig) -> TokenData:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=True)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{ckpt}: no usable tokenizer ({err}); calibration needs the checkpoint's tokenizer files") from None
-    return load_token_data(cfg, tokenizer)

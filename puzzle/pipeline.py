@@ -23,7 +23,7 @@ from puzzle.blocks.library import CalibrationConfig, Manifest, build_library, ch
 from puzzle.blocks.space import SearchSpace
 from puzzle.checkpoint import convert, fingerprint, load_architecture, load_model, read_json, write_json_atomic
 from puzzle.config import deep_merge, from_mapping, read_yaml, to_mapping, write_yaml
-from puzzle.data import DataConfig, load_token_data
+from puzzle.data import DataConfig, load_token_data, load_tokenizer
 from puzzle.distill.bld import NEUTRAL_FIELDS as BLD_NEUTRAL_FIELDS
 from puzzle.distill.bld import (BLDConfig, load_unit, parent_activations, pending_units, plan_parent_activations,
                                 train_units, unit_path, worker_share)
@@ -128,13 +128,7 @@ class Search:
         if self._data is None:
             if self.cfg.data is None:
                 raise ConfigError("no data: give --data PATH or a `data:` section in the config")
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(self.paths.parent, trust_remote_code=True)
-            except (OSError, ValueError) as err:
-                raise StageError(f"{self.paths.parent}: no usable tokenizer ({err}); the parent folder needs one") from None
-            self._data = load_token_data(self.cfg.data, tokenizer)
+            self._data = load_token_data(self.cfg.data, load_tokenizer(self.paths.parent))
         return self._data
 
     # -- stage records -----------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ def child_state(parent: DeciLMForCausalLM, arch: Architecture, blocks: tuple[Blo
         layer = {k: v for k, v in parent_state.items() if k.startswith(prefix)}
         coupled = manifest.candidates_of(i, "block")
         if coupled and block != parent_block:
-            state |= load_file(unit_path(paths, _find(manifest, i, "block", block)))
+            unit = _find(manifest, i, "block", block)
+            if unit.trainable:  # a no-op + no-op layer has no weights and no unit file
+                state |= load_file(unit_path(paths, unit))
             continue
         for kind, mine, theirs, keys in (("attention", block.attention, parent_block.attention, ("self_attn.", "input_layernorm.")),
                                          ("ffn", block.ffn, parent_block.ffn, ("mlp.", "post_attention_layernorm."))):

@@ -124,3 +124,18 @@ def tiny_parent_with_tokenizer(root: Path, layers: int = 4, seed: int = 0) -> tu
     model.save_pretrained(root / "parent")
     tokenizer.save_pretrained(root / "parent")
     return root / "parent", corpus
+
+
+def add_custom_tokenizer_code(folder: Path, marker: Path) -> Path:
+    """Make `folder`'s tokenizer one that runs code shipped in the folder (`auto_map`), as hub repositories with
+    custom tokenizers do; importing that code creates `marker`, so a test sees whether it ran."""
+    import json
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]}
+    config["tokenizer_class"] = "CustomTokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "tokenization_custom.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    return folder

@@ -358,3 +358,26 @@ def test_slow_tokenizer_rejected(tmp_path):
 
     with pytest.raises(InputError, match="not a fast tokenizer"):
         load_token_data(_cfg(_corpus(tmp_path, n=12)), Slow(), cache_dir=tmp_path / "cache")
+
+
+def test_a_tokenizer_that_ships_code_runs_it_only_when_the_user_opts_in(tmp_path):
+    from factories import add_custom_tokenizer_code, tiny_parent_with_tokenizer
+    from puzzle.data import load_tokenizer
+
+    parent, _ = tiny_parent_with_tokenizer(tmp_path, layers=1)
+    marker = tmp_path / "code-ran"
+    add_custom_tokenizer_code(parent, marker)
+    with pytest.raises(InputError, match="--trust-remote-code"):
+        load_tokenizer(parent)
+    assert not marker.exists()
+    assert type(load_tokenizer(parent, trust_remote_code=True)).__name__ == "CustomTokenizer"
+    assert marker.exists()
+
+
+def test_a_folder_without_a_tokenizer_is_one_clear_error(tmp_path):
+    from puzzle.data import load_tokenizer
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(InputError, match="no usable tokenizer"):
+        load_tokenizer(tmp_path / "model")

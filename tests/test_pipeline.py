@@ -204,3 +204,37 @@ def test_bf16_parent_runs_every_stage(tmp_path):
     report = json.loads((search.paths.root / "report.json").read_text())
     assert [c["name"] for c in report["children"]] == ["fast"]
     assert 0 <= report["children"][0]["kl"] < 1  # measured, finite
+
+
+def test_coupled_search_runs_end_to_end_and_realizes_an_empty_layer(tmp_path):
+    """Coupled mode trains whole (attention, FFN) pairs; a no-op + no-op layer has no unit and no weights."""
+    from puzzle.arch import AttentionConfig, BlockConfig, FFNConfig
+    from puzzle.blocks.subblock import SubBlock
+    from puzzle.realize import realize
+
+    parent_dir, corpus = tiny_run_inputs(tmp_path / "inputs", layers=2)
+    space = {"mode": "coupled", "attention": {"kv_heads": [2], "windows": [], "linear": False},
+             "ffn": {"fractions": [0.5], "multiple": 32, "linear": False}}
+    config = tiny_search_config(corpus, space=space, **{**FAST, "solve": {"targets": [{"name": "fast", "throughput": "1.3x"}],
+                                                                          "sweep": [1.2]}})
+    search = run_search(tmp_path / "run", parent=parent_dir, config=write_config(tmp_path / "c.yaml", config))
+    paths = search.paths
+    manifest = Manifest.load(paths.manifest)
+    assert {c.kind for c in manifest.candidates} == {"block"}
+    assert len(manifest.units) == 2 * (3 * 3 - 2)  # per layer: 3 x 3 pairs less the parent's and no-op + no-op
+    assert load_model(paths.children / "fast") is not None
+    assert json.loads((paths.root / "report.json").read_text())["children"][0]["name"] == "fast"
+
+    empty = BlockConfig(attention=AttentionConfig(no_op=True), ffn=FFNConfig(no_op=True))
+    trained = next(c for c in manifest.candidates_of(1, "block") if c.trainable)
+    plan = dataclasses.replace(ChildPlan.load(paths.solutions / "fast.json"), name="empty0", blocks=(empty, trained.variant))
+    parent, arch = load_model(paths.parent), load_architecture(paths.parent)
+    child_dir = realize(plan, parent, arch, manifest, paths)
+    child = load_model(child_dir)
+    assert not any(k.startswith("model.layers.0.") for k in child.state_dict())
+    replace = {0: {"block": SubBlock(parent.config, "block", empty)},
+               1: {"block": load_unit(unit_path(paths, trained), trained, parent.config)}}
+    ids = torch.randint(0, parent.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        hidden, _ = run_layers(parent, ids, replace=replace)
+        torch.testing.assert_close(child(ids).logits, logits_from_hidden(parent, hidden), atol=1e-5, rtol=1e-5)

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from puzzle.cli.options import Device, ModelDir, Overwrite
+from puzzle.cli.options import Device, ModelDir, Overwrite, TrustRemoteCode
 from puzzle.cli.output import console, done
 
 _Int = lambda flag, text: Annotated[Optional[int], typer.Option(flag, min=1, help=text, show_default=False)]  # noqa: E731
@@ -36,6 +36,7 @@ def distill_command(
     device: Device = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML with `gkd` and `data` sections; flags override it.")] = None,
     overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Distil CHILD from its parent: KL on next-token distributions plus per-layer cosine distance.
 
@@ -50,7 +51,8 @@ def distill_command(
 
     options = dict(tokens=tokens, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                    temperature=temperature, cosine_weight=cosine_weight, checkpoint_every=checkpoint_every,
-                   eval_tokens=eval_tokens, fsdp=fsdp, device=device)
+                   eval_tokens=eval_tokens, fsdp=fsdp, device=device,
+                   trust_remote_code=trust_remote_code or None)
     cfg, data_cfg = load_gkd_settings(config, options, {"paths": [str(p) for p in data] if data else None})
     result = run_gkd(child, teacher, data_cfg, out, cfg, overwrite=overwrite,
                      info={"command": shlex.join(["puzzle", *sys.argv[1:]])})

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from puzzle.cli.options import Device, JsonOutput
+from puzzle.cli.options import Device, JsonOutput, TrustRemoteCode
 from puzzle.cli.output import console, done
 
 Tasks = Annotated[Optional[str], typer.Option("--tasks", "-t", help="Shipped task names, comma-separated (puzzle_stdlib_next_line,puzzle_stdlib_ppl), or a folder / YAML file of your own lm-eval tasks.", show_default=False)]
@@ -30,6 +30,7 @@ def eval_command(
     no_write: Annotated[bool, typer.Option("--no-write", help="Do not write a results file.")] = False,
     make_tasks: MakeTasks = False,
     as_json: JsonOutput = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Evaluate a checkpoint with lm-evaluation-harness on local task files, fully offline.
 
@@ -56,7 +57,7 @@ def eval_command(
 
     count = int(limit) if limit is not None and limit >= 1 else limit
     cfg = EvalConfig(batch_size=batch_size, limit=count, device=device or "auto", dtype=dtype, max_length=max_length,
-                     num_fewshot=num_fewshot, write=not no_write)
+                     num_fewshot=num_fewshot, write=not no_write, trust_remote_code=trust_remote_code)
     result = evaluate(path, tasks, cfg, out=out)
     if as_json:
         console.print_json(json.dumps(result.to_dict()))

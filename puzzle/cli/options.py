@@ -14,4 +14,5 @@ ModelDir = Annotated[Path, typer.Argument(help="Model folder: a puzzle checkpoin
 OutDir = Annotated[Path, typer.Argument(help="Output folder (must not exist unless --overwrite).", show_default=False)]
 Workers = Annotated[int, typer.Option("--workers", min=1, help="Parallel workers for BLD (processes, GPUs or Slurm tasks).")]
 Launcher = Annotated[str, typer.Option("--launcher", help="How workers start: local, torchrun or slurm.")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped in the model folder (a custom tokenizer or model class), as transformers' trust_remote_code; only for folders you trust.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, or auto (default: cuda when available).")]

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 import uuid
@@ -40,9 +41,10 @@ from puzzle.blocks.subblock import Rotary, SubBlock
 from puzzle.distill.activations import LayerIO
 from puzzle.distill.losses import normalized_mse
 from puzzle.distill.parent_cache import DiskActivations, RecomputedActivations, cache_key, shard_bytes
-from puzzle.errors import ConfigError
+from puzzle.checkpoint import decilm_config, normalized_config, safetensors_keys
+from puzzle.errors import ConfigError, InputError
 from puzzle.jobs import Shard, my_share
-from puzzle.progress import track
+from puzzle.progress import log, track
 from puzzle.run import RunPaths
 
 
@@ -105,6 +107,33 @@ def write_unit(path: Path, block: SubBlock, layer: int, result: UnitResult) -> N
     state = {k: v.detach().contiguous().cpu() for k, v in block.checkpoint_state(layer).items()}
     save_file(state, tmp, metadata={"puzzle_unit": json.dumps(asdict(result))})
     os.replace(tmp, path)
+
+
+def expected_unit_tensors(c: Candidate, parent_config) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes a finished unit file of `c` holds (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        block = SubBlock(parent_config, c.kind, c.variant)
+    return {k: tuple(v.shape) for k, v in block.checkpoint_state(c.layer).items()}
+
+
+def unit_problem(path: Path, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why the unit file at `path` is not a finished unit (None: it is): missing, truncated, corrupt, or
+    holding other tensors than the candidate's."""
+    if not path.is_file():
+        return "missing"
+    try:
+        safetensors_keys(path)  # header, declared sizes against the file size
+        with safe_open(path, framework="pt") as f:
+            UnitResult(**json.loads((f.metadata() or {})["puzzle_unit"]))
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except InputError as err:
+        return str(err).removeprefix(f"{path}: ")
+    except Exception as err:  # unreadable metadata of any kind: the file is not a finished unit
+        return f"no readable result in its metadata ({type(err).__name__}: {err})"
+    if found != expected:
+        wrong = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+        return f"its tensors do not match the candidate (e.g. {wrong[0]})"
+    return None
 
 
 def read_unit_result(path: Path) -> UnitResult:
@@ -295,6 +324,22 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _load_progress(checkpoint: Path, device: torch.device) -> dict | None:
+    """A running group's checkpoint, read as tensors and numbers only (never unpickling code); one that
+    cannot be read that way is set aside (`*.pt.unreadable`) and the group starts over."""
+    if not checkpoint.exists():
+        return None
+    try:
+        return torch.load(checkpoint, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        aside = checkpoint.with_name(checkpoint.name + ".unreadable")
+        os.replace(checkpoint, aside)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        log(f"[yellow]bld[/]: {checkpoint} cannot be read as plain tensors ({first[:200]}); moved to {aside.name}, "
+            "the group starts over")
+        return None
+
+
 def train_steps(cfg: BLDConfig, seq_len: int) -> int:
     return max(1, math.ceil(cfg.tokens_per_unit / (cfg.batch_size * seq_len)))
 
@@ -320,8 +365,8 @@ def train_group(units: list[Candidate], parent, arch: Architecture, paths: RunPa
     held_out = [b.to(device) for b in eval_batches(data, cfg)]
     checkpoint = paths.progress / f"{_group_key(units, cfg, str(data.cache_path))}.pt"
     start, seconds = 0, 0.0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    state = _load_progress(checkpoint, device)
+    if state is not None:
         group.load(state)
         start, loss_init, seconds = state["step"], state["loss_init"], state["seconds"]
     else:
@@ -355,15 +400,39 @@ def train_group(units: list[Candidate], parent, arch: Architecture, paths: RunPa
     return results
 
 
+_reported_bad_units: set[tuple[Path, int]] = set()  # (file, mtime): each bad file is logged once per process
+
+
 def pending_units(manifest: Manifest, paths: RunPaths, units: list[Candidate] | None = None) -> list[Candidate]:
-    units = manifest.units if units is None else units
-    return [u for u in units if not unit_path(paths, u).exists()]
+    """The manifest's units (or the given ones) that still need training (`unfinished`)."""
+    return unfinished(paths, manifest.units if units is None else units)
+
+
+def unfinished(paths: RunPaths, units: list[Candidate]) -> list[Candidate]:
+    """The units without a valid finished file: missing ones, and files that are truncated, corrupt or hold
+    other tensors (those are logged once and retrained; the retrained unit replaces the file atomically)."""
+    config = decilm_config(normalized_config(paths.parent)) if units else None
+    pending = []
+    for u in units:
+        path = unit_path(paths, u)
+        if not path.exists():
+            pending.append(u)
+            continue
+        problem = unit_problem(path, expected_unit_tensors(u, config))
+        if problem is not None:
+            pending.append(u)
+            key = (path, path.stat().st_mtime_ns)
+            if key not in _reported_bad_units:
+                _reported_bad_units.add(key)
+                log(f"[yellow]bld[/]: {path} is not a finished unit ({problem}); it will be retrained")
+    return pending
 
 
 def train_units(units: list[Candidate], parent, arch: Architecture, paths: RunPaths, data, cfg: BLDConfig,
                 device: torch.device, worker: str = "0/1", source=None) -> list[UnitResult]:
     """Train the given units (skipping finished ones), group by group."""
-    todo = [u for u in units if not unit_path(paths, u).exists()]
+    pending = {u.unit_id for u in unfinished(paths, units)}
+    todo = [u for u in units if u.unit_id in pending]
     results = []
     for group in plan_groups(todo, arch, cfg.max_group_params):
         results += train_group(group, parent, arch, paths, data, cfg, device, worker, source)

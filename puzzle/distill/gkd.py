@@ -36,7 +36,7 @@ from puzzle.checkpoint import (
     normalized_config, read_json, write_json_atomic,
 )
 from puzzle.config import deep_merge, from_mapping, read_yaml, to_mapping
-from puzzle.data import DataConfig, load_token_data
+from puzzle.data import DataConfig, load_token_data, load_tokenizer
 from puzzle.distill.gkd_loss import METRIC_NAMES, GKDLoss, held_out_sums
 from puzzle.distill.gkd_state import STATE_DIR, TrainingState
 from puzzle.errors import ConfigError, InputError, OutputExistsError
@@ -73,6 +73,7 @@ class GKDConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU of this process when there is one
     fsdp: bool = False  # shard the student over the processes (FSDP2) instead of replicating it (DDP)
+    trust_remote_code: bool = False  # run code shipped with the tokenizer (user's opt-in)
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "grad_accum", "checkpoint_every", "eval_tokens", "logits_chunk"):
@@ -331,11 +332,9 @@ class _Recipe:
         self.model = Distilled(student, loss, self.teacher.lm_head)
 
     def _setup_data(self) -> None:
-        from transformers import AutoTokenizer
-
         cfg, acc = self.cfg, self.acc
         with acc.main_process_first():  # one process tokenizes; the others read its cache
-            self.data = load_token_data(self.data_cfg, AutoTokenizer.from_pretrained(self.tokenizer_dir, trust_remote_code=True))
+            self.data = load_token_data(self.data_cfg, load_tokenizer(self.tokenizer_dir, cfg.trust_remote_code))
         self.global_batch = cfg.batch_size * self.world * cfg.grad_accum
         self.steps = max(1, math.ceil(cfg.tokens / (self.global_batch * self.seq_len)))
         eval_tokens = max(cfg.eval_tokens, self.seq_len)
@@ -348,14 +347,14 @@ class _Recipe:
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # norms never decay (nanoGPT)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-        # Not prepared: accelerate would step a prepared scheduler once per process.
+        # Not prepared: accelerate would step a prepared scheduler once per process. Not registered for
+        # accelerate's checkpoints either (that state is a pickle): `TrainingState` keeps it as JSON.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(self.steps, cfg.warmup_fraction, cfg.min_lr_fraction))
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)  # one call: FSDP2 remaps the params
-        self.acc.register_for_checkpointing(self.scheduler)
 
     def _setup_state(self) -> None:
-        settings = {k: v for k, v in to_mapping(self.cfg).items() if k != "checkpoint_every"}
+        settings = {k: v for k, v in to_mapping(self.cfg).items() if k not in ("checkpoint_every", "trust_remote_code")}
         key = json.dumps({"gkd": settings, "student": fingerprint(self.student_dir),
                           "teacher": fingerprint(self.teacher_dir), "data": str(self.data.cache_path),
                           "seq_len": self.seq_len, "world": self.world, "precision": self.precision}, sort_keys=True)
@@ -368,6 +367,7 @@ class _Recipe:
             self.start_step, self.seconds, self.before = 0, 0.0, self.evaluate()
             return
         self.state.load(resume)
+        self.scheduler.load_state_dict(resume.scheduler)
         self.start_step, self.seconds, self.before = resume.step, resume.seconds, HeldOutMetrics(**resume.before)
         if self.acc.is_main_process:
             log(f"resuming GKD at step {resume.step} of {self.steps} from {self.state.root}")
@@ -435,7 +435,7 @@ class _Recipe:
                             tok_s=round((done - self.start_step) * tokens_per_step / max(elapsed, 1e-9)))
                 if done % cfg.checkpoint_every == 0 and done < self.steps:
                     paused = time.perf_counter()
-                    self.state.save(done, self.seconds + paused - began, asdict(self.before))
+                    self.state.save(done, self.seconds + paused - began, asdict(self.before), self.scheduler.state_dict())
                     began += time.perf_counter() - paused  # checkpoint time is not training time
             self.seconds += time.perf_counter() - began
         self.resumed_from = self.start_step

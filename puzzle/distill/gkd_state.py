@@ -1,8 +1,8 @@
 """The resumable state of a GKD run: `OUT/.gkd_state/`, replaced atomically every `checkpoint_every` steps.
 
 A checkpoint is a complete folder `step-NNNNNNNNN/` written by accelerate's `save_state` (model, optimizer,
-the registered LR scheduler, the RNG of every process; sharded under FSDP), made current only afterwards by
-rewriting `latest.json` through a rename; older folders are removed after that. A run killed at any moment
+the RNG of every process; sharded under FSDP), made current only afterwards by rewriting `latest.json`
+through a rename; `latest.json` holds the LR scheduler's state (plain numbers, so no pickle is ever loaded); older folders are removed after that. A run killed at any moment
 finds the previous checkpoint or the new one, never half of one. `latest.json` also carries the run's
 `key` (a hash of everything the result depends on), so a different run never resumes from this state.
 With several processes OUT must be on a file system they all see.
@@ -20,7 +20,7 @@ from puzzle.errors import StageError
 from puzzle.progress import log
 
 STATE_DIR = ".gkd_state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the LR scheduler's state is in latest.json, not a pickle
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +32,7 @@ class Resume:
     folder: str  # the step-* folder holding the tensors
     seconds: float  # training time so far (evaluation and checkpoints excluded)
     before: dict[str, Any]  # held-out metrics of the student before training (HeldOutMetrics fields)
+    scheduler: dict[str, Any]  # the LR scheduler's state_dict (numbers and lists only)
     version: int = STATE_VERSION
 
 
@@ -64,7 +65,7 @@ class TrainingState:
     def load(self, resume: Resume) -> None:
         self.accelerator.load_state(str(self.root / resume.folder))
 
-    def save(self, step: int, seconds: float, before: dict[str, Any]) -> None:
+    def save(self, step: int, seconds: float, before: dict[str, Any], scheduler: dict[str, Any]) -> None:
         """Write a checkpoint after `step` optimizer steps (every process calls this)."""
         acc = self.accelerator
         folder = f"step-{step:09d}"
@@ -74,7 +75,7 @@ class TrainingState:
         acc.save_state(str(self.root / folder))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            resume = Resume(key=self.key, step=step, folder=folder, seconds=seconds, before=before)
+            resume = Resume(key=self.key, step=step, folder=folder, seconds=seconds, before=before, scheduler=scheduler)
             write_json_atomic(self.root / "latest.json", asdict(resume))  # the commit point
             self._keep_only(folder)
         acc.wait_for_everyone()

@@ -51,6 +51,7 @@ class PruneConfig:
     # auto: a plain LlamaForCausalLM folder when every layer is the same Llama layer, else DeciLM.
     output_format: Literal["auto", "decilm", "plain"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False  # run code shipped with the checkpoint's tokenizer (user's opt-in)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "heads", "kv_heads"):

@@ -20,7 +20,7 @@ import torch
 from puzzle.arch import Architecture
 from puzzle.checkpoint import atomic_output_dir, finish_checkpoint_dir, load_model, normalized_config, read_json, save_model
 from puzzle.config import to_mapping
-from puzzle.data import TokenData, load_token_data
+from puzzle.data import TokenData, load_token_data, load_tokenizer
 from puzzle.errors import ConfigError, InputError, OutputExistsError
 from puzzle.jobs import Shard, device_for
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
@@ -45,7 +45,7 @@ def prune(ckpt: Path, out: Path, cfg: PruneConfig = PruneConfig(), *, overwrite:
     ckpt, out = Path(ckpt), Path(out)
     config, arch = _check_request(ckpt, out, cfg, overwrite)
     parent = load_model(ckpt, dtype=None, device=device_for(Shard(), cfg.device)).requires_grad_(False)
-    data = _token_data(ckpt, cfg.data) if cfg.data is not None else None
+    data = load_token_data(cfg.data, load_tokenizer(ckpt, cfg.trust_remote_code)) if cfg.data is not None else None
     importance = _importance(parent, arch, cfg, data)
     plan = make_plan(arch, cfg, importance)
     child = apply_plan(parent, plan)
@@ -97,14 +97,6 @@ def _check_request(ckpt: Path, out: Path, cfg: PruneConfig, overwrite: bool) -> 
     return config, arch
 
 
-def _token_data(ckpt: Path, data_cfg) -> TokenData:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=True)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{ckpt}: no usable tokenizer ({err}); calibration needs the checkpoint's tokenizer files") from None
-    return load_token_data(data_cfg, tokenizer)
 
 
 def _importance(model: DeciLMForCausalLM, arch: Architecture, cfg: PruneConfig, data: TokenData | None) -> Importance:
@@ -164,7 +156,7 @@ def _distill_and_write(child: DeciLMForCausalLM, ckpt: Path, result: PruneResult
     staging, trained = out.with_name(f".{out.name}.pruned"), out.with_name(f".{out.name}.kd")
     save_model(child, staging, source=ckpt, overwrite=True, info={**details, "prune": result.to_dict()})
     del child  # GKD loads its own student and teacher
-    gkd = cfg.distill
+    gkd = replace(cfg.distill, trust_remote_code=cfg.trust_remote_code)
     if gkd.cosine_weight > 0 and gkd.layer_map is None:  # hidden states are compared layer by kept layer
         gkd = replace(gkd, layer_map=result.kept_layers)
     kd = run_gkd(staging, ckpt, cfg.data, trained, gkd, overwrite=True, info=details)

@@ -83,3 +83,36 @@ def test_help_lists_only_working_commands(capsys):
 def test_usage_error_exits_nonzero(capsys):
     assert cli.run(["convert"]) == 2
     assert "Missing argument" in capsys.readouterr().err
+
+
+def test_prune_does_not_run_a_folders_tokenizer_code_unless_asked(tmp_path):
+    from factories import add_custom_tokenizer_code, tiny_parent_with_tokenizer
+
+    parent, corpus = tiny_parent_with_tokenizer(tmp_path / "inputs", layers=2)
+    marker = tmp_path / "code-ran"
+    add_custom_tokenizer_code(parent, marker)
+    run = puzzle("prune", parent, tmp_path / "pruned", "--data", corpus, "--drop-layers", "1")
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode != 0 and len(errors) == 1 and "--trust-remote-code" in errors[0], run.stderr
+    assert "Traceback" not in run.stderr and not marker.exists()
+    run = puzzle("prune", parent, tmp_path / "pruned", "--data", corpus, "--drop-layers", "1", "--trust-remote-code",
+                 "--eval-tokens", "0", "--calibration-tokens", "512")
+    assert run.returncode == 0, run.stderr
+    assert marker.exists()
+
+
+def test_eval_runs_puzzles_own_modeling_code_but_not_other_code_in_a_folder(tmp_path):
+    from puzzle import checkpoint
+    from puzzle.errors import InputError
+
+    hf_parent("llama", tmp_path / "hf")
+    checkpoint.convert(tmp_path / "hf", tmp_path / "ours")
+    assert checkpoint.remote_code_allowed(tmp_path / "ours") is True  # this puzzle's own modeling files
+    assert checkpoint.remote_code_allowed(tmp_path / "hf") is False  # no code of its own needed
+    modeling = tmp_path / "ours" / "modeling_decilm.py"
+    modeling.write_text(modeling.read_text() + "\nimport os  # edited\n")
+    with pytest.raises(InputError, match="--trust-remote-code"):
+        checkpoint.remote_code_allowed(tmp_path / "ours")
+    assert checkpoint.remote_code_allowed(tmp_path / "ours", trust_remote_code=True) is True
+    run = puzzle("eval", tmp_path / "ours", "--tasks", "puzzle_stdlib_ppl", "--limit", "2", "--no-write")
+    assert run.returncode != 0 and "--trust-remote-code" in run.stderr and "Traceback" not in run.stderr

@@ -161,3 +161,57 @@ def test_auto_caches_the_parent_only_when_its_forward_would_be_repeated(tmp_path
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
     with pytest.raises(ConfigError, match="parent_activations: recompute"):
         plan(2)  # no silent switch to recomputing: the workers must agree on the split
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded: what a tampered progress checkpoint could hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "ran"))
+
+
+def test_a_progress_checkpoint_is_read_as_tensors_only_never_unpickled_as_code(tmp_path):
+    from puzzle.distill.bld import _group_key, plan_groups
+
+    search = _library(tmp_path, "run", bld={"tokens_per_unit": 4096})
+    cfg, arch = search.cfg.bld, load_architecture(search.paths.parent)
+    marker = tmp_path / "code-ran"
+    search.paths.progress.mkdir(parents=True, exist_ok=True)
+    for group in plan_groups(search.manifest().units, arch, cfg.max_group_params):
+        torch.save({"step": 1, "payload": _RunsCode(marker)},
+                   search.paths.progress / f"{_group_key(group, cfg, str(search.data().cache_path))}.pt")
+    run_bld(search.paths.root)
+    assert not marker.exists()
+    assert all(unit_path(search.paths, u).exists() for u in search.manifest().units)
+    assert list(search.paths.progress.glob("*.pt.unreadable"))  # set aside, not deleted
+
+
+def test_truncated_or_foreign_unit_files_are_retrained_and_the_log_says_so(tmp_path, monkeypatch, capsys):
+    from puzzle.distill.bld import pending_units
+
+    search = _library(tmp_path, "run", bld={"tokens_per_unit": 4096})
+    run_bld(search.paths.root)
+    units = search.manifest().units
+    # cloned: load_file maps the file, and the file is overwritten in place below
+    reference = {u.unit_id: {k: v.clone() for k, v in load_file(unit_path(search.paths, u)).items()} for u in units}
+    truncated, foreign, *kept = sorted(units, key=lambda u: u.unit_id)
+    path = unit_path(search.paths, truncated)
+    path.write_bytes(path.read_bytes()[:-100])  # a copy cut short
+    other = next(u for u in kept if u.kind != foreign.kind or u.layer != foreign.layer)
+    shutil.copy(unit_path(search.paths, other), unit_path(search.paths, foreign))  # another candidate's tensors
+    mtimes = {u.unit_id: unit_path(search.paths, u).stat().st_mtime_ns for u in kept}
+    monkeypatch.setenv("PUZZLE_QUIET", "0")
+    assert {u.unit_id for u in pending_units(search.manifest(), search.paths)} == {truncated.unit_id, foreign.unit_id}
+    run_bld(search.paths.root)
+    log = capsys.readouterr().err
+    assert f"{truncated.name}.safetensors" in log and "retrained" in log and "shorter than its header" in log
+    assert "do not match the candidate" in log
+    assert not pending_units(search.manifest(), search.paths)
+    for u in (truncated, foreign):  # retrained to the same tensors (same seed, CPU)
+        again = load_file(unit_path(search.paths, u))
+        assert again.keys() == reference[u.unit_id].keys()
+        assert all(torch.equal(again[k], reference[u.unit_id][k]) for k in again), u.unit_id
+    assert {u.unit_id: unit_path(search.paths, u).stat().st_mtime_ns for u in kept} == mtimes
