@@ -30,9 +30,10 @@ from safetensors import safe_open
 
 import puzzle
 from puzzle.arch import Architecture
-from puzzle.errors import ConfigError, InputError, OutputExistsError, UnsupportedModelError
+from puzzle.errors import ConfigError, InputError, OutputError, OutputExistsError, UnsupportedModelError
 from puzzle.modeling.configuration_decilm import DeciLMConfig
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
+from puzzle.progress import track
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_decilm.py", "modeling_decilm.py")
@@ -75,6 +76,16 @@ def read_json(path: Path, what: str = "file") -> Any:
         raise InputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix or regenerate the file") from None
 
 
+def make_dirs(path: Path) -> Path:
+    """Create the folder `path` (and its parents); a location that cannot be written is one clear error."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot create this folder ({err.strerror or err}); choose a writable location") from None
+    return path
+
+
 @contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `out`; on success it replaces `out`, on failure it is removed.
@@ -85,9 +96,8 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it or choose another output path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    make_dirs(out.parent)
+    tmp = make_dirs(out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"))
     try:
         yield tmp
     except BaseException:
@@ -303,13 +313,55 @@ def check_weights(path: Path, config: DeciLMConfig) -> dict[str, list[str]]:
     return files
 
 
-def fingerprint(path: Path) -> str:
-    """Identity of a model folder: its config.json and the names and sizes of its weight files."""
+def content_digests(path: Path) -> dict[str, str]:
+    """{file name: SHA-256 of its bytes} for a model folder's config.json and weight files.
+
+    Hashing a 140 GB parent takes minutes, so each weight file's digest is cached under
+    `$PUZZLE_CACHE_DIR/fingerprints` (default ~/.cache/puzzle) by its path, size, mtime and inode: it is
+    read once, and again only when it changes.
+    """
     path = Path(path)
-    digest = hashlib.sha256((path / "config.json").read_bytes())
+    digests = {"config.json": hashlib.sha256((path / "config.json").read_bytes()).hexdigest()}
     for file in sorted(path.glob("*.safetensors")):
-        digest.update(f"{file.name}:{file.stat().st_size}".encode())
-    return digest.hexdigest()[:16]
+        digests[file.name] = _file_digest(file)
+    return digests
+
+
+def fingerprint(path: Path) -> str:
+    """Identity of a model folder's content (config.json and the bytes of every weight file)."""
+    text = json.dumps(content_digests(path), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe_change(before: dict[str, str], after: dict[str, str]) -> str:
+    """What differs between two `content_digests`, in words: 'model.safetensors changed, a.safetensors added'."""
+    changes = [f"{name} {'changed' if name in after else 'removed'}" for name in before if before[name] != after.get(name)]
+    changes += [f"{name} added" for name in after if name not in before]
+    return ", ".join(changes) or "nothing"
+
+
+def _file_digest(file: Path) -> str:
+    stat = file.stat()
+    identity = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_dev}"
+    base = os.environ.get("PUZZLE_CACHE_DIR")
+    entry = (Path(base) if base else Path.home() / ".cache" / "puzzle") / "fingerprints" / \
+        hashlib.sha256(identity.encode()).hexdigest()[:32]
+    if entry.is_file():
+        return entry.read_text().strip()
+    digest = hashlib.sha256()
+    chunk = 1 << 24
+    with open(file, "rb") as f, track(f"hashing {file.name}", -(-stat.st_size // chunk)) as bar:
+        while block := f.read(chunk):
+            digest.update(block)
+            bar.advance(1)
+    try:  # a cache that cannot be written only costs the hash next time
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(digest.hexdigest())
+        os.replace(tmp, entry)
+    except OSError:
+        pass
+    return digest.hexdigest()
 
 
 def remote_code_allowed(path: Path, trust_remote_code: bool = False) -> bool:

@@ -518,6 +518,7 @@ class TokenData:
         shuffle: bool = True,
         seed: int = 0,
         start_step: int = 0,
+        skip_tokens: int = 0,
     ) -> Iterator[torch.Tensor]:
         """LongTensor batches (batch_size, seq_len) of non-overlapping windows of the split's token stream.
 
@@ -526,11 +527,24 @@ class TokenData:
         permutation of the windows drawn from (seed, epoch); the held-out split never repeats.
         `shuffle=False` gives the fixed stream order (evaluation: identical on every call). Batch k is
         the same whether reached by iterating or by `start_step=k`, which costs nothing to skip.
+        `skip_tokens` (fixed order only) starts after the windows that `batches(..., n_tokens=skip_tokens,
+        shuffle=False)` yields, so two stages can measure on disjoint held-out tokens.
         """
         if not _is_int(start_step) or start_step < 0:
             raise ConfigError(f"start_step must be a non-negative integer, got {start_step!r}")
+        if not _is_int(skip_tokens) or skip_tokens < 0 or (skip_tokens and shuffle):
+            raise ConfigError(f"skip_tokens must be a non-negative integer, with shuffle=False; got {skip_tokens!r}")
         windows, seq_len = self._plan(split, batch_size, seq_len, n_tokens)
-        return self._iter_batches(self._stream(split), batch_size, seq_len, windows, shuffle, seed, start_step)
+        stream = self._stream(split)
+        if skip_tokens:
+            skipped = skip_tokens // seq_len
+            if skipped >= len(stream) // seq_len:
+                raise InputError(
+                    f"the {split} split has {len(stream)} tokens, all within the first {skip_tokens} that another "
+                    "stage used; add documents or raise held_out_fraction in the data config")
+            stream = stream[skipped * seq_len:]
+            windows = min(windows, len(stream) // seq_len) if split == "held_out" else windows
+        return self._iter_batches(stream, batch_size, seq_len, windows, shuffle, seed, start_step)
 
     def _stream(self, split: str) -> np.ndarray:
         if split not in self.tokens:

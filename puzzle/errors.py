@@ -28,6 +28,10 @@ class OutputExistsError(PuzzleError):
     """The output path exists and `--overwrite` was not given."""
 
 
+class OutputError(PuzzleError):
+    """An output location cannot be created or written (permissions, a read-only or virtual file system)."""
+
+
 class InfeasibleError(PuzzleError):
     """A search target cannot be met by any architecture in the search space."""
 

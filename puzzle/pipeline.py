@@ -21,7 +21,9 @@ import torch
 
 from puzzle.blocks.library import CalibrationConfig, Manifest, build_library, check_parent
 from puzzle.blocks.space import SearchSpace
-from puzzle.checkpoint import convert, fingerprint, load_architecture, load_model, read_json, write_json_atomic
+from puzzle.checkpoint import (check_weights, content_digests, convert, decilm_config, describe_change,
+                               load_architecture, load_model, make_dirs, normalized_config, read_json,
+                               write_json_atomic)
 from puzzle.config import deep_merge, from_mapping, read_yaml, to_mapping, write_yaml
 from puzzle.data import DataConfig, load_token_data, load_tokenizer
 from puzzle.distill.bld import NEUTRAL_FIELDS as BLD_NEUTRAL_FIELDS
@@ -61,6 +63,16 @@ class SearchConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # resources of each array task (--launcher slurm)
     device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # the parent's compute dtype; auto: bf16 on GPU
+
+    def __post_init__(self) -> None:
+        # BLD and scoring run on data.seq_len-token sequences: a window at least that long is plain causal
+        # attention there, so it would train and score as free while the profile charges it as a window.
+        seq_len = self.data.seq_len if self.data is not None else None
+        unexercised = [w for w in self.space.attention.windows if seq_len is not None and w >= seq_len]
+        if unexercised:
+            raise ConfigError(
+                f"space.attention.windows: {', '.join(map(str, unexercised))} not shorter than data.seq_len ({seq_len}), "
+                f"so BLD and scoring could not tell them from full attention; use windows below {seq_len} or raise data.seq_len")
 
 
 def load_search_config(path: Path | None, overrides: dict[str, Any] | None = None, base: dict | None = None) -> SearchConfig:
@@ -160,15 +172,37 @@ class Search:
     # -- stages ------------------------------------------------------------------------------------------
     def convert(self) -> None:
         if self.paths.parent.exists():
-            if self.parent_source is not None and fingerprint(self.parent_source) != read_json(self._record("convert")).get("source"):
-                raise StageError(f"{self.paths.root} was started from another parent; use a new --out run directory")
+            if self.parent_source is not None:
+                self._check_same_parent()
             return
         if self.parent_source is None:
             raise StageError(f"{self.paths.parent} is missing; run `puzzle search PARENT --out {self.paths.root}`")
+        digests = content_digests(self.parent_source)
         convert(self.parent_source, self.paths.parent, info={"stage": "convert"})
-        self.mark_done("convert", {"source": fingerprint(self.parent_source)})
+        self.mark_done("convert", {"source": str(Path(self.parent_source).resolve()), "source_files": digests})
+
+    def _check_same_parent(self) -> None:
+        """The parent given now must have the content the run was started from (a fine-tuned parent of the same
+        shape must not reuse the old library, units, scores and profile)."""
+        record = self._record("convert")
+        before = read_json(record).get("source_files") if record.exists() else None
+        now = content_digests(self.parent_source)
+        if not isinstance(before, dict):  # no record (older run): the converted weights are byte copies of the source's
+            before = {k: v for k, v in content_digests(self.paths.parent).items() if k != "config.json"}
+            now = {k: v for k, v in now.items() if k != "config.json"}
+        if before != now:
+            what = describe_change(before, now)
+            raise StageError(
+                f"{self.parent_source} differs from the parent {self.paths.root} was started from ({what}); its library, "
+                f"units, scores and profile belong to that parent: use a new --out run directory (or delete "
+                f"{self.paths.parent} and {self.paths.library} to redo this run)")
 
     def library(self) -> Manifest:
+        windows, seq_len, context = self.cfg.space.attention.windows, self.data().config.seq_len, self.cfg.profile.context_len
+        if windows and seq_len < context:
+            log(f"[yellow]note[/]: window attention is trained and scored on {seq_len}-token sequences but profiled at "
+                f"{context} tokens of context, so its quality cost is underestimated; raise data.seq_len toward "
+                "profile.context_len for a faithful score")
         manifest = build_library(self.paths, self.cfg.space, self.cfg.calibration, self.parent_model(), self.data())
         self.mark_done("library")
         return manifest
@@ -378,7 +412,10 @@ def report_stage(search: Search) -> Path:
     scores = Scores.load(search.paths.scores)
     scores_init = Scores.load(search.paths.scores_init) if search.paths.scores_init.exists() else None
     parent = search.parent_model()
-    batches = list(search.data().batches("held_out", cfg.batch_size, n_tokens=cfg.eval_tokens, shuffle=False))
+    # After the held-out tokens scoring used to choose the children: quality measured on what chose them is biased.
+    batches = list(search.data().batches("held_out", cfg.batch_size, n_tokens=cfg.eval_tokens, shuffle=False,
+                                         skip_tokens=search.cfg.score.tokens))
+    held_out = {"scoring_positions": scores.tokens, "report_positions": sum(b.shape[0] * (b.shape[1] - 1) for b in batches)}
     profile_cfg = search.cfg.profile if cfg.measure_speed and not search.cfg.profile.analytic else None
     device, dtype = resolve_device_dtype(search.cfg.profile)
     timed_parent = load_model(search.paths.parent, dtype=dtype, device=device) if profile_cfg else parent
@@ -420,14 +457,14 @@ def report_stage(search: Search) -> Path:
         tasks = task_scores({"parent": search.paths.parent, **{c.name: Path(c.path) for c in children}}, cfg.tasks, cfg,
                             search.cfg.device)
     path = write_report(search.paths, parent=parent_report, parent_arch=arch, tasks=tasks, children=children, plans=plans, bld_rows=rows,
-                        sweep=sweep_points, profile=profile, failures=failures)
+                        sweep=sweep_points, profile=profile, failures=failures, held_out=held_out)
     search.mark_done("report")
     return path
 
 
 def save_resolved_config(paths: RunPaths, cfg: SearchConfig) -> None:
     """The resolved config is written into the run; a rerun with another config must not mix results."""
-    paths.root.mkdir(parents=True, exist_ok=True)
+    make_dirs(paths.root)
     write_yaml(paths.config, to_mapping(cfg), header=f"# resolved config of this run; rerun with: puzzle search --out {paths.root}\n")
 
 
@@ -453,6 +490,7 @@ def open_run(out: Path, parent: Path | None = None, config: Path | None = None,
         if parent is None:
             raise ConfigError(f"{out} is not a run directory yet; give the parent model: puzzle search PARENT --out {out}")
         cfg = load_search_config(config, overrides, base=base)
+        check_weights(Path(parent), decilm_config(normalized_config(Path(parent))))  # before the run folder exists
     search = Search(paths, cfg, parent_source=Path(parent) if parent is not None else None)
     for stage in EXPENSIVE:  # refuse before the new config is saved over the one the results came from
         search.is_done(stage)

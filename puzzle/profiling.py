@@ -37,7 +37,7 @@ from puzzle.modeling.configuration_decilm import DeciLMConfig
 from puzzle.modeling.modeling_decilm import DeciLMDecoderLayer, DeciLMForCausalLM, DeciLMRotaryEmbedding, MaskProvider
 from puzzle.progress import track
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: parameter bytes at the deployment dtype (param_dtype), not the profiling dtype
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +57,9 @@ class ProfileConfig:
     prefill_batch: int = 1  # sequences prefilled together
     generate_tokens: int = 256  # decode steps after the prefill (latency = prefill + this x decode step)
     kv_dtype: str = "bf16"  # KV-cache dtype for byte counts (bf16, fp16, fp8, fp32)
+    # The dtype the child's weights are deployed in: memory targets count parameters at this, whatever dtype
+    # the timing ran in (a CPU profile times fp32 layers of a child that will serve in bf16).
+    param_dtype: str = "bf16"
     repeats: int = 30  # timed samples; the median is reported
     inner: int = 10  # calls per sample (their mean is one sample)
     warmup: int = 5
@@ -73,6 +76,7 @@ class ProfileConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"profile.{name} must be positive, got {getattr(self, name)}")
         kv_dtype_bytes(self.kv_dtype)
+        kv_dtype_bytes(self.param_dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -370,7 +374,8 @@ def profile_variants(parent: DeciLMConfig, variants: list[tuple[str, AttentionCo
 
     shape = Architecture.from_config(parent.to_dict()).shape
     device, dtype = resolve_device_dtype(cfg)
-    dtype_bytes = torch.finfo(dtype).bits // 8
+    dtype_bytes = torch.finfo(dtype).bits // 8  # what the timed layers move
+    param_bytes = kv_dtype_bytes(cfg.param_dtype)  # what the deployed weights occupy
     unique = list(dict.fromkeys((k, v) for k, v in variants))
     costs = []
     no_attn, no_ffn = AttentionConfig(no_op=True), FFNConfig(no_op=True)
@@ -390,12 +395,12 @@ def profile_variants(parent: DeciLMConfig, variants: list[tuple[str, AttentionCo
             kv = attention_kv_bytes_per_token(shape, variant, cfg.kv_dtype) if kind == "attention" else 0
             name = (names or {}).get((kind, variant)) or (variant.label(shape.num_attention_heads) if kind == "attention" else variant.label())
             costs.append(VariantCost(kind=kind, name=name, variant=variant.to_dict(), decode_time_s=timing.decode_time_s,
-                                     prefill_time_s=timing.prefill_time_s, param_bytes=params * dtype_bytes,
+                                     prefill_time_s=timing.prefill_time_s, param_bytes=params * param_bytes,
                                      kv_bytes_per_token=kv, kv_window=getattr(variant, "window_length", None)))
             bar.advance(1)
     embed_params = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
     fixed = VariantCost(kind="ffn", name="embeddings+head", variant={}, decode_time_s=fixed_timing.decode_time_s,
-                        prefill_time_s=fixed_timing.prefill_time_s, param_bytes=embed_params * dtype_bytes,
+                        prefill_time_s=fixed_timing.prefill_time_s, param_bytes=embed_params * param_bytes,
                         kv_bytes_per_token=0, kv_window=None)
     method = "analytic" if cfg.analytic else ("cuda_graphs" if device.type == "cuda" and cfg.cuda_graphs else device.type)
     return Profile(device=cfg.hardware.name if cfg.analytic else _device_name(device), method=method,

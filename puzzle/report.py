@@ -212,8 +212,9 @@ def task_scores(models: dict[str, Path], tasks: tuple[str, ...], cfg: ReportConf
 
 def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architecture, children: list[ModelReport],
                  plans: list[ChildPlan], bld_rows: list[dict], sweep: list[dict], profile: Profile, failures: list[str],
-                 tasks: dict[str, dict[str, float]] | None = None) -> Path:
-    """report.md + report.json + plots."""
+                 held_out: dict[str, int], tasks: dict[str, dict[str, float]] | None = None) -> Path:
+    """report.md + report.json + plots. `held_out`: the predicting positions the quality columns were measured on
+    (`report_positions`) and those scoring used to choose the children (`scoring_positions`), disjoint."""
     plots = _plots(paths.root, parent_arch, children, sweep, plans)
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     env = {"puzzle": puzzle.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -221,7 +222,7 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
     data = {"environment": env, "profile": {"device": profile.device, "method": profile.method, "dtype": profile.dtype,
                                              **{k: profile.config[k] for k in ("batch_size", "context_len", "prompt_len")}},
             "parent": asdict(parent), "children": [asdict(c) for c in children], "bld": bld_rows, "sweep": sweep,
-            "infeasible": failures, "plots": plots, "tasks": tasks or {}}
+            "infeasible": failures, "plots": plots, "tasks": tasks or {}, "held_out": held_out}
     write_json_atomic(paths.root / "report.json", data)
     cpu_note = " (CPU numbers: a small model on this machine's cores, not a GPU prediction)" if profile.method == "cpu" else ""
     lines = [
@@ -231,6 +232,8 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
         f"prefill {profile.config['prefill_batch']} x {profile.config['prompt_len']} tokens  ",
         f"Versions: puzzle {env['puzzle']}, torch {env['torch']}, transformers {env['transformers']}; {when}", "",
         "## Children", "",
+        f"KL, LM loss and top-1 on {held_out['report_positions']:,} held-out positions, disjoint from the "
+        f"{held_out['scoring_positions']:,} that scoring used to choose the children.", "",
         "| model | params | KV B/token | predicted speed-up | measured speed-up | error | KL to parent | LM loss | top-1 | summed KL | vLLM-native |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]

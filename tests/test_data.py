@@ -246,6 +246,20 @@ def test_train_repeats_epochs_with_fresh_permutations(token_data):
     assert token_data.num_batches("train", 8, n_tokens=16 * (2 * per_epoch + 3)) == -(-(2 * per_epoch + 3) // 8)
 
 
+def test_skip_tokens_gives_held_out_windows_disjoint_from_an_earlier_stages(token_data):
+    per_epoch = token_data.num_tokens("held_out") // 16
+    used = torch.cat(list(token_data.batches("held_out", 4, n_tokens=16 * 3 + 7, shuffle=False)))  # 3 windows
+    rest = torch.cat(list(token_data.batches("held_out", 2, shuffle=False, skip_tokens=16 * 3 + 7)))
+    everything = torch.cat(list(token_data.batches("held_out", 5, shuffle=False)))
+    assert torch.equal(torch.cat([used, rest]), everything) and rest.shape[0] == per_epoch - 3
+    capped = torch.cat(list(token_data.batches("held_out", 2, n_tokens=16 * 2, shuffle=False, skip_tokens=16 * 3)))
+    assert torch.equal(capped, everything[3:5])
+    with pytest.raises(InputError, match="all within the first"):
+        next(token_data.batches("held_out", 2, shuffle=False, skip_tokens=16 * per_epoch))
+    with pytest.raises(ConfigError, match="shuffle=False"):
+        token_data.batches("train", 2, skip_tokens=16)
+
+
 def test_held_out_fixed_order_capped_and_never_repeated(token_data):
     stream = np.asarray(token_data.tokens["held_out"])
     per_epoch = len(stream) // 16

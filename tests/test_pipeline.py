@@ -48,6 +48,24 @@ def test_every_stage_writes_its_outputs(finished_run):
     assert (paths.root / "config.yaml").read_text().startswith("# resolved config")
 
 
+def test_report_quality_is_measured_on_held_out_tokens_scoring_did_not_see(finished_run):
+    from puzzle.scoring import Scores
+
+    paths, cfg = finished_run.paths, finished_run.cfg
+    report = json.loads((paths.root / "report.json").read_text())
+    scores = Scores.load(paths.scores)
+    data = finished_run.data()
+    scored = torch.cat(list(data.batches("held_out", cfg.score.batch_size, n_tokens=cfg.score.tokens, shuffle=False)))
+    reported = torch.cat(list(data.batches("held_out", cfg.report.batch_size, n_tokens=cfg.report.eval_tokens,
+                                           shuffle=False, skip_tokens=cfg.score.tokens)))
+    assert report["held_out"] == {"scoring_positions": scores.tokens,
+                                  "report_positions": reported.shape[0] * (reported.shape[1] - 1)}
+    assert scored.shape[0] * (scored.shape[1] - 1) == scores.tokens
+    assert not {tuple(r.tolist()) for r in scored} & {tuple(r.tolist()) for r in reported}  # disjoint windows
+    text = (paths.root / "report.md").read_text()
+    assert f"on {report['held_out']['report_positions']:,} held-out positions, disjoint from the {scores.tokens:,}" in text
+
+
 def test_realized_child_computes_the_parent_with_its_chosen_units(finished_run):
     paths = finished_run.paths
     plan = ChildPlan.load(paths.solutions / "small.json")
@@ -238,3 +256,29 @@ def test_coupled_search_runs_end_to_end_and_realizes_an_empty_layer(tmp_path):
     with torch.no_grad():
         hidden, _ = run_layers(parent, ids, replace=replace)
         torch.testing.assert_close(child(ids).logits, logits_from_hidden(parent, hidden), atol=1e-5, rtol=1e-5)
+
+
+def test_a_fine_tuned_parent_of_the_same_shape_is_not_mistaken_for_the_runs_parent(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from puzzle.checkpoint import fingerprint
+
+    parent_dir, corpus = tiny_run_inputs(tmp_path / "inputs", layers=2)
+    config = write_config(tmp_path / "c.yaml", tiny_search_config(corpus))
+    search = run_search(tmp_path / "run", parent=parent_dir, config=config, stage="library")
+    run_search(search.paths.root, parent=parent_dir, stage="library")  # the same parent again: fine
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(parent_dir, tuned)
+    weights = load_file(parent_dir / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"] = weights["model.layers.1.mlp.up_proj.weight"] + 1e-3  # same size
+    save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
+    assert (tuned / "model.safetensors").stat().st_size == (parent_dir / "model.safetensors").stat().st_size
+    assert fingerprint(tuned) != fingerprint(parent_dir)
+    with pytest.raises(StageError, match=r"differs from the parent .* \(model.safetensors changed\)"):
+        run_search(search.paths.root, parent=tuned, stage="library")
+
+    # The run's own converted parent edited in place: the library no longer belongs to it.
+    shutil.copy(tuned / "model.safetensors", search.paths.parent / "model.safetensors")
+    with pytest.raises(StageError, match="built for another parent"):
+        run_search(search.paths.root, stage="score")

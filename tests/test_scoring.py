@@ -51,3 +51,36 @@ def test_scores_equal_the_modified_model_evaluated_whole(tmp_path):
         assert math.isclose(entry.kl, kl / n, rel_tol=1e-4, abs_tol=1e-7), c.unit_id
         assert math.isclose(entry.lm_loss, nll / n, rel_tol=1e-5), c.unit_id
         assert math.isclose(entry.top1, top1 / n), c.unit_id
+
+
+def test_a_window_shorter_than_the_scored_sequences_costs_quality_and_a_longer_one_is_refused(tmp_path):
+    """A window scores as free when the scored sequences fit in it (it is causal attention there), while the
+    profile charges it as a window at the deployment context: the config refuses such windows."""
+    import pytest
+
+    from puzzle.arch import AttentionConfig
+    from puzzle.blocks.space import Candidate
+    from puzzle.blocks.subblock import SubBlock
+    from puzzle.data import load_token_data, load_tokenizer
+    from puzzle.errors import ConfigError
+    from puzzle.pipeline import load_search_config
+    from puzzle.scoring import ScoreConfig, score_candidates
+
+    parent_dir, corpus = tiny_run_inputs(tmp_path / "inputs", layers=2)
+    search = run_search(tmp_path / "run", parent=parent_dir, stage="convert",
+                        config=write_config(tmp_path / "c.yaml", tiny_search_config(corpus)))
+    parent = search.parent_model()  # random weights: every layer's attention reads distant tokens
+    data = load_token_data(search.cfg.data, load_tokenizer(parent_dir))  # 64-token sequences
+    candidates = [Candidate(layer=0, kind="attention", name=f"w{w}", variant=AttentionConfig(n_heads_in_group=1, window_length=w),
+                            is_parent=False) for w in (8, 64)]
+
+    def with_parent_weights(c):  # the window variant starts from the parent's own attention weights
+        block = SubBlock(parent.config, "attention", c.variant)
+        block.load_checkpoint_state(parent.state_dict(), 0)
+        return block
+
+    scores = score_candidates(parent, candidates, with_parent_weights, data, ScoreConfig(tokens=1024, batch_size=4), "fp")
+    assert scores.get(0, "attention", "w8").kl > 1e-4
+    assert scores.get(0, "attention", "w64").kl < 1e-10  # the window covers the whole sequence: no difference
+    with pytest.raises(ConfigError, match=r"space.attention.windows: 64 not shorter than data.seq_len \(64\)"):
+        load_search_config(None, tiny_search_config(corpus, space={"attention": {"windows": [8, 64]}}))

@@ -20,7 +20,9 @@ Kind = Literal["attention", "ffn", "block"]
 @dataclass(frozen=True, kw_only=True)
 class AttentionSpace:
     kv_heads: tuple[int, ...] | None = None  # None: the parent's KV heads halved repeatedly down to 1
-    windows: tuple[int, ...] = (128, 1024)  # window attention (parent's KV heads); drop for short contexts
+    # Window attention (parent's KV heads). Each window must be shorter than data.seq_len, the length BLD and
+    # scoring see (checked by the search config): 128 fits the default 256; raise both for long contexts.
+    windows: tuple[int, ...] = (128,)
     linear: bool = True
     no_op: bool = True
 

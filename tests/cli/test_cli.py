@@ -116,3 +116,18 @@ def test_eval_runs_puzzles_own_modeling_code_but_not_other_code_in_a_folder(tmp_
     assert checkpoint.remote_code_allowed(tmp_path / "ours", trust_remote_code=True) is True
     run = puzzle("eval", tmp_path / "ours", "--tasks", "puzzle_stdlib_ppl", "--limit", "2", "--no-write")
     assert run.returncode != 0 and "--trust-remote-code" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_an_output_location_that_cannot_be_created_is_one_line(tmp_path):
+    hf_parent("llama", tmp_path / "parent")
+    run = puzzle("convert", tmp_path / "parent", "/proc/puzzle-child/out")
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert len(errors) == 1 and "/proc/puzzle-child: cannot create this folder" in errors[0], run.stderr
+
+
+def test_search_with_a_missing_parent_leaves_no_run_folder(tmp_path, capsys):
+    assert cli.run(["search", str(tmp_path / "no-such-parent"), "--out", str(tmp_path / "run"),
+                    "--data", str(tmp_path)]) == 2
+    assert "no-such-parent: no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
