@@ -39,9 +39,8 @@ from puzzle.errors import ConfigError
 from puzzle.progress import log, quiet, track
 
 DEMO_VERSION = 1  # bump when the build recipe changes, so cached parents are rebuilt
-DEMO_FILES = (
-    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-)
+DEMO_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+_NOT_IN_FINGERPRINT = ("threads", "device", "max_shard_size", "save_dtype")  # how it is built and stored
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +96,11 @@ class DemoConfig:
     # None: os.cpu_count(). One is faster for tiny models or on a busy machine (idle OpenMP threads spin).
     # Not part of the fingerprint: it changes speed, and float results only in the last bits.
     threads: int | None = None
+    # cpu trains in fp32; cuda (benchmarks' larger parents) in bf16 autocast with fp32 master weights. Not part
+    # of the fingerprint either: a parent is reused whichever device built it.
+    device: str = "cpu"
+    max_shard_size: str = "5GB"  # safetensors shards; a benchmark parent that must travel uses smaller ones
+    save_dtype: str = "float32"  # bfloat16 halves a benchmark parent's files (GPUs run it in bf16 anyway)
 
     def __post_init__(self) -> None:
         positive = (
@@ -117,6 +121,10 @@ class DemoConfig:
             raise ConfigError(f"DemoConfig.seq_len ({self.seq_len}) exceeds max_position_embeddings")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"DemoConfig.threads must be a positive integer or null, got {self.threads!r}")
+        if self.save_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"DemoConfig.save_dtype must be float32 or bfloat16, got {self.save_dtype!r}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"DemoConfig.device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.vocab_size < 257:
             raise ConfigError(f"DemoConfig.vocab_size must exceed the 256 byte tokens, got {self.vocab_size}")
         if self.train_tokens < self.batch_size * self.seq_len:
@@ -188,16 +196,17 @@ def demo_data_config(cfg: DemoConfig) -> DataConfig:
     )
 
 
-def build_demo_parent(cfg: DemoConfig = DemoConfig(), force: bool = False) -> DemoParent:
-    """Train the demo parent into `demo_dir()/parent`, or return the cached one built from the same config.
+def build_demo_parent(cfg: DemoConfig = DemoConfig(), force: bool = False, out: Path | None = None) -> DemoParent:
+    """Train the demo parent into `out` (default `demo_dir()/parent`), or return the cached one built from the
+    same config.
 
     A folder whose demo.json fingerprint differs (other config, changed corpus, older recipe) or whose files
     are missing or truncated is rebuilt; `force` rebuilds anyway. Training is deterministic given the config
-    and the thread count.
+    and the thread count (on CPU).
     """
-    out = demo_dir() / "parent"
+    out = Path(out) if out is not None else demo_dir() / "parent"
     data_cfg = demo_data_config(cfg)
-    recipe = {k: v for k, v in cfg.to_dict().items() if k != "threads"}
+    recipe = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
     fingerprint = source_fingerprint(
         data_cfg, extra={"demo_version": DEMO_VERSION, "config": recipe, "stdlib": data_cfg.paths[0]}
     )
@@ -207,7 +216,8 @@ def build_demo_parent(cfg: DemoConfig = DemoConfig(), force: bool = False) -> De
     with atomic_output_dir(out, overwrite=True) as tmp:
         metrics = _build(cfg, data_cfg, tmp)
         metrics = DemoMetrics(**{**asdict(metrics), "wall_time_s": round(time.perf_counter() - started, 2)})
-        files = {name: (tmp / name).stat().st_size for name in DEMO_FILES}
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())
+                 if p.name in DEMO_FILES or p.suffix == ".safetensors" or p.name.endswith(".index.json")}
         record = {
             "version": DEMO_VERSION, "fingerprint": fingerprint, "config": cfg.to_dict(),
             "metrics": asdict(metrics), "files": files,
@@ -246,11 +256,11 @@ def _build(cfg: DemoConfig, data_cfg: DataConfig, out: Path) -> DemoMetrics:
     _save_tokenizer(tokenizer, out)
     data = load_token_data(data_cfg, tokenizer, cache_dir=out / ".tokens")
     with _torch_threads(cfg.threads or os.cpu_count() or 1) as threads:
-        model = _new_model(cfg, tokenizer.eos_token_id)
+        model = _new_model(cfg, tokenizer.eos_token_id).to(cfg.device)
         history, trained, train_time = _train(model, data, cfg)
         held_out_loss, unigram_loss, eval_tokens = _evaluate(model, data, cfg)
     with _quiet_transformers():
-        model.save_pretrained(out)
+        model.to("cpu", getattr(torch, cfg.save_dtype)).save_pretrained(out, max_shard_size=cfg.max_shard_size)
     metrics = DemoMetrics(
         held_out_loss=round(held_out_loss, 4),
         unigram_loss=round(unigram_loss, 4),
@@ -362,6 +372,11 @@ def _new_model(cfg: DemoConfig, special_id: int) -> Any:
     return model
 
 
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def _lr_at(step: int, steps: int, cfg: DemoConfig) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio * learning_rate at the last step."""
     warmup = max(1, round(cfg.warmup_fraction * steps))
@@ -390,7 +405,8 @@ def _train(model: Any, data: TokenData, cfg: DemoConfig) -> tuple[list[float], i
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps, cfg)
             input_ids = input_ids.to(model.device)
-            loss = model(input_ids=input_ids, labels=input_ids).loss
+            with _autocast(model.device):
+                loss = model(input_ids=input_ids, labels=input_ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -414,7 +430,8 @@ def _evaluate(model: Any, data: TokenData, cfg: DemoConfig) -> tuple[float, floa
     total = data.num_batches("held_out", cfg.eval_batch_size, n_tokens=cfg.eval_tokens)
     with track("evaluating demo parent", total=total) as bar:
         for input_ids in batches:  # (B, T)
-            logits = model(input_ids=input_ids.to(model.device)).logits[:, :-1].float().cpu()  # (B, T-1, V)
+            with _autocast(model.device):
+                logits = model(input_ids=input_ids.to(model.device)).logits[:, :-1].float().cpu()  # (B, T-1, V)
             targets = input_ids[:, 1:]  # (B, T-1)
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
             model_nll += nll.item()
