@@ -62,7 +62,7 @@ class Scale:
     parent: DemoConfig
     speedups: tuple[float, ...] = (1.5, 2.0, 3.0)
     tolerance: float = 0.03  # measured speeds of the compared models agree within this
-    batch_candidates: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)  # decode batches tried for the operating point
+    batch_candidates: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096, 8192)  # decode batches tried (operating point)
     context_len: int = 512  # tokens in each sequence's KV cache at decode
     profile: dict[str, Any] = field(default_factory=dict)  # ProfileConfig fields besides batch and context
     search: dict[str, Any] = field(default_factory=dict)  # puzzle search config sections (data comes from the parent)
@@ -428,14 +428,12 @@ def step_fidelity(work: Work) -> dict[str, Any]:
 # Step 4: baselines at the same measured speeds
 
 
-def width_config(arch: Architecture, r: float) -> dict[str, int]:
-    """Minitron width at factor r: hidden size, heads and FFN width all scaled by r (hidden a multiple of the
-    head dimension's lane width, 64; heads at least 1, MHA kept)."""
+def width_config(arch: Architecture, heads: int, r: float) -> dict[str, int]:
+    """Minitron width: `heads` attention heads (MHA kept), hidden size and FFN width scaled by r (multiples of 64)."""
     shape = arch.shape
-    hidden = max(64, round(shape.hidden_size * r / 64) * 64)
-    heads = max(1, round(shape.num_attention_heads * r))
+    hidden = min(shape.hidden_size, max(64, round(shape.hidden_size * r / 64) * 64))
     ffn = max(64, round(arch.blocks[0].ffn.intermediate_size * r / 64) * 64)
-    return {"hidden_size": min(hidden, shape.hidden_size), "heads": heads, "kv_heads": heads, "ffn_size": ffn}
+    return {"hidden_size": hidden, "heads": heads, "kv_heads": heads, "ffn_size": ffn}
 
 
 def width_arch(arch: Architecture, w: dict[str, int]) -> Architecture:
@@ -446,32 +444,43 @@ def width_arch(arch: Architecture, w: dict[str, int]) -> Architecture:
 
 
 def width_for_speed(work: Work, target: float) -> tuple[dict[str, int], float]:
-    """Bisection on the width factor until the measured speed-up is within tolerance of `target`."""
+    """The widest Minitron width configuration whose measured speed-up is within tolerance of `target`.
+
+    Decode speed is mostly the KV cache (heads) and partly the matrices (hidden, FFN), so for each head count
+    whose range of speeds (widest to narrowest matrices) contains the target, the matrix width is found by
+    bisection on measured speed; the configuration with the most parameters wins (else the closest one)."""
     config = normalized_config(work.parent)
     arch = load_architecture(work.parent)
     base = measured_speed(random_model(decilm_config(config), work), work)
     cache: dict[tuple, float] = {}
 
-    def speed(r: float) -> tuple[dict[str, int], float]:
-        w = width_config(arch, r)
+    def speed(heads: int, r: float) -> tuple[dict[str, int], float]:
+        w = width_config(arch, heads, r)
         key = tuple(sorted(w.items()))
         if key not in cache:
-            child = width_arch(arch, w)
             c = {**config, "hidden_size": w["hidden_size"], "num_attention_heads": w["heads"]}
-            cache[key] = measured_speed(random_model(decilm_config(c, child), work), work) / base
+            cache[key] = measured_speed(random_model(decilm_config(c, width_arch(arch, w)), work), work) / base
         return w, cache[key]
 
-    lo, hi = 0.05, 1.0  # speed falls as r grows
-    best = speed(0.5)
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        w, s = speed(mid)
-        if abs(s - target) < abs(best[1] - target):
-            best = (w, s)
-        if abs(s / target - 1) <= work.scale.tolerance / 2:
-            break
-        lo, hi = (mid, hi) if s > target else (lo, mid)
-    return best
+    tol = work.scale.tolerance
+    found = []
+    for heads in range(arch.shape.num_attention_heads, 0, -1):
+        slowest, fastest = speed(heads, 1.0), speed(heads, 0.1)
+        found += [slowest, fastest]
+        if not slowest[1] * (1 - tol) <= target <= fastest[1] * (1 + tol):
+            continue
+        lo, hi = 0.1, 1.0  # speed falls as r grows
+        for _ in range(10):
+            mid = (lo + hi) / 2
+            w, s = speed(heads, mid)
+            found.append((w, s))
+            if abs(s / target - 1) <= tol / 2:
+                break
+            lo, hi = (mid, hi) if s > target else (lo, mid)
+    within = [f for f in found if abs(f[1] / target - 1) <= tol]
+    if within:
+        return max(within, key=lambda f: width_arch(arch, f[0]).total_params())
+    return min(found, key=lambda f: abs(f[1] / target - 1))
 
 
 def step_baselines(work: Work) -> dict[str, Any]:
@@ -608,28 +617,34 @@ def write_benchmark_results(work: Work, argv: list[str]) -> None:
     parent = models["parent"]
     name = "quality_at_speed" + ("" if work.scale.name == "gpu" else f"_{work.scale.name}")
     point = records["search"]["operating_point"]
+    steps = ", ".join(f"{step} {records[step]['seconds']:.0f} s" for step in STEPS if records.get(step))
     lines = [
-        f"Command: `python benchmarks/quality_at_speed.py {' '.join(argv)}`  ",
+        f"Command: `python benchmarks/quality_at_speed.py` (steps may run in separate calls: "
+        f"`python benchmarks/quality_at_speed.py parent search`, ...); step times: {steps}  ",
         f"Parent: {records['parent']['metrics']['parameters'] / 1e6:.1f}M parameters, "
         f"{work.scale.parent.num_hidden_layers} layers, held-out loss {records['parent']['metrics']['held_out_loss']:.3f} "
         f"nats/token (unigram {records['parent']['metrics']['unigram_loss']:.3f}), "
         f"{records['parent']['corpus']['files']} files of {records['parent']['corpus']['source']}  ",
         f"Operating point: decode batch {point['batch_size']}, context {point['context_len']}, "
-        f"{'bf16, CUDA graphs' if work.device.type == 'cuda' else 'fp32, CPU'}; "
-        f"FFN at half width costs {point['ratio']:.2f} of full width  ",
+        f"{'bf16, CUDA graphs' if measure['environment']['cuda'] else 'fp32, CPU'}; "
+        f"FFN at half width costs {point['ratio']:.2f} of full width"
+        + (" (the 0.75 asked for was not reached at the largest batch tried)" if point["ratio"] > 0.75 else "") + "  ",
         f"GKD for every child: {work.scale.gkd}  ",
         f"Quality on {measure['report_positions']:,} held-out positions after the {measure['scoring_positions_excluded']:,} "
         "tokens scoring used", "",
-        "| target | model | measured speed-up | predicted | params | KV B/token | KL | top-1 | LM loss | "
-        "quality retained | KL before GKD | tasks |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| target | model | measured speed-up | within 3% of puzzle | predicted | params | KV B/token | KL | top-1 | "
+        "LM loss | quality retained | KL before GKD | tasks |",
+        "|---|---|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key, m in sorted(models.items(), key=lambda kv: (kv[1]["target"], kv[1]["method"] != "puzzle", kv[0])):
         retained = parent["lm_loss"] / m["lm_loss"]
         tasks = ", ".join(f"{k.split(':')[0].removeprefix('puzzle_stdlib_')} {v:.3f}" for k, v in (m.get("tasks") or {}).items())
         predicted = f"{m['predicted_speedup']:.3f}x" if "predicted_speedup" in m else "-"
         before = f"{m['before_kd']['kl']:.4f}" if m.get("before_kd") else "-"
-        lines.append(f"| {m['target']} | {key} | {m['measured_speedup']:.3f}x | {predicted} | {m['params'] / 1e6:.2f}M | "
+        puzzle = models.get(f"puzzle-{m['target']}")
+        matched = "-" if puzzle is None or m is puzzle else \
+            ("yes" if abs(m["measured_speedup"] / puzzle["measured_speedup"] - 1) <= work.scale.tolerance else "**no**")
+        lines.append(f"| {m['target']} | {key} | {m['measured_speedup']:.3f}x | {matched} | {predicted} | {m['params'] / 1e6:.2f}M | "
                      f"{m['kv_bytes_per_token']} | {m['kl']:.4f} | {m['top1']:.3f} | {m['lm_loss']:.4f} | "
                      f"{retained:.3f} | {before} | {tasks} |")
     ranking = records["search"]["ranking"]
@@ -641,9 +656,18 @@ def write_benchmark_results(work: Work, argv: list[str]) -> None:
                   f"{r['ratio']:.2f} |" for r in fidelity["variants"] if r["ratio"]]
     lines += ["", f"Quality retained = parent LM loss / model LM loss. Rank correlation (Spearman) of summed "
               f"replace-one-block KL vs measured KL over {len(ranking['rows'])} diverse MIP solutions: "
-              f"{ranking['spearman'] if ranking['spearman'] is None else round(ranking['spearman'], 3)}."]
+              f"{ranking['spearman'] if ranking['spearman'] is None else round(ranking['spearman'], 3)} "
+              f"({ranking['note']}).", "",
+              "| target | solutions | Spearman within target | KL of the MIP optimum | best measured KL | best |",
+              "|---|---:|---:|---:|---:|---|"]
+    for target, r in ranking["by_target"].items():
+        n = sum(1 for row in ranking["rows"] if row["target"] == target)
+        rho = "-" if r["spearman"] is None else f"{r['spearman']:.2f}"
+        lines.append(f"| {target} | {n} | {rho} | {r['mip_optimum_kl']:.4f} | {r['best_measured_kl']:.4f} | {r['best']} |")
     png = plot(work, models, name)
-    write_results(name, {"records": records, "argv": argv, "plot": png.name if png else None}, "\n".join(lines))
+    data = {"records": records, "argv": argv, "plot": png.name if png else None,
+            "environment": measure["environment"]}  # where it was measured, not where the table is written
+    write_results(name, data, "\n".join(lines))
 
 
 def plot(work: Work, models: dict[str, Any], name: str) -> Path | None:
