@@ -1,6 +1,8 @@
 """A lean decode step of one attention or FFN variant: what a serving engine runs, to check puzzle's profiler.
 
-    python benchmarks/quality_at_speed.py fidelity    # uses this against a run's profile.json
+    python benchmarks/lean_decode.py                  # puzzle's profiler vs this, three operating points (GPU)
+    python benchmarks/lean_decode.py --tiny           # CPU smoke run
+    python benchmarks/quality_at_speed.py fidelity    # the same against a search run's profile.json
 
 One fused QKV matmul, RoPE on q and k, the new token's K/V written into a preallocated cache, SDPA over the
 cache, the output projection; for an FFN one fused gate/up matmul, SiLU * up, the down projection. Pre-norm
@@ -9,6 +11,10 @@ CUDA events) with `stack` copies of distinct weights, as puzzle's profiler times
 """
 
 from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -94,3 +100,59 @@ def lean_decode_time(kind: str, variant: AttentionConfig | FFNConfig, *, hidden:
         return h
 
     return time_call(step, cfg, device) / cfg.stack
+
+
+def compare(config, variants, cfg: ProfileConfig, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """puzzle's profiled decode time of every variant against the lean step, at `cfg`'s operating point."""
+    from puzzle.profiling import profile_variants
+
+    profile = profile_variants(config, variants, cfg)
+    rows = []
+    for v in profile.variants:
+        variant = AttentionConfig(**v.variant) if v.kind == "attention" else FFNConfig(**v.variant)
+        lean = lean_decode_time(v.kind, variant, hidden=config.hidden_size, heads=config.num_attention_heads,
+                                head_dim=config.head_dim, cfg=cfg, device=device, dtype=dtype)
+        rows.append({"kind": v.kind, "name": v.name, "puzzle_s": v.decode_time_s, "lean_s": lean,
+                     "ratio": v.decode_time_s / lean if lean else None})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from benchmarks.common import llama_8b_config, write_results
+    from puzzle.arch import Architecture
+    from puzzle.blocks.space import SearchSpace, build_candidates
+    from puzzle.modeling.configuration_decilm import DeciLMConfig
+
+    parser = argparse.ArgumentParser(description="puzzle's profiler against a lean decode step")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    small = DeciLMConfig(vocab_size=4096, hidden_size=384, num_hidden_layers=1, num_attention_heads=6, head_dim=64,
+                         block_configs=[{"attention": {"n_heads_in_group": 1}, "ffn": {"intermediate_size": 1024}}])
+    points = [("quality_at_speed parent", small, 2048, 512), ("Llama-3.1-8B layer", llama_8b_config(1, args.tiny), 1, 2048),
+              ("Llama-3.1-8B layer", llama_8b_config(1, args.tiny), 64, 4096)]
+    if args.tiny:
+        points = [(n, c, min(b, 4), min(ctx, 64)) for n, c, b, ctx in points]
+    timing = dict(repeats=5, inner=2, warmup=1, stack=1) if args.tiny else dict(repeats=20, inner=10, warmup=5, stack=4)
+    results, lines = [], []
+    for name, config, batch, context in points:
+        arch = Architecture.from_config(config.to_dict())
+        candidates = build_candidates(arch, SearchSpace())
+        variants = list(dict.fromkeys((c.kind, c.variant) for c in candidates))
+        cfg = ProfileConfig(batch_size=batch, context_len=context, device=device.type, **timing)
+        rows = compare(config, variants, cfg, device, dtype)
+        results.append({"model": name, "batch_size": batch, "context_len": context, "variants": rows})
+        lines += [f"## {name}, decode batch {batch}, context {context}", "",
+                  "| sub-block | variant | puzzle (us) | lean (us) | puzzle / lean |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['kind']} | {r['name']} | {r['puzzle_s'] * 1e6:.1f} | {r['lean_s'] * 1e6:.1f} | {r['ratio']:.2f} |"
+                  for r in rows if r["ratio"]]
+        lines.append("")
+    lines.append("puzzle = `puzzle.profiling` (the model's own decoder layers, the profile the MIP reads); lean = "
+                 "this file's fused QKV / fused gate-up step. Same timing method (CUDA graphs, median of samples).")
+    write_results("lean_decode" + ("_tiny" if args.tiny else ""), {"points": results}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -74,11 +74,13 @@ class DeciLMRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        # One fused kernel (it accumulates in fp32): at decode the unfused pow / mean / rsqrt / scale chain cost as
+        # much as a small FFN's matmuls. In bf16 the result can differ from Llama's unfused form in the last bit.
+        if hidden_states.dtype == self.weight.dtype:
+            return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+        input_dtype = hidden_states.dtype  # mixed dtypes (fp32 weights under autocast): Llama's exact form
+        normed = F.rms_norm(hidden_states.to(torch.float32), self.weight.shape, eps=self.variance_epsilon)
+        return self.weight * normed.to(input_dtype)
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -136,7 +138,9 @@ def attention_mask_for(padding_mask, past_len, q_len, kv_len, window, device):
     `padding_mask` (B, past_len + q_len), 1 for real tokens, covers all of them.
     """
     total = past_len + q_len
-    if padding_mask is None and window is None or (padding_mask is None and window >= total):
+    # One new token whose cached keys all lie inside its window (a window cache keeps exactly those): no mask.
+    window_covers = window is None or window >= total or (q_len == 1 and kv_len <= window)
+    if padding_mask is None and window_covers:
         if q_len == kv_len:
             return "causal"
         if q_len == 1:
