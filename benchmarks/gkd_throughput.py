@@ -28,12 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import puzzle  # noqa: E402
+from benchmarks.common import RESULTS, write_results  # noqa: E402
 from puzzle.arch import Architecture, AttentionConfig, FFNConfig  # noqa: E402
 from puzzle.checkpoint import build_model, decilm_config, decilm_config_from_parent, save_model  # noqa: E402
-from puzzle.demo import DemoConfig, demo_data_config, train_tokenizer  # noqa: E402
 from puzzle.data import iter_documents  # noqa: E402
+from puzzle.demo import DemoConfig, demo_data_config, train_tokenizer  # noqa: E402
 from puzzle.distill.gkd import GKDConfig, run_gkd  # noqa: E402
-from benchmarks.common import RESULTS, write_results  # noqa: E402
 
 LLAMA_32_1B = dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                    num_key_value_heads=8, head_dim=64, intermediate_size=8192, tie_word_embeddings=True,

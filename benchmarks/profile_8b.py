@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -96,7 +96,7 @@ def run(tiny: bool, quick: bool = False) -> None:
         point_result = {"profile_config": asdict(pcfg), "method": profile.method, "device": profile.device,
                         "fixed": asdict(profile.fixed), "variants": rows, "infeasible": failures}
         parent_pred = predicted_timing(profile, list(arch.blocks))
-        print(f"   timing the parent end to end", flush=True)
+        print("   timing the parent end to end", flush=True)
         model = random_model(parent_config, device, dtype)
         parent_meas = measure_model(model, pcfg)
         del model
@@ -107,7 +107,7 @@ def run(tiny: bool, quick: bool = False) -> None:
         if plans:
             plan = plans[0]
             child_arch = Architecture(shape=arch.shape, blocks=plan.blocks)
-            print(f"   timing the 2x child end to end", flush=True)
+            print("   timing the 2x child end to end", flush=True)
             child = random_model(decilm_config(parent_config.to_dict(), child_arch), device, dtype)
             child_meas = measure_model(child, pcfg)
             del child

@@ -549,8 +549,7 @@ def step_distill(work: Work) -> dict[str, Any]:
 
 
 def step_measure(work: Work) -> dict[str, Any]:
-    from puzzle.data import load_token_data, load_tokenizer
-    from puzzle.data import DataConfig
+    from puzzle.data import DataConfig, load_token_data, load_tokenizer
     from puzzle.scoring import model_quality
 
     data_cfg = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in work.data_config().items()})

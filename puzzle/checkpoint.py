@@ -19,9 +19,6 @@ import json
 import os
 import shutil
 import struct
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,8 @@ from safetensors import safe_open
 
 import puzzle
 from puzzle.arch import Architecture
-from puzzle.errors import ConfigError, InputError, OutputError, OutputExistsError, UnsupportedModelError
+from puzzle.errors import ConfigError, InputError, OutputError, UnsupportedModelError
+from puzzle.files import atomic_output_dir, read_json, write_json_atomic, write_text_atomic
 from puzzle.modeling.configuration_decilm import DeciLMConfig
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
 from puzzle.progress import track
@@ -48,68 +46,6 @@ TOKENIZER_FILES = (
 DECILM_MODEL_TYPE = "nemotron-nas"
 PARENT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Small file helpers
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to `path` through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, what: str = "file") -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: {what} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix or regenerate the file") from None
-
-
-def make_dirs(path: Path) -> Path:
-    """Create the folder `path` (and its parents); a location that cannot be written is one clear error."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"{path}: cannot create this folder ({err.strerror or err}); choose a writable location") from None
-    return path
-
-
-@contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to `out`; on success it replaces `out`, on failure it is removed.
-
-    An existing `out` is an error unless `overwrite`; then it is swapped out only after the new folder is
-    complete, so an interrupted write never destroys the old one.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it or choose another output path")
-    make_dirs(out.parent)
-    tmp = make_dirs(out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -355,11 +291,8 @@ def _file_digest(file: Path) -> str:
             digest.update(block)
             bar.advance(1)
     try:  # a cache that cannot be written only costs the hash next time
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(digest.hexdigest())
-        os.replace(tmp, entry)
-    except OSError:
+        write_text_atomic(entry, digest.hexdigest())
+    except (OSError, OutputError):
         pass
     return digest.hexdigest()
 

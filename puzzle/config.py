@@ -8,16 +8,15 @@ lists to tuples and checking types and Literal choices; errors name the file and
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
-import uuid
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from puzzle.errors import ConfigError
+from puzzle.files import write_text_atomic
 
 T = TypeVar("T")
 
@@ -145,6 +144,4 @@ def dotted(overrides: dict[str, Any]) -> dict[str, Any]:
 def write_yaml(path: Path, data: dict[str, Any], header: str = "") -> None:
     """Write YAML through a temporary file and a rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, header + yaml.safe_dump(data, sort_keys=False))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from puzzle.errors import ConfigError, InputError
+from puzzle.files import write_json_atomic
 from puzzle.progress import track
 
 SPLITS = ("train", "held_out")
@@ -458,7 +459,7 @@ def _write_cache(cfg: DataConfig, tokenizer: Any, separator: int, entry: Path) -
             handles[split].close()
             tmp[split].unlink(missing_ok=True)
     meta = {"version": _CACHE_VERSION, "config": cfg.to_dict(), "tokens": counts, "documents": documents}
-    _write_json_atomic(entry / "meta.json", meta)  # written last: its presence marks the entry complete
+    write_json_atomic(entry / "meta.json", meta)  # written last: its presence marks the entry complete
     return meta
 
 
@@ -476,12 +477,6 @@ def _check_splits(cfg: DataConfig, documents: dict[str, int]) -> None:
             f"the train split is empty ({total} documents, held_out_fraction={cfg.held_out_fraction}); "
             "add more documents or lower `held_out_fraction` in the data config"
         )
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------

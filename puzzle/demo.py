@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from puzzle.checkpoint import atomic_output_dir, write_json_atomic
 from puzzle.data import DataConfig, TokenData, iter_documents, load_token_data, source_fingerprint
 from puzzle.errors import ConfigError
+from puzzle.files import atomic_output_dir, write_json_atomic
 from puzzle.progress import log, quiet, track
 
 DEMO_VERSION = 1  # bump when the build recipe changes, so cached parents are rebuilt

@@ -27,18 +27,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import random
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from puzzle.checkpoint import write_json_atomic
 from puzzle.data import iter_documents
 from puzzle.demo import DemoConfig, demo_data_config
 from puzzle.errors import ConfigError, InputError
+from puzzle.files import write_json_atomic, write_text_atomic
 
 SHIPPED_TASKS_DIR = Path(__file__).parent / "tasks"
 NEXT_LINE_TASK = "puzzle_stdlib_next_line"
@@ -217,12 +215,6 @@ def _round_robin(groups: list[list[T]], n: int) -> list[T]:
 # Files
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _jsonl(records: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
 
@@ -323,7 +315,7 @@ def make_tasks(out: Path, cfg: TaskGenConfig = TaskGenConfig()) -> TaskManifest:
     try:
         (out / "data").mkdir(parents=True, exist_ok=True)
         for rel, text in files.items():
-            _write_text_atomic(out / rel, text)
+            write_text_atomic(out / rel, text)
     except OSError as err:
         raise InputError(f"{out}: cannot write the tasks there ({err.strerror}); choose another folder") from None
     manifest = TaskManifest(

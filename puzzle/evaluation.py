@@ -31,9 +31,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from puzzle.checkpoint import fingerprint, read_config, read_json, remote_code_allowed, write_json_atomic
+from puzzle.checkpoint import fingerprint, read_config, remote_code_allowed
 from puzzle.errors import ConfigError, InputError
 from puzzle.eval_tasks import SHIPPED_TASKS_DIR
+from puzzle.files import read_json, write_json_atomic
 from puzzle.progress import log
 
 RESULTS_VERSION = 1

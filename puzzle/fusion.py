@@ -43,6 +43,7 @@ from puzzle.checkpoint import decilm_config, load_architecture, load_model, save
 from puzzle.config import from_mapping, to_mapping
 from puzzle.data import DataConfig, TokenData, load_token_data, load_tokenizer
 from puzzle.distill.activations import logits_from_hidden, run_layers
+from puzzle.distill.gkd import GKDConfig, run_gkd
 from puzzle.distill.losses import cosine_distance, kl_per_token
 from puzzle.errors import ConfigError, InputError, OutputExistsError
 from puzzle.jobs import Shard, device_for
@@ -519,8 +520,6 @@ def _distill(fused: Path, ckpt: Path, out: Path, report: FusionReport, cfg: Fusi
     Hidden states are compared only where both models have one: not inside a fused group, whose
     intermediate states the fused model no longer computes.
     """
-    from puzzle.distill.gkd import GKDConfig, run_gkd
-
     inside = {i for g in report.fused_groups for i in g[:-1]}
     layers = len(load_architecture(ckpt).blocks)
     gkd = GKDConfig(

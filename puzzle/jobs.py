@@ -24,7 +24,8 @@ from typing import TypeVar
 
 import torch
 
-from puzzle.errors import ConfigError, StageError
+from puzzle import progress
+from puzzle.errors import ConfigError, PuzzleError, StageError
 
 T = TypeVar("T")
 
@@ -144,13 +145,23 @@ def _can_fork(threads: int) -> bool:
             and os.environ.get("PUZZLE_NO_FORK", "") in ("", "0"))
 
 
-class _Worker:
-    """One local worker: a forked copy of this process running `puzzle <argv>`, or a fresh `python -m puzzle`."""
+def _run_entry(entry: Callable[[], None]) -> int:
+    """A forked worker's body: run `entry`; a user error is one line in the log and its exit code."""
+    try:
+        entry()
+    except PuzzleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, fork: bool):
+
+class _Worker:
+    """One local worker: a forked copy of this process calling `entry`, or a fresh `python -m puzzle <argv>`."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, entry: Callable[[], None] | None):
         self.log = open(log_path, "w")
         self.pid, self.popen, self.returncode = None, None, None
-        if not fork:
+        if entry is None:
             self.popen = subprocess.Popen([sys.executable, "-m", "puzzle", *argv], env=env, stdout=self.log,
                                           stderr=subprocess.STDOUT, start_new_session=True)
             self.pid = self.popen.pid
@@ -169,13 +180,9 @@ class _Worker:
                 sys.stderr = open(2, "w", buffering=1, closefd=False)
                 os.environ.clear()
                 os.environ.update(env)
-                from puzzle import progress
-                from puzzle.cli import output
-                from puzzle.cli.app import run
 
                 progress.reset_consoles()
-                output.reset_consoles()
-                code = run(argv)
+                code = _run_entry(entry)
             except BaseException:  # noqa: BLE001 - the log is the only place left to say why
                 import traceback
 
@@ -208,22 +215,24 @@ class _Worker:
 
 
 class LocalWorkers:
-    """`puzzle <argv>` as `workers` local processes with RANK/WORLD_SIZE, each with its share of the CPU threads
-    and, when there are enough, bound to its own cores. Start them before any progress display (its refresh
+    """`workers` local processes with RANK/WORLD_SIZE, each with its share of the CPU threads and, when there are
+    enough, bound to its own cores: forks of this process calling `entry` where forking is safe, else fresh
+    `python -m puzzle <argv>` processes (the same work). Start them before any progress display (its refresh
     thread must not be running when a worker is forked); leaving the `with` block stops any still running.
     """
 
-    def __init__(self, argv: list[str], workers: int, log_dir: Path, threads_per_worker: int | None = None):
-        self.argv, self.workers, self.log_dir = argv, workers, log_dir
+    def __init__(self, argv: list[str], workers: int, log_dir: Path, threads_per_worker: int | None = None,
+                 entry: Callable[[], None] | None = None):
+        self.argv, self.workers, self.log_dir, self.entry = argv, workers, log_dir, entry
         self.threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
         self.procs: list[_Worker] = []
 
     def __enter__(self) -> LocalWorkers:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        fork = _can_fork(self.threads)
+        entry = self.entry if _can_fork(self.threads) else None
         for rank in range(self.workers):
             env = worker_env(rank, self.workers, self.threads, worker_cpus(rank, self.workers, self.threads))
-            self.procs.append(_Worker(self.argv, env, self.log_dir / f"rank{rank}.log", fork))
+            self.procs.append(_Worker(self.argv, env, self.log_dir / f"rank{rank}.log", entry))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,37 +9,64 @@ error, not a silent retrain; cheap ones simply rerun.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from puzzle.blocks.library import CalibrationConfig, Manifest, build_library, check_parent
+from puzzle import jobs
+from puzzle.blocks.init import init_candidate
+from puzzle.blocks.library import CalibrationConfig, Manifest, build_library, check_parent, load_stats, to_device_stats
 from puzzle.blocks.space import SearchSpace
-from puzzle.checkpoint import (check_weights, content_digests, convert, decilm_config, describe_change,
-                               load_architecture, load_model, make_dirs, normalized_config, read_json,
-                               write_json_atomic)
+from puzzle.checkpoint import (
+    check_weights,
+    content_digests,
+    convert,
+    decilm_config,
+    describe_change,
+    load_architecture,
+    load_model,
+    normalized_config,
+)
 from puzzle.config import deep_merge, from_mapping, read_yaml, to_mapping, write_yaml
 from puzzle.data import DataConfig, load_token_data, load_tokenizer
 from puzzle.distill.bld import NEUTRAL_FIELDS as BLD_NEUTRAL_FIELDS
-from puzzle.distill.bld import (BLDConfig, load_unit, parent_activations, pending_units, plan_parent_activations,
-                                train_units, unit_path, worker_share)
-from puzzle.errors import ConfigError, StageError
-from puzzle.jobs import Shard, SlurmConfig, device_for
-from puzzle.progress import log
+from puzzle.distill.bld import (
+    BLDConfig,
+    load_unit,
+    parent_activations,
+    pending_units,
+    plan_parent_activations,
+    train_units,
+    unit_path,
+    worker_share,
+)
+from puzzle.distill.gkd import GKDConfig, run_gkd
+from puzzle.errors import ConfigError, InfeasibleError, StageError
+from puzzle.files import make_dirs, read_json, write_json_atomic
+from puzzle.fusion import FusionConfig, find_runs, fuse_ffn
+from puzzle.jobs import Shard, SlurmConfig, device_for, set_threads_from_env, shard_from_env
+from puzzle.mip.stage import ChildPlan, SolveConfig, build_problem, solve_targets, sweep
+from puzzle.profiling import (
+    Profile,
+    ProfileConfig,
+    measure_model,
+    predicted_timing,
+    profile_variants,
+    resolve_device_dtype,
+)
+from puzzle.progress import log, track
+from puzzle.prune import PruneConfig, prune
+from puzzle.realize import realize
+from puzzle.report import ReportConfig, bld_table, measure, task_scores, write_report
 from puzzle.run import RunPaths
-from puzzle.distill.gkd import GKDConfig
-from puzzle.fusion import FusionConfig
-from puzzle.mip.stage import SolveConfig
-from puzzle.prune import PruneConfig
-from puzzle.profiling import ProfileConfig
-from puzzle.report import ReportConfig
-from puzzle.scoring import ScoreConfig, score_candidates
+from puzzle.scoring import ScoreConfig, Scores, score_candidates
 
 STAGES = ("convert", "library", "bld", "score", "profile", "solve", "realize", "fuse", "prune", "distill", "report")
 EXPENSIVE = {"library", "bld"}
@@ -251,8 +278,6 @@ class Search:
             def load(c):
                 return load_unit(unit_path(self.paths, c), c, parent.config, parent.device) if c.trainable else None
             return load
-        from puzzle.blocks.init import init_candidate
-        from puzzle.blocks.library import load_stats, to_device_stats
 
         arch = load_architecture(self.paths.parent)
 
@@ -266,8 +291,6 @@ class Search:
 
 def profile_stage(search: Search) -> None:
     """Cost of every variant in the library (and of the parent end to end) on this device."""
-    from puzzle.profiling import measure_model, profile_variants
-
     manifest = search.manifest()
     arch = load_architecture(search.paths.parent)
     variants = []
@@ -281,24 +304,16 @@ def profile_stage(search: Search) -> None:
     profile = profile_variants(search.parent_model().config, variants, search.cfg.profile)
     parent_timing = None
     if not search.cfg.profile.analytic:
-        from puzzle.profiling import resolve_device_dtype
-
         device, dtype = resolve_device_dtype(search.cfg.profile)
         model = load_model(search.paths.parent, dtype=dtype, device=device)
         parent_timing = measure_model(model, search.cfg.profile)
         del model
-    from dataclasses import replace
-
     profile = replace(profile, parent_fingerprint=manifest.parent_fingerprint, parent_measured=parent_timing)
     profile.save(search.paths.profile)
     search.mark_done("profile")
 
 
 def solve_stage(search: Search) -> None:
-    from puzzle.mip.stage import build_problem, solve_targets, sweep
-    from puzzle.profiling import Profile
-    from puzzle.scoring import Scores
-
     manifest = search.manifest()
     profile = Profile.load(search.paths.profile)
     if profile.parent_fingerprint != manifest.parent_fingerprint:
@@ -315,22 +330,16 @@ def solve_stage(search: Search) -> None:
     write_json_atomic(search.paths.solutions / "sweep.json", {"version": 1, "points": sweep(problem, profile, search.cfg.solve),
                                                               "infeasible": failures})
     if failures:
-        from puzzle.errors import InfeasibleError
-
         raise InfeasibleError("; ".join(failures))
     search.mark_done("solve")
 
 
 def plans_of(search: Search) -> list:
-    from puzzle.mip.stage import ChildPlan
-
     return [ChildPlan.load(search.paths.solutions / f"{t.name}.json") for t in search.cfg.solve.targets
             if (search.paths.solutions / f"{t.name}.json").exists()]
 
 
 def realize_stage(search: Search) -> list[Path]:
-    from puzzle.realize import realize
-
     manifest = search.manifest()
     arch = load_architecture(search.paths.parent)
     out = [realize(plan, search.parent_model(), arch, manifest, search.paths) for plan in plans_of(search)]
@@ -351,9 +360,6 @@ def child_dirs(search: Search) -> list[Path]:
 
 def fuse_stage(search: Search) -> None:
     """FFN Fusion of every solved child that has attention-free runs (config section `fuse`)."""
-    from dataclasses import replace
-
-    from puzzle.fusion import find_runs, fuse_ffn
 
     if search.cfg.fuse is not None:
         cfg = replace(search.cfg.fuse, data=search.cfg.data, device=search.cfg.device)
@@ -369,9 +375,6 @@ def fuse_stage(search: Search) -> None:
 
 def prune_stage(search: Search) -> None:
     """Minitron pruning of every solved child (config section `prune`), before distillation."""
-    from dataclasses import replace
-
-    from puzzle.prune import prune
 
     if search.cfg.prune is not None:
         cfg = replace(search.cfg.prune, data=search.cfg.data, device=search.cfg.device, distill=None)
@@ -383,9 +386,6 @@ def prune_stage(search: Search) -> None:
 
 def distill_stage(search: Search) -> None:
     """Global distillation of every child from the parent, in place (config section `gkd`)."""
-    from dataclasses import replace
-
-    from puzzle.distill.gkd import run_gkd
 
     if search.cfg.gkd is not None:
         cfg = search.cfg.gkd if search.cfg.device == "auto" else replace(search.cfg.gkd, device=search.cfg.device)
@@ -399,11 +399,6 @@ def distill_stage(search: Search) -> None:
 
 
 def report_stage(search: Search) -> Path:
-    from dataclasses import replace
-
-    from puzzle.profiling import Profile, predicted_timing, resolve_device_dtype
-    from puzzle.report import bld_table, measure, write_report
-    from puzzle.scoring import Scores
 
     cfg = search.cfg.report
     manifest = search.manifest()
@@ -432,8 +427,6 @@ def report_stage(search: Search) -> Path:
         report, _ = measure(path.name, path, child, parent, batches, None, child_arch, search.cfg.profile.kv_dtype)
         timing = None
         if profile_cfg:
-            from puzzle.profiling import measure_model
-
             timing = measure_model(load_model(path, dtype=dtype, device=device), profile_cfg)
         try:
             pred = predicted_timing(profile, list(child_arch.blocks))
@@ -452,8 +445,6 @@ def report_stage(search: Search) -> Path:
     rows = bld_table(manifest, search.paths, arch, scores, scores_init)
     tasks = None
     if cfg.tasks:
-        from puzzle.report import task_scores
-
         tasks = task_scores({"parent": search.paths.parent, **{c.name: Path(c.path) for c in children}}, cfg.tasks, cfg,
                             search.cfg.device)
     path = write_report(search.paths, parent=parent_report, parent_arch=arch, tasks=tasks, children=children, plans=plans, bld_rows=rows,
@@ -554,8 +545,6 @@ def run_stage(out: Path, stage: str, overrides: dict[str, Any] | None = None) ->
 def run_bld(out: Path, workers: int = 1, launcher: str = "local", as_worker: bool = False) -> None:
     search = open_run(out)
     if as_worker:
-        from puzzle.jobs import set_threads_from_env, shard_from_env
-
         set_threads_from_env()
         search.shard = shard_from_env()
         search.bld_worker()
@@ -574,9 +563,6 @@ def run_score(out: Path, weights: Literal["bld", "init"] = "bld") -> Path:
 
 def _bld(search: Search, workers: int, launcher: str) -> None:
     """Train every pending unit, in this process or in `workers` processes; then record the stage."""
-    from puzzle import jobs
-    from puzzle.progress import track
-
     if launcher not in ("local", "torchrun", "slurm"):
         raise ConfigError(f"--launcher {launcher!r}: choose local, torchrun or slurm")
     manifest = search.manifest()
@@ -588,7 +574,8 @@ def _bld(search: Search, workers: int, launcher: str) -> None:
         log_dir = search.paths.logs / "bld"
         with contextlib.ExitStack() as stack:
             # local workers start before the progress display (a forked worker must not inherit its thread)
-            local = stack.enter_context(jobs.LocalWorkers(argv, workers, log_dir)) if launcher == "local" else None
+            entry = functools.partial(run_bld, str(search.paths.root), as_worker=True)  # what each worker runs
+            local = stack.enter_context(jobs.LocalWorkers(argv, workers, log_dir, entry=entry)) if launcher == "local" else None
             with track(f"bld: {workers} workers ({launcher})", len(manifest.units)) as bar:
                 seen = [len(manifest.units) - len(pending)]
                 bar.advance(seen[0])

@@ -29,12 +29,28 @@ from typing import Any, Literal
 
 import torch
 
-from puzzle.arch import AttentionConfig, BlockConfig, FFNConfig, ModelShape, attention_kv_bytes_per_token, \
-    attention_params, ffn_params, kv_dtype_bytes
-from puzzle.checkpoint import read_json, write_json_atomic
+from puzzle.arch import (
+    Architecture,
+    AttentionConfig,
+    BlockConfig,
+    FFNConfig,
+    ModelShape,
+    attention_kv_bytes_per_token,
+    attention_params,
+    ffn_params,
+    kv_dtype_bytes,
+)
+from puzzle.config import to_mapping
 from puzzle.errors import ConfigError, StageError
+from puzzle.files import read_json, write_json_atomic
 from puzzle.modeling.configuration_decilm import DeciLMConfig
-from puzzle.modeling.modeling_decilm import DeciLMDecoderLayer, DeciLMForCausalLM, DeciLMRotaryEmbedding, MaskProvider
+from puzzle.modeling.modeling_decilm import (
+    DeciLMDecoderLayer,
+    DeciLMForCausalLM,
+    DeciLMRMSNorm,
+    DeciLMRotaryEmbedding,
+    MaskProvider,
+)
 from puzzle.progress import track
 
 PROFILE_VERSION = 2  # 2: parameter bytes at the deployment dtype (param_dtype), not the profiling dtype
@@ -290,7 +306,6 @@ def time_fixed(parent: DeciLMConfig, cfg: ProfileConfig, device, dtype) -> Timin
     """Embedding lookup, final norm and LM head (last position only in prefill, as generate does)."""
     emb = torch.nn.Embedding(parent.vocab_size, parent.hidden_size).to(device=device, dtype=dtype)
     head = torch.nn.Linear(parent.hidden_size, parent.vocab_size, bias=False).to(device=device, dtype=dtype)
-    from puzzle.modeling.modeling_decilm import DeciLMRMSNorm
 
     norm = DeciLMRMSNorm(parent.hidden_size, parent.rms_norm_eps).to(device=device, dtype=dtype)
     ids = torch.randint(0, parent.vocab_size, (cfg.batch_size, 1), device=device)
@@ -304,7 +319,6 @@ def measure_model(model: DeciLMForCausalLM, cfg: ProfileConfig) -> Timing:
     """A whole model's decode step and prefill, timed by the same method as the variants."""
     device, dtype = model.device, model.dtype
     config = model.config
-    from puzzle.arch import Architecture
 
     blocks = list(Architecture.from_config(config.to_dict()).blocks)
     cache = TimingCache(_cache_lengths(blocks, cfg.context_len), cfg.context_len - 1)
@@ -370,8 +384,6 @@ def resolve_device_dtype(cfg: ProfileConfig) -> tuple[torch.device, torch.dtype]
 def profile_variants(parent: DeciLMConfig, variants: list[tuple[str, AttentionConfig | FFNConfig]],
                      cfg: ProfileConfig, names: dict | None = None) -> Profile:
     """Cost of each distinct (kind, variant) of the parent's shape on the configured device."""
-    from puzzle.arch import Architecture
-
     shape = Architecture.from_config(parent.to_dict()).shape
     device, dtype = resolve_device_dtype(cfg)
     dtype_bytes = torch.finfo(dtype).bits // 8  # what the timed layers move
@@ -409,8 +421,6 @@ def profile_variants(parent: DeciLMConfig, variants: list[tuple[str, AttentionCo
 
 
 def _config_dict(cfg: ProfileConfig) -> dict[str, Any]:
-    from puzzle.config import to_mapping
-
     return to_mapping(cfg)
 
 

@@ -19,11 +19,12 @@ import torch
 import transformers
 
 import puzzle
-from puzzle.arch import Architecture
+from puzzle.arch import Architecture, AttentionConfig, attention_params, ffn_params
 from puzzle.blocks.library import Manifest
-from puzzle.checkpoint import write_json_atomic
 from puzzle.distill.bld import read_unit_result, unit_path
 from puzzle.errors import ConfigError
+from puzzle.evaluation import EvalConfig, evaluate_many
+from puzzle.files import write_json_atomic
 from puzzle.mip.stage import ChildPlan
 from puzzle.profiling import Profile, ProfileConfig, measure_model
 from puzzle.run import RunPaths
@@ -174,8 +175,6 @@ def _plots(out_dir: Path, parent_arch: Architecture, children: list[ModelReport]
 
 def _keep(variant, parent_variant, shape) -> float:
     """Colour of a sub-block in the layer map: its parameters as a fraction of the parent's (0 = removed)."""
-    from puzzle.arch import AttentionConfig, attention_params, ffn_params
-
     count = attention_params if isinstance(variant, AttentionConfig) else ffn_params
     full = count(shape, parent_variant)
     return count(shape, variant) / full if full else 0.0
@@ -197,8 +196,6 @@ def measure(name: str, path: Path, model, parent, batches, profile_cfg: ProfileC
 
 def task_scores(models: dict[str, Path], tasks: tuple[str, ...], cfg: ReportConfig, device: str) -> dict[str, dict[str, float]]:
     """lm-eval scores per model: accuracy for multiple choice, bits per byte for perplexity tasks."""
-    from puzzle.evaluation import EvalConfig, evaluate_many
-
     results = evaluate_many(models, list(tasks), EvalConfig(batch_size=cfg.task_batch_size, limit=cfg.task_limit,
                                                              device=device, write=False))
     out: dict[str, dict[str, float]] = {}

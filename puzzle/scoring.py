@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from puzzle.blocks.space import Candidate
 from puzzle.blocks.subblock import SubBlock
-from puzzle.checkpoint import read_json, write_json_atomic
 from puzzle.distill.activations import logits_from_hidden, run_layers
 from puzzle.errors import ConfigError, StageError
+from puzzle.files import read_json, write_json_atomic
 from puzzle.progress import track
 
 SCORES_VERSION = 1

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.arch import Architecture, attention_params, ffn_params
-from puzzle.checkpoint import normalized_config, read_json
+from puzzle.checkpoint import normalized_config
+from puzzle.files import read_json
 
 
 @dataclass(frozen=True, kw_only=True)

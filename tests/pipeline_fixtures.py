@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-
 from factories import tiny_parent_with_tokenizer
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from factories import ATTENTION_VARIANTS, VARIANT_COMBINATIONS, decilm_dict, decilm_model
-from puzzle.arch import AttentionConfig, Architecture, FFNConfig, ffn_mult_to_intermediate_size
+
+from puzzle.arch import Architecture, AttentionConfig, FFNConfig, ffn_mult_to_intermediate_size
 from puzzle.errors import ConfigError
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import FAMILIES, VARIANT_COMBINATIONS, decilm_model, hf_parent
 from safetensors.torch import save_file
 
-from factories import FAMILIES, VARIANT_COMBINATIONS, decilm_model, hf_parent
 from puzzle import checkpoint
 from puzzle.arch import Architecture
 from puzzle.errors import InputError, OutputExistsError, UnsupportedModelError

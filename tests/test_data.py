@@ -376,6 +376,7 @@ def test_slow_tokenizer_rejected(tmp_path):
 
 def test_a_tokenizer_that_ships_code_runs_it_only_when_the_user_opts_in(tmp_path):
     from factories import add_custom_tokenizer_code, tiny_parent_with_tokenizer
+
     from puzzle.data import load_tokenizer
 
     parent, _ = tiny_parent_with_tokenizer(tmp_path, layers=1)

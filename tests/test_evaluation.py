@@ -5,17 +5,40 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pipeline_fixtures import tiny_run_inputs
+
 from puzzle.arch import AttentionConfig, FFNConfig
-from puzzle.checkpoint import build_model, convert, decilm_config, load_architecture, load_model, normalized_config, save_model
+from puzzle.checkpoint import (
+    build_model,
+    convert,
+    decilm_config,
+    load_architecture,
+    load_model,
+    normalized_config,
+    save_model,
+)
 from puzzle.cli import app as cli
 from puzzle.cli.eval import eval_command
 from puzzle.demo import DemoConfig
 from puzzle.errors import InputError
-from puzzle.eval_tasks import MANIFEST, NEXT_LINE_TASK, PPL_TASK, SHIPPED_TASKS_DIR, WORD_ORDER_TASK, TaskGenConfig, make_tasks
+from puzzle.eval_tasks import (
+    MANIFEST,
+    NEXT_LINE_TASK,
+    PPL_TASK,
+    SHIPPED_TASKS_DIR,
+    WORD_ORDER_TASK,
+    TaskGenConfig,
+    make_tasks,
+)
 from puzzle.evaluation import (
-    EvalConfig, EvalResult, evaluate, evaluate_many, load_results, load_tasks, resolve_tasks, shipped_tasks,
+    EvalConfig,
+    EvalResult,
+    evaluate,
+    evaluate_many,
+    load_results,
+    load_tasks,
+    resolve_tasks,
+    shipped_tasks,
 )
 
 if not any(c.name == "eval" for c in cli.app.registered_commands):  # until puzzle/cli/app.py registers it

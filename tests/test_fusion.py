@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import decilm_dict, decilm_model, hf_parent, randomize_, tiny_parent_with_tokenizer
 from transformers import AutoModelForCausalLM
 
-from factories import decilm_dict, decilm_model, hf_parent, randomize_, tiny_parent_with_tokenizer
 from puzzle.arch import Architecture, AttentionConfig
 from puzzle.checkpoint import build_model, decilm_config, load_architecture, load_model, normalized_config, save_model
 from puzzle.cli import app as cli
@@ -23,7 +23,13 @@ from puzzle.data import DataConfig
 from puzzle.distill.activations import run_layers
 from puzzle.errors import ConfigError, InputError, OutputExistsError, UnsupportedModelError
 from puzzle.fusion import (
-    FusionConfig, FusionReport, choose_groups, find_runs, fuse_ffn, fuse_layers_, fused_architecture,
+    FusionConfig,
+    FusionReport,
+    choose_groups,
+    find_runs,
+    fuse_ffn,
+    fuse_layers_,
+    fused_architecture,
     measure_dependency,
 )
 

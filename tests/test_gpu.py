@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from factories import decilm_model
+
 from puzzle.arch import Architecture, AttentionConfig
 from puzzle.checkpoint import build_model, decilm_config
 from puzzle.profiling import ProfileConfig, measure_model, predicted_timing, profile_variants
@@ -46,6 +46,7 @@ def test_cuda_graph_profile_predicts_a_whole_model():
 
 def test_bld_on_cuda_trains_with_autocast(tmp_path):
     from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+
     from puzzle.distill.bld import read_unit_result, unit_path
     from puzzle.pipeline import run_search
 
@@ -62,9 +63,10 @@ def test_bld_on_cuda_trains_with_autocast(tmp_path):
 def test_bld_on_cuda_reads_parent_activations_from_disk(tmp_path):
     """The disk cache on a GPU: bf16 shards written from and read back to the device train the same units."""
     from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+    from safetensors.torch import load_file
+
     from puzzle.distill.bld import unit_path
     from puzzle.pipeline import run_search
-    from safetensors.torch import load_file
 
     parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=2)
     weights = {}

@@ -7,7 +7,7 @@ import pytest
 
 from puzzle import jobs
 from puzzle.errors import ConfigError, StageError
-from puzzle.jobs import Shard, shard_from_env, slurm_script, split_contiguous, SlurmConfig
+from puzzle.jobs import Shard, SlurmConfig, shard_from_env, slurm_script, split_contiguous
 
 
 @pytest.mark.parametrize("env,expected", [
@@ -78,19 +78,27 @@ def test_the_deeper_worker_gets_fewer_units_when_reaching_them_costs():
 
 
 @pytest.mark.parametrize("fork", ["1", "0"])
-def test_local_workers_run_the_cli_and_a_failure_names_its_log(tmp_path, monkeypatch, fork):
-    """Forked (single-threaded) and freshly started workers behave alike: each runs `puzzle <argv>` with its
-    output in logs/rank{N}.log, and a failed worker stops the wait with an error naming that log."""
+def test_local_workers_forked_or_fresh_do_the_same_work_and_a_failure_names_its_log(tmp_path, monkeypatch, fork):
+    """A forked (single-threaded) worker calls the core's entry function, a fresh one runs `puzzle <argv>` (the same
+    work): output goes to logs/rank{N}.log with RANK set, and a failed worker stops the wait naming that log."""
+    import functools
+
+    from puzzle.pipeline import run_bld
+
     monkeypatch.setenv("PUZZLE_NO_FORK", "0" if fork == "1" else "1")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1]))
-    with jobs.LocalWorkers(["--help"], 2, tmp_path / "ok", threads_per_worker=1) as local:
+    with jobs.LocalWorkers(["--help"], 2, tmp_path / "ok", threads_per_worker=1,
+                           entry=lambda: print(f"Usage: rank {os.environ['RANK']}")) as local:
         local.wait()
     for rank in range(2):
         assert "Usage" in (tmp_path / "ok" / f"rank{rank}.log").read_text()
+    missing = tmp_path / "missing"
     with pytest.raises(StageError, match="rank0.log"):
-        with jobs.LocalWorkers(["bld", str(tmp_path / "missing"), "--worker"], 1, tmp_path / "bad", 1) as local:
+        with jobs.LocalWorkers(["bld", str(missing), "--worker"], 1, tmp_path / "bad", 1,
+                               entry=functools.partial(run_bld, str(missing), as_worker=True)) as local:
             local.wait()
-    assert "error:" in (tmp_path / "bad" / "rank0.log").read_text()
+    log = (tmp_path / "bad" / "rank0.log").read_text()
+    assert "error:" in log and "missing" in log
 
 
 def test_only_single_threaded_workers_are_forked():

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-
 from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+
 from puzzle import pipeline
 from puzzle.blocks.library import Manifest
 from puzzle.checkpoint import load_architecture, load_model

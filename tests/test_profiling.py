@@ -1,8 +1,8 @@
 """Profiling: what each variant costs in memory is the deployed child's, whatever device and dtype timed it."""
 
 import pytest
-
 from factories import decilm_model
+
 from puzzle.arch import Architecture
 from puzzle.errors import ConfigError
 from puzzle.profiling import ProfileConfig, profile_variants

@@ -6,22 +6,30 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from factories import decilm_model, hf_parent, tiny_corpus, tiny_tokenizer
 from pipeline_fixtures import tiny_run_inputs
+from transformers import AutoModelForCausalLM
+
 from puzzle.arch import Architecture
 from puzzle.checkpoint import load_architecture, load_model, save_model
 from puzzle.cli import app as cli
 from puzzle.cli.prune import prune_command
 from puzzle.data import DataConfig
 from puzzle.distill.activations import logits_from_hidden, run_layers
-from puzzle.modeling.modeling_decilm import MaskProvider
 from puzzle.errors import ConfigError, InputError, OutputExistsError
+from puzzle.modeling.modeling_decilm import MaskProvider
 from puzzle.prune import PruneConfig, PruneResult, minitron_kd, prune
 from puzzle.prune.importance import Needs, channel_stat, head_stat, measure_importance
 from puzzle.prune.plan import (
-    LayerPlan, PrunePlan, drop_lowest, drop_window, head_targets, make_plan, pruned_architecture, select_heads, top_k,
+    LayerPlan,
+    PrunePlan,
+    drop_lowest,
+    drop_window,
+    head_targets,
+    make_plan,
+    pruned_architecture,
+    select_heads,
+    top_k,
 )
 from puzzle.prune.slicing import apply_plan
 

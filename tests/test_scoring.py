@@ -4,8 +4,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+
 from puzzle.checkpoint import build_model, decilm_config, load_architecture
 from puzzle.distill.bld import load_unit, unit_path
 from puzzle.distill.losses import kl_per_token

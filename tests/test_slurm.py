@@ -4,8 +4,8 @@ import shutil
 import subprocess
 
 import pytest
-
 from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+
 from puzzle.distill.bld import read_unit_result, unit_path
 from puzzle.pipeline import open_run, run_bld, run_search
 

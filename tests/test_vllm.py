@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import decilm_model, randomize_
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from factories import decilm_model, randomize_
 from puzzle import checkpoint
 from puzzle.arch import Architecture
 

@@ -23,6 +23,7 @@ import torch
 from puzzle.arch import Architecture, AttentionConfig, BlockConfig, FFNConfig
 from puzzle.blocks.space import Candidate
 from puzzle.blocks.subblock import SubBlock
+from puzzle.distill.activations import run_layers
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
 
 LayerStats = dict[str, torch.Tensor]  # "ffn_channel_score" (I,), "ffn_linear" (C, C), "attn_linear" (C, C)
@@ -87,8 +88,6 @@ def collect_layer_stats(model: DeciLMForCausalLM, batches: Iterable[torch.Tensor
 
 def _forward_until(model: DeciLMForCausalLM, ids: torch.Tensor, last_layer: int) -> None:
     """Run the parent's layers 0..last_layer only (calibration needs nothing after them)."""
-    from puzzle.distill.activations import run_layers
-
     run_layers(model, ids, stop=last_layer + 1)
 
 

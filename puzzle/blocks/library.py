@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from puzzle.arch import Architecture
+from puzzle.arch import Architecture, attention_params, ffn_params
 from puzzle.blocks.init import LayerStats, collect_layer_stats
 from puzzle.blocks.space import Candidate, SearchSpace, build_candidates
-from puzzle.checkpoint import fingerprint, load_architecture, read_json, write_json_atomic
+from puzzle.checkpoint import fingerprint, load_architecture
 from puzzle.errors import ConfigError, StageError
+from puzzle.files import atomic_path, read_json, write_json_atomic
 from puzzle.progress import track
 from puzzle.run import RunPaths
 
@@ -119,9 +120,8 @@ def build_library(paths: RunPaths, space: SearchSpace, calibration: CalibrationC
 
             stats = collect_layer_stats(model, counted(), sorted(layers), linear=linear)
         for layer, layer_stats in stats.items():
-            tmp = stats_path(paths, layer).with_suffix(".tmp")
-            save_file({k: v.contiguous().cpu() for k, v in layer_stats.items()}, tmp)
-            tmp.replace(stats_path(paths, layer))
+            with atomic_path(stats_path(paths, layer)) as tmp:
+                save_file({k: v.contiguous().cpu() for k, v in layer_stats.items()}, tmp)
     manifest.save(paths.manifest)
     return manifest
 
@@ -135,8 +135,6 @@ def manifest_summary(manifest: Manifest) -> dict[str, int]:
 
 def unit_params(candidate: Candidate, arch: Architecture) -> int:
     """Parameter count of a candidate (the cost used to balance workers)."""
-    from puzzle.arch import attention_params, ffn_params
-
     v = candidate.variant
     if candidate.kind == "attention":
         return attention_params(arch.shape, v)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from puzzle.arch import AttentionConfig, Architecture, BlockConfig, FFNConfig
+from puzzle.arch import Architecture, AttentionConfig, BlockConfig, FFNConfig
 from puzzle.errors import ConfigError
 
 Kind = Literal["attention", "ffn", "block"]

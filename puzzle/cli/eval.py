@@ -46,7 +46,8 @@ def eval_command(
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if make_tasks:
-        from puzzle.eval_tasks import SHIPPED_TASKS_DIR, make_tasks as make
+        from puzzle.eval_tasks import SHIPPED_TASKS_DIR
+        from puzzle.eval_tasks import make_tasks as make
 
         manifest = make(path or SHIPPED_TASKS_DIR)
         done(f"wrote {', '.join(f'{name} ({n} documents)' for name, n in manifest.tasks.items())} to {path or SHIPPED_TASKS_DIR}")

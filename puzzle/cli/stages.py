@@ -91,9 +91,8 @@ def solve_command(
     Example:  puzzle solve runs/llama8b --target-throughput 1.5x --vllm-native
     """
     from puzzle.config import dotted
-    from puzzle.pipeline import run_stage
-
     from puzzle.mip.stage import target_from_flags
+    from puzzle.pipeline import run_stage
 
     target = target_from_flags(name, throughput=target_throughput, memory=max_memory, latency=max_latency,
                                kv_bytes_per_token=max_kv_bytes_per_token, min_attention_layers=min_attention_layers,

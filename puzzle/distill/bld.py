@@ -24,7 +24,6 @@ import os
 import pickle
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,15 +33,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from puzzle.arch import Architecture
-from puzzle.blocks.init import init_candidate
+from puzzle.blocks.init import init_candidate, least_squares
 from puzzle.blocks.library import Manifest, load_stats, to_device_stats, unit_params
 from puzzle.blocks.space import Candidate
 from puzzle.blocks.subblock import Rotary, SubBlock
+from puzzle.checkpoint import decilm_config, normalized_config, safetensors_keys
 from puzzle.distill.activations import LayerIO
 from puzzle.distill.losses import normalized_mse
 from puzzle.distill.parent_cache import DiskActivations, RecomputedActivations, cache_key, shard_bytes
-from puzzle.checkpoint import decilm_config, normalized_config, safetensors_keys
 from puzzle.errors import ConfigError, InputError
+from puzzle.files import atomic_path
 from puzzle.jobs import Shard, my_share
 from puzzle.progress import log, track
 from puzzle.run import RunPaths
@@ -102,11 +102,9 @@ def unit_path(paths: RunPaths, c: Candidate) -> Path:
 
 def write_unit(path: Path, block: SubBlock, layer: int, result: UnitResult) -> None:
     """Weights (checkpoint names) + result in the safetensors metadata, written through a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in block.checkpoint_state(layer).items()}
-    save_file(state, tmp, metadata={"puzzle_unit": json.dumps(asdict(result))})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={"puzzle_unit": json.dumps(asdict(result))})
 
 
 def expected_unit_tensors(c: Candidate, parent_config) -> dict[str, tuple[int, ...]]:
@@ -274,8 +272,6 @@ class _Group:
 
     @torch.no_grad()
     def solve_closed_form(self) -> None:
-        from puzzle.blocks.init import least_squares
-
         for unit_id, sums in self.sums.items():
             linear, _ = _linear_and_norm(self.blocks[unit_id])
             linear.weight.copy_(least_squares(sums["xtx"], sums["xty"]).to(linear.weight.dtype))
@@ -318,10 +314,8 @@ def _group_key(units: list[Candidate], cfg: BLDConfig, data_key: str) -> str:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _load_progress(checkpoint: Path, device: torch.device) -> dict | None:

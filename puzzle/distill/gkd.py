@@ -32,14 +32,19 @@ import torch
 from torch import nn
 
 from puzzle.checkpoint import (
-    atomic_output_dir, build_model, decilm_config, finish_checkpoint_dir, fingerprint, load_model,
-    normalized_config, read_json, write_json_atomic,
+    build_model,
+    decilm_config,
+    fingerprint,
+    finish_checkpoint_dir,
+    load_model,
+    normalized_config,
 )
 from puzzle.config import deep_merge, from_mapping, read_yaml, to_mapping
 from puzzle.data import DataConfig, load_token_data, load_tokenizer
 from puzzle.distill.gkd_loss import METRIC_NAMES, GKDLoss, held_out_sums
 from puzzle.distill.gkd_state import STATE_DIR, TrainingState
 from puzzle.errors import ConfigError, InputError, OutputExistsError
+from puzzle.files import atomic_output_dir, read_json, write_json_atomic
 from puzzle.progress import Tracker, log, track
 
 GKD_VERSION = 1

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from puzzle.checkpoint import read_json, write_json_atomic
 from puzzle.errors import StageError
+from puzzle.files import read_json, write_json_atomic
 from puzzle.progress import log
 
 STATE_DIR = ".gkd_state"

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from puzzle.distill.activations import LayerIO, run_layers
+from puzzle.files import atomic_path
 
 
 class RecomputedActivations:
@@ -75,10 +74,8 @@ class DiskActivations:
             if layer.ffn is not None:
                 tensors[f"ffn.{i}"] = layer.ffn
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
         return tensors
 
 

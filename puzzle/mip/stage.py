@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 from puzzle.arch import Architecture, AttentionConfig, BlockConfig, FFNConfig
 from puzzle.blocks.library import Manifest
-from puzzle.checkpoint import read_json, write_json_atomic
+from puzzle.config import to_mapping
 from puzzle.errors import ConfigError, InfeasibleError, StageError
+from puzzle.files import read_json, write_json_atomic
 from puzzle.mip.diagnose import TargetInfeasibleError
 from puzzle.mip.metrics import parent_metrics
 from puzzle.mip.problem import DiversityTarget, LayerOptions, Option, Problem, Targets
@@ -257,7 +258,6 @@ def solve_targets(problem: Problem, profile: Profile, manifest: Manifest, arch: 
             failures.append(f"target {spec.name}: {err}")
             continue
         previous.append(solution)
-        from puzzle.config import to_mapping
 
         plans.append(ChildPlan(name=spec.name, target=to_mapping(spec), solution=solution,
                                blocks=blocks_of(solution, manifest, arch), parent_throughput=parent.throughput))

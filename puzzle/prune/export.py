@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from puzzle.arch import Architecture
-from puzzle.checkpoint import atomic_output_dir, copy_tokenizer_files, provenance, write_json_atomic
+from puzzle.checkpoint import copy_tokenizer_files, provenance
+from puzzle.files import atomic_output_dir, write_json_atomic
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
 
 

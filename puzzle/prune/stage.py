@@ -18,10 +18,12 @@ from typing import Any
 import torch
 
 from puzzle.arch import Architecture
-from puzzle.checkpoint import atomic_output_dir, finish_checkpoint_dir, load_model, normalized_config, read_json, save_model
+from puzzle.checkpoint import finish_checkpoint_dir, load_model, normalized_config, save_model
 from puzzle.config import to_mapping
 from puzzle.data import TokenData, load_token_data, load_tokenizer
-from puzzle.errors import ConfigError, InputError, OutputExistsError
+from puzzle.distill.gkd import run_gkd
+from puzzle.errors import ConfigError, OutputExistsError
+from puzzle.files import atomic_output_dir, read_json
 from puzzle.jobs import Shard, device_for
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
 from puzzle.progress import log
@@ -150,8 +152,6 @@ def _distill_and_write(child: DeciLMForCausalLM, ckpt: Path, result: PruneResult
                        details: dict[str, Any], overwrite: bool) -> PruneResult:
     """KD of the pruned child from `ckpt` (puzzle.distill.gkd) in two hidden folders beside `out`, then the
     final write. Both folders stay when KD fails, so repeating the call resumes the KD."""
-    from puzzle.distill.gkd import run_gkd
-
     out = Path(result.out)
     staging, trained = out.with_name(f".{out.name}.pruned"), out.with_name(f".{out.name}.kd")
     save_model(child, staging, source=ckpt, overwrite=True, info={**details, "prune": result.to_dict()})

@@ -3,8 +3,8 @@ and the rules do what they claim on planted inputs."""
 
 import pytest
 import torch
-
 from factories import decilm_model
+
 from puzzle.arch import Architecture, AttentionConfig, FFNConfig
 from puzzle.blocks.init import collect_layer_stats, init_attention, init_candidate, init_ffn, parent_layer_state
 from puzzle.blocks.space import AttentionSpace, FFNSpace, SearchSpace, build_candidates

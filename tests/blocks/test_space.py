@@ -1,8 +1,8 @@
 """The search space: Puzzle's default variants per layer, and the unit counts of both BLD modes."""
 
 import pytest
-
 from factories import decilm_dict
+
 from puzzle.arch import Architecture
 from puzzle.blocks.space import AttentionSpace, FFNSpace, SearchSpace, build_candidates
 from puzzle.errors import ConfigError

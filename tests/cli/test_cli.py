@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from factories import hf_parent
+
 from puzzle.cli import app as cli
 
 ROOT = Path(__file__).parents[2]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
 from safetensors.torch import load_file
 
-from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
 from puzzle.blocks.init import least_squares
 from puzzle.checkpoint import load_architecture
 from puzzle.distill.activations import run_layers

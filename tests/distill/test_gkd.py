@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from factories import decilm_model, tiny_parent_with_tokenizer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from factories import decilm_model, tiny_parent_with_tokenizer
 from puzzle.arch import Architecture, AttentionConfig, FFNConfig
 from puzzle.checkpoint import build_model, decilm_config, load_model, normalized_config, save_model
 from puzzle.data import DataConfig

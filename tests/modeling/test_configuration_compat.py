@@ -12,8 +12,8 @@ import sys
 import textwrap
 
 import pytest
-
 from factories import decilm_model
+
 from puzzle import checkpoint
 
 _READ_AS_VLLM_DOES = textwrap.dedent("""

@@ -8,9 +8,9 @@ under `make test-latest` and `make test-oldest` (the newest releases and the old
 
 import pytest
 import torch
+from factories import FAMILIES, hf_parent, randomize_
 from transformers import AutoModelForCausalLM
 
-from factories import FAMILIES, hf_parent, randomize_
 from puzzle import checkpoint
 from puzzle.arch import Architecture, AttentionConfig, BlockConfig, FFNConfig
 from puzzle.modeling import modeling_decilm

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from factories import VARIANT_COMBINATIONS, decilm_model
+
 from puzzle.modeling.modeling_decilm import DeciLMCache
 
 
@@ -109,8 +109,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_ffn_mult_width_follows_vllms_rule():
-    from puzzle.checkpoint import build_model, decilm_config
     from factories import decilm_dict
+
+    from puzzle.checkpoint import build_model, decilm_config
 
     config = decilm_dict([("gqa2", "full")])
     config["block_configs"][0]["ffn"] = {"ffn_mult": 2.625, "no_op": False, "replace_with_linear": False}
