@@ -1,4 +1,4 @@
-"""Issue 4 on a GPU: blockwise local distillation of one Llama-3.1-8B-shaped layer, tokens/s per unit.
+"""Blockwise local distillation of one Llama-3.1-8B-shaped layer, tokens/s per unit.
 
     python benchmarks/bld_8b_layer.py           # H100 / H200, bf16 parent, bf16 autocast units
     python benchmarks/bld_8b_layer.py --tiny    # CPU smoke run of the same code path

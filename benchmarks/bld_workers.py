@@ -1,4 +1,4 @@
-"""Issue 4: does BLD of the demo library finish sooner with 2 local workers than with 1?
+"""Does BLD of the demo library finish sooner with 2 local workers than with 1?
 
     python benchmarks/bld_workers.py              # the demo parent and its library (CPU, ~8 minutes)
     python benchmarks/bld_workers.py --repeats 1  # one run of each

@@ -1,4 +1,4 @@
-"""Decode latency of k sequential FFNs vs one fused FFN of width k * I (FFN Fusion, issue 7).
+"""Decode latency of k sequential FFNs vs one fused FFN of width k * I (FFN Fusion).
 
     python benchmarks/ffn_fusion_latency.py                 # GPU: Llama-3.1-8B shapes, bf16, CUDA graphs
     python benchmarks/ffn_fusion_latency.py --cpu-tiny      # CPU smoke check: demo shapes, fp32, no graphs

@@ -1,4 +1,4 @@
-"""KD throughput of a ~1B-parameter heterogeneous student from its teacher, through `run_gkd` (issue 6).
+"""KD throughput of a ~1B-parameter heterogeneous student from its teacher, through `run_gkd`.
 
     python benchmarks/gkd_throughput.py                          # one GPU, bf16: KL + cosine, then logits-only
     python benchmarks/gkd_throughput.py --tiny                   # seconds on CPU: a smoke check of the same path

@@ -1,4 +1,4 @@
-"""Issue 10: BLD and GKD scaling over the GPUs of one host, through torchrun.
+"""BLD and GKD scaling over the GPUs of one host, through torchrun.
 
     python benchmarks/multigpu.py            # every power of two up to the GPUs present: 1, 2, 4, 8
     python benchmarks/multigpu.py --tiny     # CPU smoke run of the same launches (gloo, 1 and 2 processes)

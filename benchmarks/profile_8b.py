@@ -1,4 +1,4 @@
-"""Issue 5 on a GPU: profile Llama-3.1-8B-shaped variants, solve for 2x throughput, check the prediction.
+"""Profile Llama-3.1-8B-shaped variants, solve for 2x throughput, check the prediction.
 
     python benchmarks/profile_8b.py           # H100 / H200, bf16, CUDA graphs (a few minutes)
     python benchmarks/profile_8b.py --tiny    # CPU smoke run of the same code path

@@ -1,4 +1,4 @@
-"""Issue 16: do puzzle children keep more quality than depth and width pruning at the same measured speed?
+"""Do puzzle children keep more quality than depth and width pruning at the same measured speed?
 
     python benchmarks/quality_at_speed.py                 # every step not done yet (one H200, bf16, CUDA graphs)
     python benchmarks/quality_at_speed.py parent search   # only these steps (each resumes from WORK)

@@ -1,6 +1,6 @@
 """Architecture description: per-layer attention / FFN variants (`block_configs`) and their costs.
 
-DESIGN.md section 2. This is the one description every stage speaks: a child is a `ModelShape` (the global
+docs/checkpoint-format.md describes the format. This is the one description every stage speaks: a child is a `ModelShape` (the global
 fields of config.json) plus one `BlockConfig` per layer. JSON follows the DeciLM / Llama-Nemotron
 convention that vLLM reads (`no_op`, `replace_with_linear`, `n_heads_in_group`, `intermediate_size`;
 NVIDIA's older `ffn_mult` is read and converted); puzzle adds `window_length`.

@@ -1,6 +1,6 @@
 """Checkpoint I/O: load, save and convert heterogeneous (DeciLM / "nemotron-nas") checkpoints.
 
-DESIGN.md section 2. A puzzle checkpoint is an HF folder: config.json (`model_type: nemotron-nas`,
+docs/checkpoint-format.md. A puzzle checkpoint is an HF folder: config.json (`model_type: nemotron-nas`,
 `block_configs`, `auto_map`), sharded safetensors with an index, the two modeling files copied from
 `puzzle/modeling/`, the parent's tokenizer and generation config, and `puzzle.json` (provenance). It loads
 with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where puzzle is not installed.

@@ -1,4 +1,4 @@
-"""Text sources -> token batches, with a fixed held-out split (DESIGN.md sections 1 and 3).
+"""Text sources -> token batches, with a fixed held-out split (docs/architecture.md).
 
 Calibration, blockwise distillation (BLD), scoring and global distillation all read their tokens here:
 

@@ -1,4 +1,4 @@
-"""The embedded demo parent (DESIGN.md section 6): a small Llama trained here, on CPU, in a few minutes.
+"""The embedded demo parent (README, "make demo"): a small Llama trained here, on CPU, in a few minutes.
 
 No pretrained weights can be downloaded, so the demo makes its own parent from a corpus every machine has:
 the Python standard library's own source files (test suites excluded). A byte-level BPE tokenizer is

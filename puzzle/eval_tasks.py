@@ -1,6 +1,6 @@
-"""The shipped lm-eval tasks of the demo, generated from held-out Python standard library files (issue 9).
+"""The shipped lm-eval tasks of the demo, generated from held-out Python standard library files.
 
-The demo parent (DESIGN.md section 6) is trained on the standard library's own source files; `puzzle.data`
+The demo parent (puzzle/demo.py) is trained on the standard library's own source files; `puzzle.data`
 holds a fixed set of files out by a hash of their path. These tasks are cut from those held-out files only, so
 the parent never trained on them:
 

@@ -1,6 +1,6 @@
-"""Evaluation with lm-evaluation-harness: `puzzle eval` and the quality numbers of the report (issue 9).
+"""Evaluation with lm-evaluation-harness: `puzzle eval` and the quality numbers of the report .
 
-DESIGN.md section 4 (`puzzle eval CKPT --tasks TASKS`). Models run through lm-eval's Hugging Face backend
+`puzzle eval CKPT --tasks TASKS` (README "Commands"). Models run through lm-eval's Hugging Face backend
 (`HFLM`), so a puzzle checkpoint is evaluated exactly as a user loads it: through the modeling files inside
 the folder, with no puzzle import. Plain HF parents run the same way. Code in a folder runs without asking only
 when it is this puzzle version's own modeling code; anything else needs `trust_remote_code` (the user's opt-in).

@@ -1,7 +1,7 @@
 """FFN Fusion: a run of sequential FFNs replaced by one wide FFN on their shared input.
 
 Bercovich et al., "FFN Fusion: Rethinking Sequential Computation in Large Language Models" (2025);
-DESIGN.md section 3 ("FFN Fusion"), ../shared/papers/FACTS.md. Once attention is gone from some layers,
+docs/methods.md, "FFN Fusion". Once attention is gone from some layers,
 their FFNs follow each other with nothing in between:
 
     h_1 = x,  h_{j+1} = h_j + f_j(h_j)          sequential: what the model computes
@@ -62,7 +62,7 @@ class FusionConfig:
     # gives no number; the demo's attention-free runs measure 0.003-0.02, so 0.05 fuses those.
     threshold: float | None = 0.05
     max_run: int | None = None  # most FFNs in one fused layer; None: no limit
-    keep_last: bool = True  # FACTS.md (FFN Fusion): leaving each run's last FFN unfused helps quality
+    keep_last: bool = True  # the FFN Fusion paper: leaving each run's last FFN unfused helps quality
     data: DataConfig | None = None  # train split: calibration; held-out split: the quality check
     calibration_tokens: int = 1 << 15
     eval_tokens: int = 1 << 15  # held-out tokens for KL / LM loss after fusion; 0 skips the check

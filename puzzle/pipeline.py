@@ -1,4 +1,4 @@
-"""The stages of `puzzle search` over a run directory (DESIGN.md section 3); this module only chains them.
+"""The stages of `puzzle search` over a run directory (docs/architecture.md); this module only chains them.
 
 Every stage reads the run directory, writes its outputs atomically and records `stages/{stage}.json`
 with a fingerprint of the config sections it depends on. A stage whose record matches is skipped, so a
@@ -85,7 +85,7 @@ class SearchConfig:
     solve: SolveConfig = field(default_factory=SolveConfig)
     fuse: FusionConfig | None = None  # FFN Fusion of each child's attention-free runs -> children/{name}-fused
     prune: PruneConfig | None = None  # Minitron pruning of each child -> children/{name}-pruned
-    gkd: GKDConfig | None = None  # global distillation of every child from the parent (in place)
+    gkd: GKDConfig | None = None  # global distillation of every child from the parent -> children/{child}-kd
     report: ReportConfig = field(default_factory=ReportConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # resources of each array task (--launcher slurm)
     device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
@@ -176,17 +176,23 @@ class Search:
 
     def is_done(self, stage: str) -> bool:
         record = self._record(stage)
-        if not record.exists():
+        if not record.exists() or (stage == "library" and not self.paths.manifest.exists()):
             return False
         key = read_json(record).get("key")
         if key == _section_key(self.cfg, stage):
             return True
-        if stage in EXPENSIVE:
+        if stage in EXPENSIVE and self._has_results(stage):  # a deleted library is simply rebuilt
             raise StageError(
                 f"{self.paths.root}: the {stage} stage ran with a different config; start a new --out run, "
                 f"or delete {self.paths.library} to rebuild the library"
             )
         return False
+
+    def _has_results(self, stage: str) -> bool:
+        """Whether the expensive `stage` left results that another config must not be mixed with."""
+        if stage == "library":
+            return self.paths.manifest.exists()
+        return any(self.paths.library.glob("*/L*/*.safetensors"))  # bld: trained units
 
     def mark_done(self, stage: str, info: dict | None = None) -> None:
         """Record `stage` as done; every later stage now has newer inputs and must run again."""
@@ -347,14 +353,22 @@ def realize_stage(search: Search) -> list[Path]:
     return out
 
 
-def child_dirs(search: Search) -> list[Path]:
-    """Every child of the run: one per solved target, plus the fused / pruned variants made from it."""
+DERIVED = ("", "-fused", "-pruned")  # children/{name}{suffix}: realized, then fused / pruned from it
+DISTILLED = "-kd"  # children/{child}-kd: the distilled copy of a child; a stage never rewrites its input
+
+
+def child_dirs(search: Search, distilled: bool = True) -> list[Path]:
+    """Every child of the run: one per solved target, the fused / pruned variants made from it, and (with
+    `distilled`) the distilled copies the last distill stage recorded."""
+    record = search._record("distill")
+    made = read_json(record).get("distilled", {}) if distilled and record.exists() else {}
     out = []
     for plan in plans_of(search):
-        for suffix in ("", "-fused", "-pruned"):
-            path = search.paths.children / f"{plan.name}{suffix}"
-            if path.exists():
-                out.append(path)
+        for suffix in DERIVED:
+            child = search.paths.children / f"{plan.name}{suffix}"
+            kd = child.with_name(child.name + DISTILLED)
+            out += [child] if child.exists() else []
+            out += [kd] if kd.name in made and kd.exists() else []
     return out
 
 
@@ -385,17 +399,24 @@ def prune_stage(search: Search) -> None:
 
 
 def distill_stage(search: Search) -> None:
-    """Global distillation of every child from the parent, in place (config section `gkd`)."""
+    """Global distillation of every child from the parent (config section `gkd`) into children/{child}-kd.
 
+    The child itself is never rewritten, so a rerun with another `gkd` config starts again from the
+    un-distilled weights; the record lists which child each distilled one came from.
+    """
+    made = {}
     if search.cfg.gkd is not None:
         cfg = search.cfg.gkd if search.cfg.device == "auto" else replace(search.cfg.gkd, device=search.cfg.device)
-        for child in child_dirs(search):
+        for child in child_dirs(search, distilled=False):
             kept = read_json(child / "puzzle.json").get("prune", {}).get("kept_layers")
             # A depth-pruned child's layer i is the parent's layer kept[i] (for the hidden-state term).
             child_cfg = replace(cfg, layer_map=tuple(kept)) if kept and cfg.layer_map is None else cfg
-            log(f"[bold]distill[/]: {child.name} from the parent ({cfg.tokens:,} tokens)")
-            run_gkd(child, search.paths.parent, search.cfg.data, child, child_cfg, overwrite=True, info={"stage": "distill"})
-    search.mark_done("distill")
+            out = child.with_name(child.name + DISTILLED)
+            log(f"[bold]distill[/]: {child.name} from the parent ({cfg.tokens:,} tokens) -> {out}")
+            run_gkd(child, search.paths.parent, search.cfg.data, out, child_cfg, overwrite=True,
+                    info={"stage": "distill", "child": child.name})
+            made[out.name] = child.name
+    search.mark_done("distill", {"distilled": made})
 
 
 def report_stage(search: Search) -> Path:

@@ -1,6 +1,6 @@
 """Cost of every sub-block variant on the target device, and of whole models by the same method.
 
-DESIGN.md section 3 "Profiling". For each distinct (attention or FFN) variant of the parent's shape:
+docs/methods.md, "Profiling". For each distinct (attention or FFN) variant of the parent's shape:
 decode time of one step at (batch, context) with a KV cache of `context` tokens (a window layer holds
 min(context, window)), prefill time of a prompt, parameter bytes and KV bytes per token. A decode step of a
 whole child is then predicted as the fixed part (embedding, final norm, LM head) plus the sum of its
@@ -239,7 +239,7 @@ def _stacked_layers(parent: DeciLMConfig, block: BlockConfig, n: int, device, dt
     config = _layer_config(parent, [block] * n)
     layers = torch.nn.ModuleList([DeciLMDecoderLayer(config, i) for i in range(n)]).to(device=device, dtype=dtype)
     for p in layers.parameters():
-        torch.nn.init.normal_(p, std=0.02)  # random, not zeros (METHOD.md: zeros can run faster)
+        torch.nn.init.normal_(p, std=0.02)  # random, not zeros: multiplying zeros can run faster on GPUs
     return config, layers
 
 

@@ -1,4 +1,4 @@
-"""The run directory of `puzzle search`: where every stage reads and writes (DESIGN.md section 3)."""
+"""The run directory of `puzzle search`: where every stage reads and writes (docs/run-directory.md)."""
 
 from __future__ import annotations
 

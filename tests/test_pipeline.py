@@ -102,9 +102,15 @@ def test_rerun_skips_finished_stages(finished_run, monkeypatch):
     run_search(finished_run.paths.root)
 
 
-def test_changed_bld_config_is_an_error_not_a_silent_retrain(finished_run):
+def test_changed_bld_config_is_an_error_not_a_silent_retrain(finished_run, tmp_path):
     with pytest.raises(StageError, match="bld stage ran with a different config"):
         run_search(finished_run.paths.root, overrides={"bld": {"lr": 0.1}}, stage="bld")
+    # What the message advises: deleting the library rebuilds it (and retrains) with the new config.
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run.paths.root, run)
+    shutil.rmtree(run / "library")
+    search = run_search(run, overrides={"bld": {"lr": 0.1}})
+    assert not pipeline.pending_units(search.manifest(), search.paths) and (run / "report.md").exists()
 
 
 def test_how_bld_runs_is_not_a_config_change(finished_run, monkeypatch):
@@ -165,12 +171,24 @@ def test_fuse_prune_and_distill_stages_make_and_improve_derived_children(tmp_pat
     assert (children / "one-attention-fused" / "puzzle.json").exists()
     pruned = json.loads((children / "one-attention-pruned" / "puzzle.json").read_text())
     assert len(pruned["prune"]["kept_layers"]) == 2
+    realized = load_model(children / "one-attention").state_dict()
     for name in ("one-attention", "one-attention-fused", "one-attention-pruned"):
-        gkd = json.loads((children / name / "gkd.json").read_text())
+        assert not (children / name / "gkd.json").exists(), "a stage never rewrites its input"
+        gkd = json.loads((children / f"{name}-kd" / "gkd.json").read_text())
         assert gkd["after"]["kl"] < gkd["before"]["kl"], name
     report = json.loads((search.paths.root / "report.json").read_text())
+    names = {c["name"] for c in report["children"]}
+    assert {"one-attention-kd", "one-attention-fused-kd", "one-attention-pruned-kd"} <= names
     fused = next(c for c in report["children"] if c["name"] == "one-attention-fused")
     assert fused["summed_score"] is None and fused["measured_speedup"] is not None
+
+    # Another GKD config re-derives from the un-distilled child: the same starting point, not the distilled one.
+    before = json.loads((children / "one-attention-kd" / "gkd.json").read_text())["before"]
+    config["gkd"]["lr"] = 5e-4
+    run_search(search.paths.root, config=write_config(tmp_path / "c2.yaml", config), stage="distill")
+    again = json.loads((children / "one-attention-kd" / "gkd.json").read_text())
+    assert again["before"] == before and again["config"]["lr"] == 5e-4
+    assert all(torch.equal(v, realized[k]) for k, v in load_model(children / "one-attention").state_dict().items())
 
 
 def test_report_includes_lm_eval_scores_when_the_config_names_tasks(finished_run, tmp_path):

@@ -1,4 +1,4 @@
-"""BLD as a real Slurm job array on a one-node cluster (needs sbatch; see ../shared/slurm-localhost.md)."""
+"""BLD as a real Slurm job array on a one-node cluster (needs sbatch and a running slurmctld / slurmd)."""
 
 import shutil
 import subprocess

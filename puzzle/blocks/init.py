@@ -1,9 +1,9 @@
-"""Initialise each candidate sub-block from the parent's weights (Puzzle, section 3; DESIGN.md section 3).
+"""Initialise each candidate sub-block from the parent's weights (Puzzle, section 3; docs/methods.md "Search space").
 
 - fewer KV heads: mean-pool the K and V heads of each new group (queries, output and norms copied);
 - window attention: the parent's weights unchanged;
 - linear attention: least squares from the normalised input to the attention output on calibration tokens
-  (default), or DESIGN.md's fold W_O x W_V, each KV head's W_V repeated for the query heads that read it
+  (default), or the fold W_O x W_V, each KV head's W_V repeated for the query heads that read it
   (the map attention computes when every token attends only to itself). On random and demo parents the
   fold is often worse than removing the attention (normalised MSE > 1); least squares never is on the
   calibration data, since zero is one of the maps it chooses from;

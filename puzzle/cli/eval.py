@@ -42,7 +42,7 @@ def eval_command(
 
     Example:  puzzle eval --make-tasks ./my_tasks
     """
-    # Everything is local (DESIGN.md section 1); set before datasets / huggingface_hub read them at import.
+    # Everything is local (nothing is downloaded); set before datasets / huggingface_hub read them at import.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if make_tasks:

@@ -16,7 +16,7 @@ def search_command(
     out: Annotated[Path, typer.Option("--out", help="Run directory (created, or resumed when it exists).", show_default=False)] = ...,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML run config; flags override it.")] = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="Text / JSONL / datasets folder for calibration, BLD and scoring (repeatable).")] = None,
-    stage: Annotated[Optional[str], typer.Option("--stage", help="Run only this stage: convert, library, bld, score, profile, solve, realize, report.")] = None,
+    stage: Annotated[Optional[str], typer.Option("--stage", help="Run only this stage: convert, library, bld, score, profile, solve, realize, fuse, prune, distill, report.")] = None,
     target_throughput: Annotated[Optional[str], typer.Option("--target-throughput", help="One target instead of the config's: e.g. 2x or tokens/s.")] = None,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Parameters + KV cache of the child, e.g. 40GiB or 0.6x.")] = None,
     vllm_native: Annotated[bool, typer.Option("--vllm-native", help="With --target-throughput / --max-memory: only variants vLLM serves natively.")] = False,

@@ -1,6 +1,6 @@
 """Global knowledge distillation (GKD) of a child from its parent: `run_gkd`, behind `puzzle distill`.
 
-Puzzle (Bercovich et al. 2024) section 5 and Minitron (Sreenivas et al. 2024); DESIGN.md section 3; issue 6.
+Puzzle (Bercovich et al. 2024) section 5 and Minitron (Sreenivas et al. 2024); docs/methods.md, "Global distillation".
 The student (any block_configs: a realized, fused or pruned child) learns the frozen teacher's next-token
 distributions and, unless `cosine_weight` is 0, its per-layer hidden states (gkd_loss.py). One code path
 for every world size, through accelerate:

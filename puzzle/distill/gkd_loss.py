@@ -3,7 +3,7 @@
 Puzzle (Bercovich et al. 2024), section 5: GKD trains the whole child on
     L = kl_weight * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + cosine_weight * sum_l (1 - cos(h_t^l, h_s^l))
 over aligned layers l (the paper found an added LM loss hurt, so there is none). Minitron (Sreenivas et al.
-2024) distils on logits only: cosine_weight = 0. DESIGN.md section 3, issue 6.
+2024) distils on logits only: cosine_weight = 0. docs/methods.md, "Global distillation".
 
 KL, LM loss and top-1 agreement are taken over the predicting positions (all but the last of each
 window), as in `puzzle.scoring`, so a child's KL in gkd.json and in scores.json mean the same thing. The

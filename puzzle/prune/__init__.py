@@ -1,7 +1,7 @@
 """Minitron pruning: width (hidden size, FFN neurons, attention heads) and depth (whole layers), then KD.
 
 Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge Distillation"; Sreenivas et al.
-2024, "LLM Pruning and Distillation in Practice" (FACTS.md); DESIGN.md section 3; issue 8.
+2024, "LLM Pruning and Distillation in Practice" ; docs/methods.md, "Minitron pruning".
 
     from puzzle.prune import PruneConfig, minitron_kd, prune
     data = DataConfig(paths=("corpus/",))

@@ -1,6 +1,6 @@
 """What `prune` is asked to do (`PruneConfig`) and what it did (`PruneResult`, saved in puzzle.json).
 
-DESIGN.md section 3 "Minitron pruning"; issue 8. Every default of the prune stage lives here. A target left
+docs/methods.md, "Minitron pruning". Every default of the prune stage lives here. A target left
 at None keeps that axis as it is; a target equal to the parent's size is the identity.
 """
 
@@ -19,7 +19,7 @@ PRUNE_VERSION = 1
 
 
 def minitron_kd(tokens: int, **overrides: Any) -> GKDConfig:
-    """The retraining Minitron found best: forward KL on the logits only, T = 1 (FACTS.md)."""
+    """The retraining Minitron found best: forward KL on the logits only, T = 1 (Sreenivas et al. 2024)."""
     return GKDConfig(**{"tokens": tokens, "cosine_weight": 0.0, **overrides})
 
 

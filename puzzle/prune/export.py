@@ -1,4 +1,4 @@
-"""A child whose layers are all one plain Llama layer, written as `LlamaForCausalLM` (DESIGN.md section 1).
+"""A child whose layers are all one plain Llama layer, written as `LlamaForCausalLM` (docs/checkpoint-format.md).
 
 Such a folder loads in every tool without trust_remote_code. The weight names are already Llama's, so the
 export is a LlamaConfig built from the DeciLM config plus the same tensors; the exported model is checked

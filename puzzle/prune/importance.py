@@ -1,6 +1,6 @@
 """Importance of hidden channels, FFN neurons, attention heads and layers, from activations on calibration data.
 
-Minitron (Muralidharan et al. 2024, section 2; FACTS.md), DESIGN.md section 3 "Minitron pruning":
+Minitron (Muralidharan et al. 2024, section 2), docs/methods.md "Minitron pruning":
   heads     the norm of each head's attention output (the input of o_proj, per head, over head_dim);
   neurons   the FFN activation (the input of down_proj);
   channels  the RMSNorm outputs, at every norm site (each layer's input_layernorm and

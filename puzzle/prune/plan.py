@@ -1,7 +1,7 @@
 """Which hidden channels, FFN neurons, heads and layers a pruned child keeps: targets + importance -> plan.
 
 Minitron (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge Distillation";
-Sreenivas et al. 2024, "LLM Pruning and Distillation in Practice"), DESIGN.md section 3. Pure functions of
+Sreenivas et al. 2024, "LLM Pruning and Distillation in Practice"), docs/methods.md, "Minitron pruning". Pure functions of
 the architecture description and importance scores (importance.py), so tests call them directly;
 slicing.py applies a plan to weights.
 

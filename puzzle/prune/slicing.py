@@ -1,6 +1,6 @@
 """A PrunePlan applied to weights: every tensor sliced along the axes the plan shrinks, layers renumbered.
 
-DESIGN.md section 3 "Minitron pruning". The hidden axis runs through the whole model: the embedding and LM
+docs/methods.md, "Minitron pruning". The hidden axis runs through the whole model: the embedding and LM
 head columns, every projection's input columns (q/k/v, gate/up) and output rows (o, down, and their biases),
 both square matrices of a linear replacement, and every RMSNorm gain. Pruning it changes what an RMSNorm
 divides by (the mean square over fewer channels); Minitron accepts that, which is one reason KD follows.
