@@ -31,7 +31,7 @@ import puzzle  # noqa: E402
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from puzzle.arch import Architecture, AttentionConfig, FFNConfig  # noqa: E402
 from puzzle.checkpoint import build_model, decilm_config, decilm_config_from_parent, save_model  # noqa: E402
-from puzzle.data import iter_documents  # noqa: E402
+from puzzle.corpus import iter_documents  # noqa: E402
 from puzzle.demo import DemoConfig, demo_data_config, train_tokenizer  # noqa: E402
 from puzzle.distill.gkd import GKDConfig, run_gkd  # noqa: E402
 

@@ -484,7 +484,7 @@ def width_for_speed(work: Work, target: float) -> tuple[dict[str, int], float]:
 
 
 def step_baselines(work: Work) -> dict[str, Any]:
-    from puzzle.data import DataConfig
+    from puzzle.corpus import DataConfig
     from puzzle.prune import PruneConfig, prune
 
     search = work.record("search")
@@ -525,7 +525,7 @@ def models_to_compare(work: Work) -> dict[str, dict[str, Any]]:
 
 
 def step_distill(work: Work) -> dict[str, Any]:
-    from puzzle.data import DataConfig
+    from puzzle.corpus import DataConfig
     from puzzle.distill.gkd import GKDConfig, run_gkd
 
     data = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in work.data_config().items()})
@@ -549,7 +549,8 @@ def step_distill(work: Work) -> dict[str, Any]:
 
 
 def step_measure(work: Work) -> dict[str, Any]:
-    from puzzle.data import DataConfig, load_token_data, load_tokenizer
+    from puzzle.corpus import DataConfig
+    from puzzle.data import load_token_data, load_tokenizer
     from puzzle.scoring import model_quality
 
     data_cfg = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in work.data_config().items()})

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 import puzzle
-from puzzle.arch import Architecture
+from puzzle.arch import Architecture, BlockConfig
 from puzzle.errors import ConfigError, InputError, OutputError, UnsupportedModelError
 from puzzle.files import atomic_output_dir, read_json, write_json_atomic, write_text_atomic
 from puzzle.modeling.configuration_decilm import DeciLMConfig
@@ -161,12 +162,17 @@ def load_architecture(path: Path) -> Architecture:
     return Architecture.from_config(normalized_config(path), str(path / "config.json"))
 
 
-def decilm_config(config: dict[str, Any], arch: Architecture | None = None) -> DeciLMConfig:
-    """A DeciLMConfig from a config.json dict, optionally with the layers replaced by `arch`."""
+def decilm_config(config: dict[str, Any] | DeciLMConfig,
+                  layers: Architecture | Sequence[BlockConfig] | None = None) -> DeciLMConfig:
+    """A DeciLMConfig from a config.json dict (or another config), optionally with its layers replaced: by a
+    whole `Architecture`, or by a list of blocks (one sub-block alone, stacked copies for timing)."""
+    if isinstance(config, DeciLMConfig):
+        config = config.to_dict()
     config = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "auto_map", "transformers_version")}
-    if arch is not None:
-        config["block_configs"] = arch.block_configs()
-        config["num_hidden_layers"] = arch.num_layers
+    if layers is not None:
+        blocks = layers.blocks if isinstance(layers, Architecture) else tuple(layers)
+        config["block_configs"] = [b.to_dict() for b in blocks]
+        config["num_hidden_layers"] = len(blocks)
     cfg = DeciLMConfig(**config)
     cfg.auto_map = dict(AUTO_MAP)
     cfg.architectures = ["DeciLMForCausalLM"]

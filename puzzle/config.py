@@ -21,6 +21,20 @@ from puzzle.files import write_text_atomic
 T = TypeVar("T")
 
 
+def is_int(value: object) -> bool:
+    """An int that is not a bool (YAML's `true` must not pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(where: str, value: object, minimum: int = 1, optional: bool = False) -> None:
+    """ConfigError unless `value` is an integer >= `minimum` (or None when `optional`); `where` names the field."""
+    if optional and value is None:
+        return
+    if not is_int(value) or value < minimum:  # type: ignore[operator]
+        bound = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ConfigError(f"{where} must be {bound}{' or null' if optional else ''}, got {value!r}")
+
+
 def from_mapping(cls: type[T], data: Any, where: str) -> T:
     """An instance of dataclass `cls` from a dict; `where` (file: dotted.key) prefixes every error."""
     if not isinstance(data, dict):

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from puzzle.data import DataConfig, TokenData, iter_documents, load_token_data, source_fingerprint
+from puzzle.config import check_int
+from puzzle.corpus import DataConfig, iter_documents, source_fingerprint
+from puzzle.data import TokenData, load_token_data
 from puzzle.errors import ConfigError
 from puzzle.files import atomic_output_dir, write_json_atomic
 from puzzle.progress import log, quiet, track
@@ -109,9 +111,7 @@ class DemoConfig:
             "train_tokens", "eval_tokens", "eval_batch_size",
         )
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"DemoConfig.{name} must be a positive integer, got {value!r}")
+            check_int(f"DemoConfig.{name}", getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"DemoConfig.num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
@@ -119,8 +119,7 @@ class DemoConfig:
             )
         if self.seq_len > self.max_position_embeddings:
             raise ConfigError(f"DemoConfig.seq_len ({self.seq_len}) exceeds max_position_embeddings")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ConfigError(f"DemoConfig.threads must be a positive integer or null, got {self.threads!r}")
+        check_int("DemoConfig.threads", self.threads, optional=True)
         if self.save_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"DemoConfig.save_dtype must be float32 or bfloat16, got {self.save_dtype!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):

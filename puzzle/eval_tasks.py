@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from puzzle.data import iter_documents
+from puzzle.config import check_int
+from puzzle.corpus import iter_documents
 from puzzle.demo import DemoConfig, demo_data_config
 from puzzle.errors import ConfigError, InputError
 from puzzle.files import write_json_atomic, write_text_atomic
@@ -77,11 +78,8 @@ class TaskGenConfig:
     def __post_init__(self) -> None:
         for name in ("next_line_items", "context_lines", "context_chars", "distractor_pool", "min_line_chars",
                      "ppl_documents", "ppl_chars", "word_order_items", "min_words"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"TaskGenConfig.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.choices, int) or self.choices < 2:
-            raise ConfigError(f"TaskGenConfig.choices must be an integer >= 2, got {self.choices!r}")
+            check_int(f"TaskGenConfig.{name}", getattr(self, name))
+        check_int("TaskGenConfig.choices", self.choices, minimum=2)
         if self.max_line_chars < self.min_line_chars:
             raise ConfigError("TaskGenConfig.max_line_chars must be >= min_line_chars")
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.checkpoint import fingerprint, read_config, remote_code_allowed
+from puzzle.config import is_int
 from puzzle.errors import ConfigError, InputError
 from puzzle.eval_tasks import SHIPPED_TASKS_DIR
 from puzzle.files import read_json, write_json_atomic
@@ -64,24 +65,20 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_length"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ConfigError(f"eval.{name} must be a positive integer, got {value!r}")
         if self.limit is not None and not (
-            (_is_int(self.limit) and self.limit >= 1) or (isinstance(self.limit, float) and 0 < self.limit < 1)
+            (is_int(self.limit) and self.limit >= 1) or (isinstance(self.limit, float) and 0 < self.limit < 1)
         ):
             raise ConfigError(f"eval.limit must be a count >= 1 or a fraction between 0 and 1, got {self.limit!r}")
-        if self.num_fewshot is not None and (not _is_int(self.num_fewshot) or self.num_fewshot < 0):
+        if self.num_fewshot is not None and (not is_int(self.num_fewshot) or self.num_fewshot < 0):
             raise ConfigError(f"eval.num_fewshot must be a non-negative integer, got {self.num_fewshot!r}")
-        if not _is_int(self.bootstrap_iters) or self.bootstrap_iters < 0:
+        if not is_int(self.bootstrap_iters) or self.bootstrap_iters < 0:
             raise ConfigError(f"eval.bootstrap_iters must be a non-negative integer, got {self.bootstrap_iters!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"eval.dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"eval.device {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ separate by default (the paper: it helps quality).
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -36,17 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from puzzle.arch import Architecture, FFNConfig
 from puzzle.checkpoint import decilm_config, load_architecture, load_model, save_model
-from puzzle.config import from_mapping, to_mapping
-from puzzle.data import DataConfig, TokenData, load_token_data, load_tokenizer
+from puzzle.config import check_int, from_mapping, to_mapping
+from puzzle.corpus import DataConfig
+from puzzle.data import TokenData, load_token_data, load_tokenizer
 from puzzle.distill.activations import logits_from_hidden, run_layers
 from puzzle.distill.gkd import GKDConfig, run_gkd
-from puzzle.distill.losses import cosine_distance, kl_per_token
+from puzzle.distill.losses import cosine_distance
 from puzzle.errors import ConfigError, InputError, OutputExistsError
 from puzzle.jobs import Shard, device_for
+from puzzle.metrics import QualitySums
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, DeciLMMLP
 from puzzle.progress import log, track
 
@@ -74,12 +74,9 @@ class FusionConfig:
     def __post_init__(self) -> None:
         if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):
             raise ConfigError(f"fuse.threshold must be a non-negative number or null, got {self.threshold!r}")
-        if self.max_run is not None and (not isinstance(self.max_run, int) or self.max_run < 2):
-            raise ConfigError(f"fuse.max_run must be an integer >= 2 or null, got {self.max_run!r}")
+        check_int("fuse.max_run", self.max_run, minimum=2, optional=True)
         for name in ("calibration_tokens", "eval_tokens", "distill_tokens", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "batch_size" else 0):
-                raise ConfigError(f"fuse.{name} must be a {'positive' if name == 'batch_size' else 'non-negative'} integer, got {value!r}")
+            check_int(f"fuse.{name}", getattr(self, name), minimum=1 if name == "batch_size" else 0)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"fuse.device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -389,20 +386,15 @@ def compare_to_reference(
 
     The reference shares the model's final norm and LM head (fusion changes neither).
     """
-    kl = top1 = nll_ref = nll = 0.0
-    n = 0
+    sums = QualitySums(model.device)
     for ids, ref in zip(batches, reference):
         hidden = run_layers(model, ids)[0]
         h, r = hidden[:, :-1].flatten(0, 1), ref[:, :-1].flatten(0, 1).to(hidden.device)  # (N, C)
         y = ids[:, 1:].flatten().to(hidden.device)
         for s in range(0, h.shape[0], chunk):
-            logits, ref_logits = logits_from_hidden(model, h[s:s + chunk]).float(), logits_from_hidden(model, r[s:s + chunk]).float()
-            kl += kl_per_token(ref_logits, logits).sum().item()
-            top1 += (logits.argmax(-1) == ref_logits.argmax(-1)).sum().item()
-            nll += F.cross_entropy(logits, y[s:s + chunk], reduction="sum").item()
-            nll_ref += F.cross_entropy(ref_logits, y[s:s + chunk], reduction="sum").item()
-        n += y.numel()
-    return FusionQuality(tokens=n, kl=kl / n, top1=top1 / n, lm_loss_before=nll_ref / n, lm_loss_after=nll / n)
+            sums.add_logits(logits_from_hidden(model, r[s:s + chunk]), logits_from_hidden(model, h[s:s + chunk]), y[s:s + chunk])
+    q = sums.quality()
+    return FusionQuality(tokens=q.tokens, kl=q.kl, top1=q.top1, lm_loss_before=q.reference_lm_loss, lm_loss_after=q.lm_loss)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -474,11 +466,6 @@ def _check_request(out: Path | None, cfg: FusionConfig, overwrite: bool) -> None
         raise ConfigError("--distill-tokens needs training data: give --data PATH")
     if out is not None and Path(out).exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it or choose another output path")
-    if cfg.distill_tokens and out is not None and importlib.util.find_spec("puzzle.distill.gkd") is None:
-        raise ConfigError(
-            "--distill-tokens needs global distillation (puzzle.distill.gkd), which this puzzle does not have "
-            "yet; drop --distill-tokens and run `puzzle distill` on the output later"
-        )
 
 
 def _plan(model: DeciLMForCausalLM | None, runs: list[tuple[int, ...]], data: TokenData | None, cfg: FusionConfig) -> tuple[list[RunPlan], int]:

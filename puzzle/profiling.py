@@ -40,6 +40,7 @@ from puzzle.arch import (
     ffn_params,
     kv_dtype_bytes,
 )
+from puzzle.checkpoint import decilm_config
 from puzzle.config import to_mapping
 from puzzle.errors import ConfigError, StageError
 from puzzle.files import read_json, write_json_atomic
@@ -226,17 +227,8 @@ def time_call(fn: Callable[[], Any], cfg: ProfileConfig, device: torch.device) -
         return statistics.median(samples)
 
 
-def _layer_config(parent: DeciLMConfig, blocks: list[BlockConfig]) -> DeciLMConfig:
-    config = parent.to_dict()
-    for key in ("architectures", "model_type", "auto_map", "transformers_version"):
-        config.pop(key, None)
-    config["num_hidden_layers"] = len(blocks)
-    config["block_configs"] = [b.to_dict() for b in blocks]
-    return DeciLMConfig(**config)
-
-
 def _stacked_layers(parent: DeciLMConfig, block: BlockConfig, n: int, device, dtype):
-    config = _layer_config(parent, [block] * n)
+    config = decilm_config(parent, [block] * n)
     layers = torch.nn.ModuleList([DeciLMDecoderLayer(config, i) for i in range(n)]).to(device=device, dtype=dtype)
     for p in layers.parameters():
         torch.nn.init.normal_(p, std=0.02)  # random, not zeros: multiplying zeros can run faster on GPUs

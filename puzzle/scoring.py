@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from puzzle.blocks.space import Candidate
 from puzzle.blocks.subblock import SubBlock
 from puzzle.distill.activations import logits_from_hidden, run_layers
 from puzzle.errors import ConfigError, StageError
 from puzzle.files import read_json, write_json_atomic
+from puzzle.metrics import Quality, QualitySums, Reference
 from puzzle.progress import track
 
 SCORES_VERSION = 1
@@ -78,39 +78,6 @@ class Scores:
         return cls(**data, entries=entries)
 
 
-@dataclass(frozen=True)
-class _Target:
-    """The parent's side of the metrics for a run of positions: computed once, compared with every candidate."""
-
-    log_p: torch.Tensor  # (N, V) parent log-probabilities, fp32
-    p: torch.Tensor  # (N, V) their exp
-    top1: torch.Tensor  # (N,) parent argmax
-    labels: torch.Tensor  # (N,) next tokens
-
-    @classmethod
-    def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor) -> _Target:
-        log_p = F.log_softmax(logits.float(), dim=-1)
-        return cls(log_p=log_p, p=log_p.exp(), top1=logits.argmax(-1), labels=labels)
-
-
-class _Sums:
-    def __init__(self) -> None:
-        self.kl = self.nll = self.top1 = 0.0
-        self.n = 0
-
-    def add(self, target: _Target, logits: torch.Tensor) -> None:
-        # Same quantities as kl_per_token and cross_entropy, from one log_softmax of the candidate.
-        log_q = F.log_softmax(logits.float(), dim=-1)
-        self.kl += (target.p * (target.log_p - log_q)).sum().item()
-        self.nll -= log_q.gather(-1, target.labels[:, None]).sum().item()
-        self.top1 += (logits.argmax(-1) == target.top1).sum().item()
-        self.n += target.labels.numel()
-
-    def score(self, c: Candidate) -> CandidateScore:
-        return CandidateScore(layer=c.layer, kind=c.kind, name=c.name, kl=self.kl / self.n, lm_loss=self.nll / self.n,
-                              top1=self.top1 / self.n)
-
-
 TARGET_CACHE_BYTES = 1 << 30  # keep the parent's log-probs of a batch across its layer's candidates up to this size
 
 
@@ -121,7 +88,7 @@ def _flat(hidden: torch.Tensor) -> torch.Tensor:
 def _targets(model, parent_hidden: torch.Tensor, batch: torch.Tensor, chunk: int):
     p, y = _flat(parent_hidden), batch[:, 1:].flatten()
     for s in range(0, p.shape[0], chunk):
-        yield _Target.from_logits(logits_from_hidden(model, p[s:s + chunk]), y[s:s + chunk])
+        yield Reference.from_logits(logits_from_hidden(model, p[s:s + chunk]), y[s:s + chunk])
 
 
 def _candidate_logits(model, hidden: torch.Tensor, chunk: int):
@@ -136,7 +103,7 @@ def score_candidates(parent, candidates: list[Candidate], load_block: Callable[[
     """Score every candidate; `load_block` gives a candidate's SubBlock (None for no-op and parent variants)."""
     batches = list(data.batches("held_out", cfg.batch_size, n_tokens=cfg.tokens, shuffle=False))
     device = parent.device
-    parent_sums = _Sums()
+    parent_sums = QualitySums(device)
     by_layer: dict[int, list[Candidate]] = {}
     for c in candidates:
         by_layer.setdefault(c.layer, []).append(c)
@@ -146,7 +113,7 @@ def score_candidates(parent, candidates: list[Candidate], load_block: Callable[[
             scored = [c for c in group if not c.is_parent]
             # In the parent's dtype (bf16 on GPUs): the candidate is scored as the child will run it.
             blocks = {c.unit_id: None if (b := load_block(c)) is None else b.to(dtype=parent.dtype) for c in scored}
-            sums = {c.unit_id: _Sums() for c in scored}
+            sums = {c.unit_id: QualitySums(device) for c in scored}
             for batch in batches:
                 batch = batch.to(device)
                 parent_hidden, io = run_layers(parent, batch, capture={layer})
@@ -167,16 +134,19 @@ def score_candidates(parent, candidates: list[Candidate], load_block: Callable[[
             for c in group:
                 if c.is_parent:
                     continue
-                entries.append(sums[c.unit_id].score(c))
+                q = sums[c.unit_id].quality()
+                entries.append(CandidateScore(layer=c.layer, kind=c.kind, name=c.name, kl=q.kl, lm_loss=q.lm_loss,
+                                              top1=q.top1))
                 bar.advance(1)
             bar.advance(len(group) - len(scored))
-    parent_loss = parent_sums.nll / parent_sums.n
+    parent_quality = parent_sums.quality()
+    parent_loss = parent_quality.lm_loss
     for layer, group in by_layer.items():  # the parent's own variant: exactly the parent, by construction
         for c in group:
             if c.is_parent:
                 entries.append(CandidateScore(layer=c.layer, kind=c.kind, name=c.name, kl=0.0, lm_loss=parent_loss, top1=1.0))
     entries.sort(key=lambda e: (e.layer, e.kind, e.name))
-    return Scores(parent_fingerprint=parent_fingerprint, weights=weights, tokens=parent_sums.n,
+    return Scores(parent_fingerprint=parent_fingerprint, weights=weights, tokens=parent_quality.tokens,
                   parent_lm_loss=parent_loss, entries=tuple(entries))
 
 
@@ -197,24 +167,16 @@ def family_of(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True, kw_only=True)
-class Quality:
-    kl: float  # mean KL(parent || model) per token
-    lm_loss: float
-    top1: float
-    tokens: int
-
-
 @torch.no_grad()
 def model_quality(parent, model, batches, logits_chunk: int = 4096) -> Quality:
     """Held-out quality of a whole model against the parent (same metrics as the scores)."""
-    sums = _Sums()
+    sums = QualitySums(parent.device)
     for batch in batches:
         batch = batch.to(parent.device)
         p = parent.model(batch, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)  # (N, C), after the final norm
         h = model.model(batch.to(model.device), use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
         y = batch[:, 1:].flatten()
         for s in range(0, h.shape[0], logits_chunk):
-            target = _Target.from_logits(parent.lm_head(p[s:s + logits_chunk]), y[s:s + logits_chunk])
+            target = Reference.from_logits(parent.lm_head(p[s:s + logits_chunk]), y[s:s + logits_chunk])
             sums.add(target, model.lm_head(h[s:s + logits_chunk]).to(parent.device))
-    return Quality(kl=sums.kl / sums.n, lm_loss=sums.nll / sums.n, top1=sums.top1 / sums.n, tokens=sums.n)
+    return sums.quality()

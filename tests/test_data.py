@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from puzzle import data as data_mod
-from puzzle.data import DataConfig, iter_documents, load_token_data, split_of
+from puzzle.corpus import DataConfig, iter_documents, split_of
+from puzzle.data import load_token_data
 from puzzle.errors import ConfigError, InputError
 
 WORDS = "def class return import self yield lambda while for in if else try except with as pass".split()

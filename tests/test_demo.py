@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from puzzle import demo
-from puzzle.data import iter_documents
+from puzzle.corpus import iter_documents
 from puzzle.demo import DemoConfig, build_demo_parent, demo_data_config
 from puzzle.errors import ConfigError
 

@@ -57,7 +57,7 @@ def test_bld_on_cuda_trains_with_autocast(tmp_path):
     for unit in search.manifest().units:
         result = read_unit_result(unit_path(search.paths, unit))
         if not unit.variant.replace_with_linear:
-            assert result.loss_final < result.loss_init * 1.05, unit.unit_id
+            assert result.loss_final < result.loss_init, unit.unit_id
 
 
 def test_bld_on_cuda_reads_parent_activations_from_disk(tmp_path):

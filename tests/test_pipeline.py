@@ -8,7 +8,7 @@ import pytest
 import torch
 from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
 
-from puzzle import pipeline
+from puzzle import pipeline, stages
 from puzzle.blocks.library import Manifest
 from puzzle.checkpoint import load_architecture, load_model
 from puzzle.cli import app as cli
@@ -91,8 +91,9 @@ def _forbid_reruns(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    for name in ("profile_stage", "solve_stage", "realize_stage", "report_stage", "_bld"):
-        monkeypatch.setattr(pipeline, name, boom)
+    for name in ("profile_stage", "solve_stage", "realize_stage", "report_stage"):
+        monkeypatch.setattr(stages, name, boom)
+    monkeypatch.setattr(pipeline, "_bld", boom)
     monkeypatch.setattr(pipeline.Search, "library", boom)
     monkeypatch.setattr(pipeline.Search, "score", boom)
 

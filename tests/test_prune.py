@@ -14,7 +14,7 @@ from puzzle.arch import Architecture
 from puzzle.checkpoint import load_architecture, load_model, save_model
 from puzzle.cli import app as cli
 from puzzle.cli.prune import prune_command
-from puzzle.data import DataConfig
+from puzzle.corpus import DataConfig
 from puzzle.distill.activations import logits_from_hidden, run_layers
 from puzzle.errors import ConfigError, InputError, OutputExistsError
 from puzzle.modeling.modeling_decilm import MaskProvider

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from puzzle.arch import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.checkpoint import decilm_config
 from puzzle.modeling.configuration_decilm import DeciLMConfig
 from puzzle.modeling.modeling_decilm import DeciLMDecoderLayer, DeciLMRotaryEmbedding, MaskProvider
 
@@ -25,16 +26,6 @@ _NO_OP_FFN = FFNConfig(no_op=True)
 
 def layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}."
-
-
-def single_layer_config(parent: DeciLMConfig, block: BlockConfig) -> DeciLMConfig:
-    """The parent's global config with exactly one layer described by `block`."""
-    config = parent.to_dict()
-    for key in ("architectures", "model_type", "auto_map", "transformers_version"):
-        config.pop(key, None)
-    config["num_hidden_layers"] = 1
-    config["block_configs"] = [block.to_dict()]
-    return DeciLMConfig(**config)
 
 
 class SubBlock(nn.Module):
@@ -50,7 +41,7 @@ class SubBlock(nn.Module):
             block = BlockConfig(attention=_NO_OP_ATTENTION, ffn=variant)
         else:  # coupled mode: a whole layer
             block = variant
-        self.config = single_layer_config(parent, block)
+        self.config = decilm_config(parent, [block])
         self.layer = DeciLMDecoderLayer(self.config, 0)
 
     @property

@@ -41,7 +41,7 @@ def fuse_ffn_command(
       puzzle fuse-ffn runs/demo/children/2.0x --dry-run --no-calibration
       puzzle fuse-ffn runs/llama8b/children/2.0x children/2.0x-fused --data ~/data/fineweb --threshold 0.1 --max-run 4
     """
-    from puzzle.data import DataConfig
+    from puzzle.corpus import DataConfig
     from puzzle.fusion import FusionConfig, fuse_ffn
 
     if out is None and not dry_run:

@@ -46,7 +46,7 @@ def prune_command(
       puzzle prune ~/models/Llama-3.1-8B children/shortgpt-24 --data ~/data/fineweb --drop-layers 8
       puzzle prune runs/demo/parent children/depth --data corpus/ --drop-layers 4 --contiguous --metric loss --decilm
     """
-    from puzzle.data import DataConfig
+    from puzzle.corpus import DataConfig
     from puzzle.prune import PruneConfig, minitron_kd, prune
 
     optional = dict(calibration_tokens=calibration_tokens, eval_tokens=eval_tokens)

@@ -41,6 +41,7 @@ from puzzle.checkpoint import decilm_config, normalized_config, safetensors_keys
 from puzzle.distill.activations import LayerIO
 from puzzle.distill.losses import normalized_mse
 from puzzle.distill.parent_cache import DiskActivations, RecomputedActivations, cache_key, shard_bytes
+from puzzle.distill.schedule import warmup_cosine
 from puzzle.errors import ConfigError, InputError
 from puzzle.files import atomic_path
 from puzzle.jobs import Shard, my_share
@@ -162,18 +163,6 @@ def unit_io(c: Candidate, io: LayerIO) -> tuple[torch.Tensor, torch.Tensor]:
     return io.x, sum(parts[1:], parts[0])
 
 
-def lr_lambda(total_steps: int, cfg: BLDConfig):
-    warmup = int(total_steps * cfg.warmup_fraction)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def plan_groups(units: list[Candidate], arch: Architecture, max_group_params: int) -> list[list[Candidate]]:
     """Consecutive units (layer order) whose parameters fit the budget train together."""
     groups, current, size = [], [], 0
@@ -234,7 +223,7 @@ class _Group:
             self.blocks[k].requires_grad_(False)
         params = params or [torch.nn.Parameter(torch.zeros(1, device=device))]  # a group of linear units only
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(steps, cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(steps, cfg.warmup_fraction, cfg.min_lr_fraction))
         self.rotary = Rotary(parent.config).to(device)
         self.layers = sorted({u.layer for u in units})
         self.autocast = cfg.autocast and device.type == "cuda"

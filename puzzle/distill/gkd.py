@@ -39,12 +39,15 @@ from puzzle.checkpoint import (
     load_model,
     normalized_config,
 )
-from puzzle.config import deep_merge, from_mapping, read_yaml, to_mapping
-from puzzle.data import DataConfig, load_token_data, load_tokenizer
-from puzzle.distill.gkd_loss import METRIC_NAMES, GKDLoss, held_out_sums
+from puzzle.config import check_int, deep_merge, from_mapping, read_yaml, to_mapping
+from puzzle.corpus import DataConfig
+from puzzle.data import load_token_data, load_tokenizer
+from puzzle.distill.gkd_loss import GKDLoss, held_out_sums
 from puzzle.distill.gkd_state import STATE_DIR, TrainingState
+from puzzle.distill.schedule import warmup_cosine
 from puzzle.errors import ConfigError, InputError, OutputExistsError
 from puzzle.files import atomic_output_dir, read_json, write_json_atomic
+from puzzle.metrics import QualitySums, quality_from
 from puzzle.progress import Tracker, log, track
 
 GKD_VERSION = 1
@@ -82,11 +85,8 @@ class GKDConfig:
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "grad_accum", "checkpoint_every", "eval_tokens", "logits_chunk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"gkd.{name} must be a positive integer, got {value!r}")
-        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 2):
-            raise ConfigError(f"gkd.seq_len must be an integer >= 2 or null, got {self.seq_len!r}")
+            check_int(f"gkd.{name}", getattr(self, name))
+        check_int("gkd.seq_len", self.seq_len, minimum=2, optional=True)
         if not self.lr > 0 or not self.temperature > 0 or not self.grad_clip > 0:
             raise ConfigError("gkd.lr, gkd.temperature and gkd.grad_clip must be positive")
         if not 0 <= self.warmup_fraction < 1 or not 0 <= self.min_lr_fraction <= 1:
@@ -222,19 +222,6 @@ def _tokenizer_source(student: Path, teacher: Path) -> Path:
             return folder
     raise InputError(f"neither {student} nor {teacher} has a tokenizer (tokenizer.json); copy the parent's tokenizer "
                      "files into the child folder")
-
-
-def warmup_cosine(total_steps: int, warmup_fraction: float, min_lr_fraction: float):
-    """LR factor per optimizer step: linear warm-up, then cosine decay to min_lr_fraction."""
-    warmup = int(total_steps * warmup_fraction)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_lr_fraction + (1 - min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,7 +370,7 @@ class _Recipe:
     def evaluate(self) -> HeldOutMetrics:
         """Metrics over the fixed held-out windows; the processes take turns and their sums are added."""
         acc, n = self.acc, len(self.eval_batches)
-        sums = torch.zeros(len(METRIC_NAMES), dtype=torch.float64, device=acc.device)
+        sums = QualitySums(acc.device).sums
         self.model.eval()
         for r in range(math.ceil(n / self.world)):
             i = r * self.world + acc.process_index
@@ -393,9 +380,9 @@ class _Recipe:
             if i < n:
                 sums += part
         self.model.train()
-        kl, nll, top1, teacher_nll, positions = acc.reduce(sums, "sum").tolist()
-        return HeldOutMetrics(kl=kl / positions, lm_loss=nll / positions, top1=top1 / positions,
-                              teacher_lm_loss=teacher_nll / positions, positions=int(positions))
+        q = quality_from(acc.reduce(sums, "sum"))
+        return HeldOutMetrics(kl=q.kl, lm_loss=q.lm_loss, top1=q.top1, teacher_lm_loss=q.reference_lm_loss,
+                              positions=q.tokens)
 
     # -- training ------------------------------------------------------------------------------------------
 

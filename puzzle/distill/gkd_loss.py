@@ -16,13 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from puzzle.distill.losses import cosine_distance, kl_per_token
-
-METRIC_NAMES = ("kl", "nll", "top1", "teacher_nll", "positions")  # order of `held_out_sums`
+from puzzle.metrics import QualitySums
 
 
 def _kl_chunk(student_h: torch.Tensor, teacher_h: torch.Tensor, student_head: nn.Module, teacher_head: nn.Module,
@@ -84,19 +82,12 @@ class GKDLoss(nn.Module):
 @torch.no_grad()
 def held_out_sums(student_final: torch.Tensor, teacher_final: torch.Tensor, input_ids: torch.Tensor,
                   student_head: nn.Module, teacher_head: nn.Module, chunk: int) -> torch.Tensor:
-    """(5,) float64 sums over predicting positions, in METRIC_NAMES order: KL(teacher || student) at T = 1,
-    student and teacher next-token NLL, top-1 agreement with the teacher, and the number of positions."""
+    """`puzzle.metrics.QualitySums` of the student against the teacher over predicting positions (T = 1), as
+    the tensor the processes all-reduce."""
     s = student_final[:, :-1].flatten(0, 1)  # (N, C)
     t = teacher_final[:, :-1].flatten(0, 1)  # (N, C)
     labels = input_ids[:, 1:].flatten()  # (N,)
-    sums = torch.zeros(len(METRIC_NAMES), dtype=torch.float64, device=s.device)
+    sums = QualitySums(s.device)
     for a in range(0, s.shape[0], chunk):
-        z_s, z_t, y = student_head(s[a:a + chunk]).float(), teacher_head(t[a:a + chunk]).float(), labels[a:a + chunk]
-        sums += torch.stack([
-            kl_per_token(z_t, z_s).sum(),
-            F.cross_entropy(z_s, y, reduction="sum"),
-            (z_s.argmax(-1) == z_t.argmax(-1)).sum(),
-            F.cross_entropy(z_t, y, reduction="sum"),
-            torch.tensor(float(y.numel()), device=s.device),
-        ]).double()
-    return sums
+        sums.add_logits(teacher_head(t[a:a + chunk]), student_head(s[a:a + chunk]), labels[a:a + chunk])
+    return sums.sums

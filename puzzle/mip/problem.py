@@ -16,11 +16,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from puzzle.config import is_int
 from puzzle.errors import ConfigError
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:
@@ -35,7 +32,7 @@ def _check_number(owner: str, field: str, value: object, *, positive: bool = Fal
 
 
 def _check_int(owner: str, field: str, value: object, *, minimum: int = 0) -> None:
-    if not _is_int(value) or value < minimum:  # type: ignore[operator]
+    if not is_int(value) or value < minimum:  # type: ignore[operator]
         raise ConfigError(f"{owner}: {field} must be an integer >= {minimum}, got {value!r}")
 
 

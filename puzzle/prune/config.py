@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from puzzle.config import from_mapping
-from puzzle.data import DataConfig
+from puzzle.config import check_int, from_mapping, is_int
+from puzzle.corpus import DataConfig
 from puzzle.distill.gkd import GKDConfig
 from puzzle.errors import ConfigError, InputError
-from puzzle.scoring import Quality
+from puzzle.metrics import Quality
 
 PRUNE_VERSION = 1
 
@@ -21,10 +21,6 @@ PRUNE_VERSION = 1
 def minitron_kd(tokens: int, **overrides: Any) -> GKDConfig:
     """The retraining Minitron found best: forward KL on the logits only, T = 1 (Sreenivas et al. 2024)."""
     return GKDConfig(**{"tokens": tokens, "cosine_weight": 0.0, **overrides})
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,26 +51,21 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "heads", "kv_heads"):
-            value = getattr(self, name)
-            if value is not None and not _positive(value):
-                raise ConfigError(f"prune.{name} must be a positive integer or null, got {value!r}")
+            check_int(f"prune.{name}", getattr(self, name), optional=True)
         sizes = self.ffn_size if isinstance(self.ffn_size, tuple) else (self.ffn_size,)
-        if not all(s is None or _positive(s) for s in sizes):
+        if not all(s is None or (is_int(s) and s >= 1) for s in sizes):
             raise ConfigError(f"prune.ffn_size must be a positive integer or a list of them (null: keep), got {self.ffn_size!r}")
         if self.heads is not None and self.kv_heads is not None and self.heads % self.kv_heads:
             raise ConfigError(f"prune.kv_heads {self.kv_heads} does not divide prune.heads {self.heads}; "
                               "every KV head serves the same number of query heads")
-        if isinstance(self.drop_layers, bool) or not isinstance(self.drop_layers, int) or self.drop_layers < 0:
-            raise ConfigError(f"prune.drop_layers must be a non-negative integer, got {self.drop_layers!r}")
+        check_int("prune.drop_layers", self.drop_layers, minimum=0)
         if self.contiguous and not self.drop_layers:
             raise ConfigError("prune.contiguous chooses which layers drop_layers removes; set drop_layers too")
         if self.metric not in ("cos", "loss"):
             raise ConfigError(f"prune.metric must be cos or loss, got {self.metric!r}")
         for name in ("calibration_tokens", "batch_size"):
-            if not _positive(getattr(self, name)):
-                raise ConfigError(f"prune.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if isinstance(self.eval_tokens, bool) or not isinstance(self.eval_tokens, int) or self.eval_tokens < 0:
-            raise ConfigError(f"prune.eval_tokens must be a non-negative integer, got {self.eval_tokens!r}")
+            check_int(f"prune.{name}", getattr(self, name))
+        check_int("prune.eval_tokens", self.eval_tokens, minimum=0)
         if self.output_format not in ("auto", "decilm", "plain") or self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("prune.output_format must be auto, decilm or plain and prune.device auto, cpu or cuda")
 

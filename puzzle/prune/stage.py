@@ -25,6 +25,7 @@ from puzzle.distill.gkd import run_gkd
 from puzzle.errors import ConfigError, OutputExistsError
 from puzzle.files import atomic_output_dir, read_json
 from puzzle.jobs import Shard, device_for
+from puzzle.metrics import Quality
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
 from puzzle.progress import log
 from puzzle.prune.config import PruneConfig, PruneResult, ShapeSummary
@@ -32,7 +33,7 @@ from puzzle.prune.export import plain_llama_blockers, save_plain_llama
 from puzzle.prune.importance import Importance, Needs, measure_importance
 from puzzle.prune.plan import check_targets, ffn_targets, head_targets, make_plan, needs_calibration
 from puzzle.prune.slicing import apply_plan
-from puzzle.scoring import Quality, model_quality
+from puzzle.scoring import model_quality
 
 
 def prune(ckpt: Path, out: Path, cfg: PruneConfig = PruneConfig(), *, overwrite: bool = False,

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from puzzle.arch import Architecture, AttentionConfig, FFNConfig
 from puzzle.checkpoint import build_model, decilm_config, load_model, normalized_config, save_model
-from puzzle.data import DataConfig
+from puzzle.corpus import DataConfig
 from puzzle.distill.gkd import Distilled, GKDConfig, GKDResult, layer_pairs, load_gkd_settings, run_gkd
 from puzzle.distill.gkd_loss import GKDLoss
 from puzzle.distill.gkd_state import STATE_DIR
@@ -142,7 +142,7 @@ def _kd_process(student, parent, data, out, cfg, tmp_path, launcher=()) -> subpr
     script = tmp_path / "kd.py"
     script.write_text(
         "import torch; torch.set_num_threads(1)\n"
-        "from puzzle.data import DataConfig\nfrom puzzle.distill.gkd import GKDConfig, run_gkd\n"
+        "from puzzle.corpus import DataConfig\nfrom puzzle.distill.gkd import GKDConfig, run_gkd\n"
         f"run_gkd({str(student)!r}, {str(parent)!r}, DataConfig.from_dict({data.to_dict()!r}), {str(out)!r}, GKDConfig(**{cfg!r}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PUZZLE_QUIET": "1"}
