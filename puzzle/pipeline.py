@@ -343,20 +343,8 @@ def _run_stage(search: Search, name: str, workers: int = 1, launcher: str = "loc
         if search.cfg.score.compare_init and not search.paths.scores_init.exists():
             search.score("init")  # what BLD bought, for the report
         search.score("bld")
-    elif name == "profile":
-        stages.profile_stage(search)
-    elif name == "solve":
-        stages.solve_stage(search)
-    elif name == "realize":
-        stages.realize_stage(search)
-    elif name == "fuse":
-        stages.fuse_stage(search)
-    elif name == "prune":
-        stages.prune_stage(search)
-    elif name == "distill":
-        stages.distill_stage(search)
-    elif name == "report":
-        stages.report_stage(search)
+    else:  # profile, solve, realize, fuse, prune, distill, report: puzzle/stages.py
+        getattr(stages, f"{name}_stage")(search)
 
 
 def run_search(out: Path, *, parent: Path | None = None, config: Path | None = None,

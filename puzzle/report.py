@@ -21,8 +21,8 @@ import transformers
 import puzzle
 from puzzle.arch import Architecture, AttentionConfig, attention_params, ffn_params
 from puzzle.blocks.library import Manifest
+from puzzle.config import check_int
 from puzzle.distill.bld import read_unit_result, unit_path
-from puzzle.errors import ConfigError
 from puzzle.evaluation import EvalConfig, evaluate_many
 from puzzle.files import write_json_atomic
 from puzzle.mip.stage import ChildPlan
@@ -41,8 +41,9 @@ class ReportConfig:
     task_limit: int | None = None  # documents per task (None: all)
 
     def __post_init__(self) -> None:
-        if self.eval_tokens < 1 or self.batch_size < 1 or self.task_batch_size < 1:
-            raise ConfigError("report.eval_tokens, report.batch_size and report.task_batch_size must be positive")
+        for name in ("eval_tokens", "batch_size", "task_batch_size"):
+            check_int(f"report.{name}", getattr(self, name))
+        check_int("report.task_limit", self.task_limit, optional=True)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,8 +19,9 @@ import torch
 
 from puzzle.blocks.space import Candidate
 from puzzle.blocks.subblock import SubBlock
+from puzzle.config import check_int
 from puzzle.distill.activations import logits_from_hidden, run_layers
-from puzzle.errors import ConfigError, StageError
+from puzzle.errors import StageError
 from puzzle.files import read_json, write_json_atomic
 from puzzle.metrics import Quality, QualitySums, Reference
 from puzzle.progress import track
@@ -36,8 +37,8 @@ class ScoreConfig:
     compare_init: bool = True  # also score the initialised candidates (scores_init.json): what BLD bought
 
     def __post_init__(self) -> None:
-        if self.tokens < 1 or self.batch_size < 1 or self.logits_chunk < 1:
-            raise ConfigError("score.tokens, score.batch_size and score.logits_chunk must be positive")
+        for name in ("tokens", "batch_size", "logits_chunk"):
+            check_int(f"score.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True, kw_only=True)
