@@ -14,10 +14,10 @@ identity order, each followed by the tokenizer's EOS (BOS if it has none). Batch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch
 from puzzle.config import is_int
 from puzzle.corpus import SPLITS, DataConfig, Document, iter_documents, source_fingerprint
 from puzzle.errors import ConfigError, InputError
-from puzzle.files import write_json_atomic
+from puzzle.files import atomic_path, write_json_atomic
 from puzzle.progress import track
 
 _CACHE_VERSION = 1  # bump when the cache layout or the tokenization rule changes
@@ -126,15 +126,13 @@ def _open_tokens(path: Path, count: int) -> np.ndarray:
 
 
 def _write_cache(cfg: DataConfig, tokenizer: Any, separator: int, entry: Path) -> dict[str, Any]:
-    entry.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = {split: entry / f".{split}.bin.{tag}.tmp" for split in SPLITS}
     counts = {split: 0 for split in SPLITS}
     documents = {split: 0 for split in SPLITS}
     backend = _backend(tokenizer)
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: skips offsets
-    handles = {split: open(tmp[split], "wb") for split in SPLITS}
-    try:
+    with contextlib.ExitStack() as stack:  # both token files are renamed into place only if all went well
+        tmp = {split: stack.enter_context(atomic_path(entry / f"{split}.bin")) for split in SPLITS}
+        handles = {split: stack.enter_context(open(tmp[split], "wb")) for split in SPLITS}
         pending: list[Document] = []
 
         def flush() -> None:
@@ -156,15 +154,7 @@ def _write_cache(cfg: DataConfig, tokenizer: Any, separator: int, entry: Path) -
                     bar.update(docs=sum(documents.values()), tokens=sum(counts.values()))
                 bar.advance(1)
             flush()
-        for handle in handles.values():
-            handle.close()
         _check_splits(cfg, documents)
-        for split in SPLITS:
-            os.replace(tmp[split], entry / f"{split}.bin")
-    finally:
-        for split in SPLITS:
-            handles[split].close()
-            tmp[split].unlink(missing_ok=True)
     meta = {"version": _CACHE_VERSION, "config": cfg.to_dict(), "tokens": counts, "documents": documents}
     write_json_atomic(entry / "meta.json", meta)  # written last: its presence marks the entry complete
     return meta
