@@ -1,4 +1,4 @@
-"""FFN Fusion (puzzle/fusion.py): runs, grouping, the dependency measure, exactness against a hand-written
+"""FFN Fusion (puzzle/fusion/): runs, grouping, the dependency measure, exactness against a hand-written
 parallel reference, the fuse_ffn stage and the `fuse-ffn` command."""
 
 import copy

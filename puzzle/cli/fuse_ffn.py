@@ -1,4 +1,4 @@
-"""`puzzle fuse-ffn CKPT OUT`: FFN Fusion of a checkpoint's attention-free runs (puzzle/fusion.py)."""
+"""`puzzle fuse-ffn CKPT OUT`: FFN Fusion of a checkpoint's attention-free runs (puzzle/fusion/)."""
 
 from __future__ import annotations
 
