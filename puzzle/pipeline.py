@@ -49,11 +49,11 @@ from puzzle.distill.bld import (
     worker_share,
 )
 from puzzle.distill.gkd import GKDConfig
-from puzzle.errors import ConfigError, StageError
-from puzzle.files import make_dirs, read_json, write_json_atomic
+from puzzle.errors import ConfigError, InfeasibleError, StageError
+from puzzle.files import make_dirs, read_json, write_json_atomic, write_text_atomic
 from puzzle.fusion import FusionConfig
 from puzzle.jobs import Shard, SlurmConfig, device_for, set_threads_from_env, shard_from_env
-from puzzle.mip.stage import SolveConfig
+from puzzle.mip.stage import ChildPlan, SolveConfig
 from puzzle.profiling import (
     ProfileConfig,
 )
@@ -365,6 +365,32 @@ def run_stage(out: Path, stage: str, overrides: dict[str, Any] | None = None) ->
     search = open_run(out, overrides=overrides)
     _run_stage(search, stage, force=True)
     return search
+
+
+def run_solve(out: Path, target: dict[str, Any] | None = None, solver: str | None = None,
+              realize: bool = False) -> list[ChildPlan]:
+    """Solve the run's targets with `target` added (or replacing the one of the same name); the others stay, so
+    their children stay in the run. Returns the plans of every target; with `realize` the children are built.
+    A target that cannot be met is an error and is not kept in the run's config."""
+    paths = RunPaths(out)
+    if not paths.config.exists():
+        raise StageError(f"{out}: no config.yaml; is this a puzzle search run directory (made by `puzzle search "
+                         f"PARENT --out RUN`)?")
+    before = paths.config.read_text()
+    targets = [to_mapping(t) for t in load_run_config(paths).solve.targets]
+    if target is not None:  # replaced where it stood, else appended
+        names = [t["name"] for t in targets]
+        targets = [target if t["name"] == target["name"] else t for t in targets] + \
+            ([target] if target["name"] not in names else [])
+    overrides = {"solve": {"targets": targets, **({"solver": solver} if solver else {})}}
+    try:
+        search = run_stage(out, "solve", overrides)
+    except InfeasibleError:
+        write_text_atomic(paths.config, before)  # keep the run's targets as they were
+        raise
+    if realize:
+        _run_stage(search, "realize", force=True)
+    return stages.plans_of(search)
 
 
 def run_bld(out: Path, workers: int = 1, launcher: str = "local", as_worker: bool = False) -> None:

@@ -301,3 +301,22 @@ def test_a_fine_tuned_parent_of_the_same_shape_is_not_mistaken_for_the_runs_pare
     shutil.copy(tuned / "model.safetensors", search.paths.parent / "model.safetensors")
     with pytest.raises(StageError, match="built for another parent"):
         run_search(search.paths.root, stage="score")
+
+
+def test_solve_adds_or_replaces_a_target_keeps_the_others_and_can_realize(finished_run, tmp_path, capsys):
+    from puzzle.pipeline import load_run_config
+    from puzzle.run import RunPaths
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run.paths.root, run)
+    capsys.readouterr()
+    assert cli.run(["solve", str(run), "--target-throughput", "1.2x"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal's width
+    assert [t.name for t in load_run_config(RunPaths(run)).solve.targets] == ["fast", "small", "throughput1.2x"]
+    assert "throughput1.2x: predicted" in out and "layer" in out and f"puzzle realize {run}" in out
+    assert "fast: predicted" not in out  # only the new target is shown
+    assert cli.run(["solve", str(run), "--name", "fast", "--target-throughput", "1.2x", "--realize"]) == 0
+    assert ChildPlan.load(run / "solutions" / "fast.json").target["throughput"] == "1.2x"
+    assert all((run / "children" / name / "config.json").exists() for name in ("fast", "small", "throughput1.2x"))
+    assert cli.run(["solve", str(run), "--max-memory", "1000"]) == 2  # impossible: refused, and not kept
+    assert [t.name for t in load_run_config(RunPaths(run)).solve.targets] == ["fast", "small", "throughput1.2x"]

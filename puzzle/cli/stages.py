@@ -1,4 +1,4 @@
-"""`puzzle bld RUN` and `puzzle score RUN`: single stages of a search run."""
+"""Single stages of a search run: `puzzle bld`, `score`, `profile`, `solve` and `realize`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
 
 from puzzle.cli.options import Device, Launcher, Workers
-from puzzle.cli.output import done
+from puzzle.cli.output import console, done, human_bytes
 
 RunDir = Annotated[Path, typer.Argument(help="Run directory made by `puzzle search`.", show_default=False)]
 
@@ -77,29 +78,51 @@ def solve_command(
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Parameters + KV cache, e.g. 40GiB or 0.6x.")] = None,
     max_latency: Annotated[Optional[str], typer.Option("--max-latency", help="Prefill + generation time, e.g. 0.5x or seconds.")] = None,
     max_kv_bytes_per_token: Annotated[Optional[str], typer.Option("--max-kv-bytes-per-token", help="e.g. 0.5x or bytes.")] = None,
-    min_attention_layers: Annotated[Optional[int], typer.Option("--min-attention-layers")] = None,
-    max_attention_layers: Annotated[Optional[int], typer.Option("--max-attention-layers")] = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="Name of the child (default: from the target).")] = None,
+    min_attention_layers: Annotated[Optional[int], typer.Option("--min-attention-layers", min=0, help="At least this many layers keep softmax attention.")] = None,
+    max_attention_layers: Annotated[Optional[int], typer.Option("--max-attention-layers", min=0, help="At most this many layers keep softmax attention (the others: linear or no-op).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Name of the child (default: from the target); an existing target of that name is replaced.")] = None,
     solver: Annotated[Optional[str], typer.Option("--solver", help="pulp (CBC, default) or ortools.")] = None,
     vllm_native: Annotated[bool, typer.Option("--vllm-native", help="Only variants vLLM's native DeciLM model serves.")] = False,
+    realize: Annotated[bool, typer.Option("--realize", help="Also build the children (children/{name}/).")] = False,
 ) -> None:
-    """Choose one attention and one FFN variant per layer (MIP) for each target; writes solutions/*.json.
+    """Choose one attention and one FFN variant per layer (MIP) for each target of the run; writes solutions/*.json.
 
-    Without target flags the config's `solve.targets` are solved.
+    A target given by flags is added to the run's targets (or replaces the one of the same name); the others
+    are solved again and their children stay. Without target flags the run's targets are solved.
 
-    Example:  puzzle solve runs/llama8b --target-throughput 2x --max-memory 40GiB
-    Example:  puzzle solve runs/llama8b --target-throughput 1.5x --vllm-native
+    Example:  puzzle solve runs/demo --target-throughput 1.8x
+    Example:  puzzle solve runs/demo --name small --max-memory 0.6x --vllm-native --realize
     """
-    from puzzle.config import dotted
     from puzzle.mip.stage import target_from_flags
-    from puzzle.pipeline import run_stage
+    from puzzle.pipeline import run_solve
 
     target = target_from_flags(name, throughput=target_throughput, memory=max_memory, latency=max_latency,
                                kv_bytes_per_token=max_kv_bytes_per_token, min_attention_layers=min_attention_layers,
                                max_attention_layers=max_attention_layers, vllm_native=vllm_native)
-    overrides = dotted({"solve.solver": solver, "solve.targets": [target] if target else None})
-    search = run_stage(run, "solve", overrides)
-    done(f"solutions: {search.paths.solutions}")
+    plans = run_solve(run, target, solver=solver, realize=realize)
+    shown = [p for p in plans if target is None or p.name == target["name"]]
+    for plan in shown:
+        print_plan(plan)
+    if realize:
+        done(f"children: {', '.join(str(run / 'children' / p.name) for p in plans)}")
+    else:
+        done(f"solutions: {run / 'solutions'}; build the children with: puzzle realize {run}")
+
+
+def print_plan(plan) -> None:
+    """The chosen layers of one solution and what the profile predicts for it."""
+    sol = plan.solution
+    table = Table(title=f"{plan.name}: predicted {plan.predicted_speedup:.2f}x decode throughput, summed score "
+                        f"{sol.score:.4f}", title_justify="left")
+    for column in ("layer", "attention", "FFN"):
+        table.add_column(column, justify="right" if column == "layer" else "left")
+    for i, (attention, ffn) in enumerate(zip(sol.attention_names, sol.ffn_names)):
+        table.add_row(str(i), attention, ffn)
+    console.print(table)
+    memory = f", memory {human_bytes(sol.memory_bytes)} (parameters {human_bytes(sol.param_bytes)} + KV cache)" \
+        if sol.memory_bytes is not None else ""
+    console.print(f"{sol.throughput:,.0f} tokens/s predicted{memory}, KV {sol.kv_bytes_per_token:,} B/token, "
+                  f"{sol.attention_layers} attention layers")
 
 
 def realize_command(run: RunDir) -> None:
