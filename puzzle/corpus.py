@@ -162,7 +162,7 @@ def _find_sources(cfg: DataConfig) -> list[_Source]:
     for given in cfg.paths:
         root = Path(given).expanduser()
         if not root.exists():
-            raise InputError(f"data path {given} does not exist; fix `paths` in the data config")
+            raise InputError(f"data path {given} does not exist; fix --data or `data.paths` in the config")
         if root.is_file() or _is_dataset_dir(root):
             kind = "dataset" if root.is_dir() else _file_kind(root.name)
             sources.append(_Source(root, root.name, kind))

@@ -33,6 +33,7 @@ from typing import Any
 
 from puzzle.checkpoint import fingerprint, read_config, remote_code_allowed
 from puzzle.config import is_int
+from puzzle.data import load_tokenizer
 from puzzle.errors import ConfigError, InputError
 from puzzle.eval_tasks import SHIPPED_TASKS_DIR
 from puzzle.files import read_json, write_json_atomic
@@ -353,10 +354,14 @@ def _device(requested: str) -> str:
 
 
 def _check_model_folder(ckpt: Path, cfg: EvalConfig) -> None:
-    read_config(ckpt)  # a missing folder or config.json is one clear error
+    config = read_config(ckpt)  # a missing folder or config.json is one clear error
     remote_code_allowed(ckpt, cfg.trust_remote_code)  # code that is not puzzle's needs the user's opt-in
     if not any((ckpt / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(f"{ckpt}: no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the parent's tokenizer files into it")
+    vocab, tokens = config.get("vocab_size"), len(load_tokenizer(ckpt, cfg.trust_remote_code))
+    if isinstance(vocab, int) and tokens > vocab:
+        raise InputError(f"{ckpt}: the tokenizer has {tokens} tokens but config.json's vocab_size is {vocab}; its ids "
+                         "would index past the embedding: copy the tokenizer the model was trained with")
 
 
 def _open_model(ckpt: Path, cfg: EvalConfig, device: str) -> Any:

@@ -49,7 +49,7 @@ from puzzle.distill.bld import (
     worker_share,
 )
 from puzzle.distill.gkd import GKDConfig
-from puzzle.errors import ConfigError, InfeasibleError, StageError
+from puzzle.errors import ConfigError, InfeasibleError, InputError, StageError
 from puzzle.files import make_dirs, read_json, write_json_atomic, write_text_atomic
 from puzzle.fusion import FusionConfig
 from puzzle.jobs import Shard, SlurmConfig, device_for, set_threads_from_env, shard_from_env
@@ -298,7 +298,11 @@ def save_resolved_config(paths: RunPaths, cfg: SearchConfig) -> None:
 
 def load_run_config(paths: RunPaths) -> SearchConfig:
     if not paths.config.exists():
-        raise StageError(f"{paths.root}: no config.yaml; is this a puzzle search run directory?")
+        if (paths.root / "config.json").exists():
+            raise StageError(f"{paths.root} is a model folder, not a puzzle run directory; a run is made by "
+                             f"`puzzle search {paths.root} --out runs/NAME --data DATA`")
+        raise StageError(f"{paths.root}: no config.yaml; is this a puzzle search run directory (made by "
+                         "`puzzle search PARENT --out RUN`)?")
     return from_mapping(SearchConfig, read_yaml(paths.config), str(paths.config))
 
 
@@ -316,14 +320,35 @@ def open_run(out: Path, parent: Path | None = None, config: Path | None = None,
         cfg = load_search_config(config, overrides, base=saved)
     else:
         if parent is None:
+            if (paths.root / "config.json").exists():
+                raise ConfigError(f"{out} is a model folder, not a puzzle run directory; a run is made by "
+                                  f"`puzzle search {out} --out runs/NAME --data DATA`")
             raise ConfigError(f"{out} is not a run directory yet; give the parent model: puzzle search PARENT --out {out}")
         cfg = load_search_config(config, overrides, base=base)
-        check_weights(Path(parent), decilm_config(normalized_config(Path(parent))))  # before the run folder exists
+        check_new_run(Path(parent), cfg, str(config) if config else "the config")  # before the run folder exists
     search = Search(paths, cfg, parent_source=Path(parent) if parent is not None else None)
     for stage in EXPENSIVE:  # refuse before the new config is saved over the one the results came from
         search.is_done(stage)
     save_resolved_config(paths, cfg)
     return search
+
+
+def check_new_run(parent: Path, cfg: SearchConfig, where: str) -> None:
+    """What a new search needs, checked before anything is written: the parent's weights, a tokenizer whose
+    vocabulary fits the model's, and data paths that exist."""
+    config = normalized_config(parent)
+    check_weights(parent, decilm_config(config))
+    tokenizer = load_tokenizer(parent)
+    if len(tokenizer) > config["vocab_size"]:
+        raise InputError(f"{parent}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{config['vocab_size']}; its ids would index past the embedding: use the tokenizer the "
+                         "model was trained with")
+    if cfg.data is None:
+        raise ConfigError("no data: give --data PATH (text files, JSONL, or a datasets folder) or a `data:` section "
+                          f"in {where}; calibration, BLD and scoring read it")
+    for path in cfg.data.paths:
+        if not Path(path).expanduser().exists():
+            raise InputError(f"data path {path} does not exist; fix --data or `data.paths` in {where}")
 
 
 def _run_stage(search: Search, name: str, workers: int = 1, launcher: str = "local", force: bool = False) -> None:
@@ -373,9 +398,7 @@ def run_solve(out: Path, target: dict[str, Any] | None = None, solver: str | Non
     their children stay in the run. Returns the plans of every target; with `realize` the children are built.
     A target that cannot be met is an error and is not kept in the run's config."""
     paths = RunPaths(out)
-    if not paths.config.exists():
-        raise StageError(f"{out}: no config.yaml; is this a puzzle search run directory (made by `puzzle search "
-                         f"PARENT --out RUN`)?")
+    load_run_config(paths)  # one clear error when `out` is not a run directory
     before = paths.config.read_text()
     targets = [to_mapping(t) for t in load_run_config(paths).solve.targets]
     if target is not None:  # replaced where it stood, else appended

@@ -131,3 +131,50 @@ def test_search_with_a_missing_parent_leaves_no_run_folder(tmp_path, capsys):
                     "--data", str(tmp_path)]) == 2
     assert "no-such-parent: no such folder" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_search_checks_its_inputs_before_writing_anything(tmp_path, capsys):
+    """No tokenizer, a tokenizer larger than the model's vocabulary, no data, a missing data path: each is one
+    line naming the fix, and no run folder is left behind."""
+    import shutil
+
+    from factories import tiny_parent_with_tokenizer, tiny_tokenizer
+
+    parent, corpus = tiny_parent_with_tokenizer(tmp_path / "inputs", layers=1)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(parent / f, bare / f)
+    big = tmp_path / "big"
+    shutil.copytree(parent, big)
+    tiny_tokenizer(corpus, vocab_size=2 * len(tiny_tokenizer(corpus))).save_pretrained(big)
+    cases = [([str(bare), "--data", str(corpus)], "no usable tokenizer"),
+             ([str(big), "--data", str(corpus)], "vocab_size"),
+             ([str(parent)], "no data: give --data PATH"),
+             ([str(parent), "--data", str(tmp_path / "nowhere")], "nowhere does not exist; fix --data")]
+    for args, message in cases:
+        capsys.readouterr()
+        assert cli.run(["search", *args, "--out", str(tmp_path / "run")]) == 2, args
+        err = capsys.readouterr().err
+        assert message in " ".join(err.split()) and "Traceback" not in err, (args, err)
+        assert not (tmp_path / "run").exists(), args
+
+
+def test_eval_refuses_a_tokenizer_larger_than_the_models_vocabulary(tmp_path, capsys):
+    import shutil
+
+    from factories import tiny_parent_with_tokenizer, tiny_tokenizer
+
+    parent, corpus = tiny_parent_with_tokenizer(tmp_path / "inputs", layers=1)
+    big = tmp_path / "big"
+    shutil.copytree(parent, big)
+    tiny_tokenizer(corpus, vocab_size=2 * len(tiny_tokenizer(corpus))).save_pretrained(big)
+    assert cli.run(["eval", str(big), "--tasks", "puzzle_stdlib_ppl", "--limit", "2", "--no-write"]) == 2
+    assert "vocab_size" in capsys.readouterr().err
+
+
+def test_a_model_folder_given_as_a_run_directory_gets_a_correct_hint(tmp_path, capsys):
+    hf_parent("llama", tmp_path / "model")
+    assert cli.run(["solve", str(tmp_path / "model"), "--target-throughput", "2x"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is a model folder, not a puzzle run directory" in err and f"--out {tmp_path / 'model'}" not in err
