@@ -32,6 +32,12 @@ class OutputError(PuzzleError):
     """An output location cannot be created or written (permissions, a read-only or virtual file system)."""
 
 
+class Interrupted(PuzzleError):
+    """The user stopped a long command (Ctrl-C); the message says what was kept and how to resume."""
+
+    exit_code = 130
+
+
 class InfeasibleError(PuzzleError):
     """A search target cannot be met by any architecture in the search space."""
 

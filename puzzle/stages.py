@@ -18,7 +18,7 @@ from puzzle.files import read_json, write_json_atomic
 from puzzle.fusion import find_runs, fuse_ffn
 from puzzle.mip.stage import ChildPlan, build_problem, solve_targets, sweep
 from puzzle.profiling import Profile, measure_model, predicted_timing, profile_variants, resolve_device_dtype
-from puzzle.progress import log
+from puzzle.progress import log, track
 from puzzle.prune import prune
 from puzzle.realize import realize
 from puzzle.report import bld_table, measure, task_scores, write_report
@@ -174,26 +174,12 @@ def report_stage(search: Search) -> Path:
     parent_report = replace(parent_report, predicted_decode_s=parent_pred.decode_time_s, measured_speedup=1.0 if parent_timing else None)
     children, plans = [], plans_of(search)
     plan_by_name = {p.name: p for p in plans}
-    for path in child_dirs(search):
-        plan = plan_by_name.get(path.name)
-        child_arch = load_architecture(path)
-        child = load_model(path, dtype=parent.dtype, device=parent.device)
-        report, _ = measure(path.name, path, child, parent, batches, None, child_arch, search.cfg.profile.kv_dtype)
-        timing = None
-        if profile_cfg:
-            timing = measure_model(load_model(path, dtype=dtype, device=device), profile_cfg)
-        try:
-            pred = predicted_timing(profile, list(child_arch.blocks))
-        except StageError:  # a fused FFN is wider than any profiled variant: no prediction
-            pred = None
-        children.append(replace(
-            report, measured_decode_s=timing.decode_time_s if timing else None,
-            measured_prefill_s=timing.prefill_time_s if timing else None,
-            predicted_decode_s=pred.decode_time_s if pred else None,
-            predicted_speedup=parent_pred.decode_time_s / pred.decode_time_s if pred else None,
-            measured_speedup=parent_timing.decode_time_s / timing.decode_time_s if timing and parent_timing else None,
-            summed_score=plan.solution.score if plan else None))
-        del child
+    folders = child_dirs(search)
+    with track(f"report: quality{' and speed' if profile_cfg else ''} of {len(folders)} children", len(folders)) as bar:
+        for path in folders:
+            children.append(_child_report(search, path, plan_by_name.get(path.name), parent, batches, profile_cfg,
+                                          profile, parent_pred, parent_timing, device, dtype))
+            bar.advance(1, child=path.name)
     failures = read_json(search.paths.solutions / "sweep.json").get("infeasible", [])
     sweep_points = read_json(search.paths.solutions / "sweep.json")["points"]
     rows = bld_table(manifest, search.paths, arch, scores, scores_init)
@@ -205,3 +191,24 @@ def report_stage(search: Search) -> Path:
                         sweep=sweep_points, profile=profile, failures=failures, held_out=held_out)
     search.mark_done("report")
     return path
+
+
+def _child_report(search: Search, path: Path, plan, parent, batches, profile_cfg, profile, parent_pred, parent_timing,
+                  device, dtype):
+    """One child's row of the report: held-out quality against the parent, measured and predicted speed."""
+    child_arch = load_architecture(path)
+    child = load_model(path, dtype=parent.dtype, device=parent.device)
+    report, _ = measure(path.name, path, child, parent, batches, None, child_arch, search.cfg.profile.kv_dtype)
+    del child
+    timing = measure_model(load_model(path, dtype=dtype, device=device), profile_cfg) if profile_cfg else None
+    try:
+        pred = predicted_timing(profile, list(child_arch.blocks))
+    except StageError:  # a fused FFN is wider than any profiled variant: no prediction
+        pred = None
+    return replace(
+        report, measured_decode_s=timing.decode_time_s if timing else None,
+        measured_prefill_s=timing.prefill_time_s if timing else None,
+        predicted_decode_s=pred.decode_time_s if pred else None,
+        predicted_speedup=parent_pred.decode_time_s / pred.decode_time_s if pred else None,
+        measured_speedup=parent_timing.decode_time_s / timing.decode_time_s if timing and parent_timing else None,
+        summed_score=plan.solution.score if plan else None)

@@ -181,8 +181,7 @@ def test_bad_input_is_one_line_and_nonzero(case, tiny, tmp_path, capsys):
     code = cli.run(["eval", *map(str, args)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    if case != "no_tasks":  # a usage error: typer prints the usage box
-        assert err.strip().splitlines()[0].startswith("error: ")
+    assert err.strip().splitlines()[0].startswith("error: ")
 
 
 def test_eval_config_rejects_bad_values():

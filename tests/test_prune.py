@@ -440,7 +440,7 @@ def test_cli_one_line_errors_and_help(tiny, tmp_path, puzzle_cli, capsys):
     parent, _ = tiny
     assert puzzle_cli(["prune", str(parent), str(tmp_path / "out"), "--hidden-size", "999"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[0].startswith("error: ") and "exceeds" in lines[0] and len(lines) == 2
+    assert lines[0].startswith("error: ") and "exceeds" in lines[0] and len(lines) == 1
     assert puzzle_cli(["prune", str(parent), str(tmp_path / "out"), "--ffn-size", "6x"]) == 2
     assert not (tmp_path / "out").exists()
     assert puzzle_cli(["prune", "--help"]) == 0

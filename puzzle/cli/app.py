@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -20,7 +21,10 @@ from puzzle.cli.inspect import inspect_command
 from puzzle.cli.prune import prune_command
 from puzzle.cli.search import search_command
 from puzzle.cli.stages import bld_command, profile_command, realize_command, score_command, solve_command
-from puzzle.errors import PuzzleError
+from puzzle.errors import Interrupted, PuzzleError
+
+# click's UsageError (bad options, missing arguments), whichever click typer uses (its own copy in typer >= 0.2x).
+_USAGE_ERROR = typer.BadParameter.__mro__[1]
 
 app = typer.Typer(
     name="puzzle",
@@ -30,6 +34,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+def _version(value: bool) -> None:
+    if value:
+        import puzzle
+
+        typer.echo(f"puzzle {puzzle.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", metavar="", is_eager=True, callback=_version,
+                                                help="Print puzzle's version and exit.")] = False) -> None:
+    """Turn a trained Hugging Face LLM into a faster, smaller, deployable derivative."""
+
+
 app.command("convert")(convert_command)
 app.command("inspect")(inspect_command)
 app.command("demo")(demo_command)
@@ -50,22 +68,48 @@ def run(argv: list[str] | None = None) -> int:
     from puzzle.jobs import set_threads_from_env
 
     set_threads_from_env()
+    _quiet_third_parties()
     try:
-        app(args=argv, prog_name="puzzle")  # standalone mode: typer prints usage errors and raises SystemExit
+        # Not standalone: click's usage errors come back here and are printed like every other error.
+        code = app(args=argv, prog_name="puzzle", standalone_mode=False)
     except SystemExit as stop:
-        _close_distributed()
-        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    except _USAGE_ERROR as err:
+        command = f"puzzle {err.ctx.command_path.split(' ', 1)[1]}" if err.ctx and " " in err.ctx.command_path else "puzzle"
+        code = _error_line(f"{err.format_message()} (see `{command} --help`)", err.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        code = _error_line("interrupted; what finished is kept, and the same command resumes it", 130)
     except PuzzleError as err:
-        _close_distributed()
         if os.environ.get("PUZZLE_DEBUG", "") not in ("", "0"):
+            _close_distributed()
             raise
-        from puzzle.cli.output import err_console
-
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        err_console.print("[dim](set PUZZLE_DEBUG=1 for the traceback)[/]")
-        return err.exit_code
+        hint = "" if isinstance(err, Interrupted) else " (PUZZLE_DEBUG=1 shows the traceback)"
+        code = _error_line(f"{err}{hint}", err.exit_code)
     _close_distributed()
-    return 0
+    return code if isinstance(code, int) else 0
+
+
+def _quiet_third_parties() -> None:
+    """Our commands show their own progress (rich bars, or lines when redirected): silence the libraries'
+    tqdm bars ("Loading weights", "Writing model shards", lm-eval's) and their advisory warnings. Set before
+    they are imported; a user's own setting of these variables wins. PUZZLE_DEBUG=1 keeps everything."""
+    if os.environ.get("PUZZLE_DEBUG", "") not in ("", "0"):
+        return
+    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("TQDM_DISABLE", "1")):
+        os.environ.setdefault(name, value)
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def _error_line(message: str, code: int) -> int:
+    """A user error: one red line on stderr; returns the exit code."""
+    from puzzle.cli.output import err_console
+
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    return code
 
 
 def _close_distributed() -> None:

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from puzzle.cli.options import Workers
-from puzzle.cli.output import console, done
+from puzzle.cli.output import console, done, print_run_summary
 
 
 def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Run directory of the demo search.")] = Path("runs/demo"),
-    parent_only: Annotated[bool, typer.Option("--parent-only", help="Only build (or reuse) the demo parent.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Retrain the demo parent even if a cached one exists.")] = False,
+    parent_only: Annotated[bool, typer.Option("--parent-only", metavar="", help="Only build (or reuse) the demo parent.")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Retrain the demo parent even if a cached one exists.")] = False,
     workers: Workers = 1,  # 2 are only ~1.05x faster on 2 cores and cache 1.2 GiB of activations (bld_workers.md)
 ) -> None:
     """Train (or reuse) the demo parent, a small Llama trained on the Python standard library, and run
@@ -39,16 +37,4 @@ def demo_command(
     from puzzle.demo_search import run_demo
 
     search = run_demo(out, workers=workers)
-    report = json.loads((search.paths.root / "report.json").read_text())
-    device = report["profile"]["device"]
-    table = Table(title=f"demo children, measured on {'this CPU' if device.startswith('cpu') else device}")
-    # Short headers and no path column: the table must fit an 80-column terminal or log.
-    for column in ("model", "params", "speed-up pred.", "speed-up meas.", "KL", "LM loss", "top-1", "vLLM"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for row in [report["parent"], *report["children"]]:
-        measured = f"{row['measured_speedup']:.2f}x" if row["measured_speedup"] else "-"
-        table.add_row(row["name"], f"{row['params'] / 1e6:.2f}M", f"{row['predicted_speedup']:.2f}x", measured,
-                      f"{row['kl']:.4f}", f"{row['lm_loss']:.3f}", f"{row['top1']:.3f}", "yes" if row["vllm_native"] else "no")
-    console.print(table)
-    done(f"children: {search.paths.root / 'children'}/{{{','.join(c['name'] for c in report['children'])}}}")
-    done(f"report: {search.paths.root / 'report.md'} (plots next to it)")
+    print_run_summary(search.paths.root, title="demo children")

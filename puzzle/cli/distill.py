@@ -32,7 +32,7 @@ def distill_command(
     cosine_weight: _Float("--cosine-weight", "Weight of the per-layer (1 - cos) term; 0 = logits-only KL (default 1).") = None,
     checkpoint_every: _Int("--checkpoint-every", "Optimizer steps between resumable checkpoints (default 500).") = None,
     eval_tokens: _Int("--eval-tokens", "Held-out tokens for the metrics before and after (default 2^17).") = None,
-    fsdp: Annotated[Optional[bool], typer.Option("--fsdp/--no-fsdp", help="Shard the child over the processes (FSDP2) instead of DDP.", show_default=False)] = None,
+    fsdp: Annotated[Optional[bool], typer.Option("--fsdp/--no-fsdp", metavar="", help="Shard the child over the processes (FSDP2) instead of DDP.", show_default=False)] = None,
     device: Device = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML with `gkd` and `data` sections; flags override it.")] = None,
     overwrite: Overwrite = False,

@@ -14,7 +14,7 @@ from puzzle.cli.options import Device, JsonOutput, TrustRemoteCode
 from puzzle.cli.output import console, done
 
 Tasks = Annotated[Optional[str], typer.Option("--tasks", "-t", help="Shipped task names, comma-separated (puzzle_stdlib_next_line,puzzle_stdlib_ppl), or a folder / YAML file of your own lm-eval tasks.", show_default=False)]
-MakeTasks = Annotated[bool, typer.Option("--make-tasks", help="Regenerate the demo tasks from held-out standard library files (seed 0) into PATH, default the shipped puzzle/tasks/.")]
+MakeTasks = Annotated[bool, typer.Option("--make-tasks", metavar="", help="Regenerate the demo tasks from held-out standard library files (seed 0) into PATH, default the shipped puzzle/tasks/.")]
 
 
 def eval_command(
@@ -27,7 +27,7 @@ def eval_command(
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Context window; default the model's.", show_default=False)] = None,
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples; default the task's.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Results file; default CKPT/eval/results.json.", show_default=False)] = None,
-    no_write: Annotated[bool, typer.Option("--no-write", help="Do not write a results file.")] = False,
+    no_write: Annotated[bool, typer.Option("--no-write", metavar="", help="Do not write a results file.")] = False,
     make_tasks: MakeTasks = False,
     as_json: JsonOutput = False,
     trust_remote_code: TrustRemoteCode = False,

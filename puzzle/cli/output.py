@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 
 console = Console()
@@ -28,6 +30,31 @@ def human_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.3g} {unit}"
     return f"{n:.0f} B"
+
+
+def print_run_summary(run: Path, title: str = "children") -> None:
+    """The children table of a finished search (from its report.json) and where the children and report are."""
+    import json
+
+    from rich.table import Table
+
+    report_path = Path(run) / "report.json"
+    if not report_path.exists():  # a search stopped before its report (e.g. --stage)
+        return
+    report = json.loads(report_path.read_text())
+    device = report["profile"]["device"]
+    table = Table(title=f"{title}, measured on {'this CPU' if device.startswith('cpu') else device}")
+    # Short headers and no path column: the table must fit an 80-column terminal or log.
+    for column in ("model", "params", "speed-up pred.", "speed-up meas.", "KL", "LM loss", "top-1", "vLLM"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in [report["parent"], *report["children"]]:
+        measured = f"{row['measured_speedup']:.2f}x" if row["measured_speedup"] else "-"
+        predicted = f"{row['predicted_speedup']:.2f}x" if row["predicted_speedup"] else "-"
+        table.add_row(row["name"], f"{row['params'] / 1e6:.2f}M", predicted, measured, f"{row['kl']:.4f}",
+                      f"{row['lm_loss']:.3f}", f"{row['top1']:.3f}", "yes" if row["vllm_native"] else "no")
+    console.print(table)
+    done(f"children: {Path(run) / 'children'}/{{{','.join(c['name'] for c in report['children'])}}}")
+    done(f"report: {Path(run) / 'report.md'} (plots next to it)")
 
 
 def done(message: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from puzzle.cli.options import Device, Launcher, Workers
-from puzzle.cli.output import done
+from puzzle.cli.output import done, print_run_summary
 
 
 def search_command(
@@ -19,7 +19,7 @@ def search_command(
     stage: Annotated[Optional[str], typer.Option("--stage", help="Run only this stage: convert, library, bld, score, profile, solve, realize, fuse, prune, distill, report.")] = None,
     target_throughput: Annotated[Optional[str], typer.Option("--target-throughput", help="One target instead of the config's: e.g. 2x or tokens/s.")] = None,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Parameters + KV cache of the child, e.g. 40GiB or 0.6x.")] = None,
-    vllm_native: Annotated[bool, typer.Option("--vllm-native", help="With --target-throughput / --max-memory: only variants vLLM serves natively.")] = False,
+    vllm_native: Annotated[bool, typer.Option("--vllm-native", metavar="", help="With --target-throughput / --max-memory: only variants vLLM serves natively.")] = False,
     workers: Workers = 1,
     launcher: Launcher = "local",
     device: Device = None,
@@ -33,11 +33,18 @@ def search_command(
       puzzle search --out runs/llama8b --stage bld --workers 8 --launcher torchrun
     """
     from puzzle.config import dotted
+    from puzzle.errors import Interrupted
     from puzzle.mip.stage import target_from_flags
     from puzzle.pipeline import run_search
 
     target = target_from_flags(throughput=target_throughput, memory=max_memory, vllm_native=vllm_native)
     overrides = dotted({"device": device, "data.paths": [str(p) for p in data] if data else None,
                         "solve.targets": [target] if target else None})
-    run_search(out, parent=parent, config=config, overrides=overrides, stage=stage, workers=workers, launcher=launcher)
+    try:
+        run_search(out, parent=parent, config=config, overrides=overrides, stage=stage, workers=workers, launcher=launcher)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: the stages and BLD units that finished are kept in {out}; resume with "
+                          f"`puzzle search --out {out}`") from None
+    if stage is None:
+        print_run_summary(out)
     done(f"run directory: {out}")

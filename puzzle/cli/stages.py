@@ -18,7 +18,7 @@ def bld_command(
     run: RunDir,
     workers: Workers = 1,
     launcher: Launcher = "local",
-    worker: Annotated[bool, typer.Option("--worker", hidden=True, help="Run this process's share (RANK/WORLD_SIZE).")] = False,
+    worker: Annotated[bool, typer.Option("--worker", metavar="", hidden=True, help="Run this process's share (RANK/WORLD_SIZE).")] = False,
 ) -> None:
     """Blockwise local distillation of every candidate in the library (resumable, parallel).
 
@@ -38,7 +38,7 @@ def bld_command(
 
 def score_command(
     run: RunDir,
-    init: Annotated[bool, typer.Option("--init", help="Score the initialised candidates (before BLD) into scores_init.json.")] = False,
+    init: Annotated[bool, typer.Option("--init", metavar="", help="Score the initialised candidates (before BLD) into scores_init.json.")] = False,
 ) -> None:
     """Replace-one-block scores of every candidate: KL to the parent, LM loss, top-1 agreement.
 
@@ -52,7 +52,7 @@ def score_command(
 
 def profile_command(
     run: RunDir,
-    analytic: Annotated[bool, typer.Option("--analytic", help="Roofline estimate (bytes / bandwidth, flops / peak) instead of measuring.")] = False,
+    analytic: Annotated[bool, typer.Option("--analytic", metavar="", help="Roofline estimate (bytes / bandwidth, flops / peak) instead of measuring.")] = False,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Decode batch.")] = None,
     context_len: Annotated[Optional[int], typer.Option("--context-len", help="Cached tokens per sequence during decode.")] = None,
     device: Device = None,
@@ -82,8 +82,8 @@ def solve_command(
     max_attention_layers: Annotated[Optional[int], typer.Option("--max-attention-layers", min=0, help="At most this many layers keep softmax attention (the others: linear or no-op).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Name of the child (default: from the target); an existing target of that name is replaced.")] = None,
     solver: Annotated[Optional[str], typer.Option("--solver", help="pulp (CBC, default) or ortools.")] = None,
-    vllm_native: Annotated[bool, typer.Option("--vllm-native", help="Only variants vLLM's native DeciLM model serves.")] = False,
-    realize: Annotated[bool, typer.Option("--realize", help="Also build the children (children/{name}/).")] = False,
+    vllm_native: Annotated[bool, typer.Option("--vllm-native", metavar="", help="Only variants vLLM's native DeciLM model serves.")] = False,
+    realize: Annotated[bool, typer.Option("--realize", metavar="", help="Also build the children (children/{name}/).")] = False,
 ) -> None:
     """Choose one attention and one FFN variant per layer (MIP) for each target of the run; writes solutions/*.json.
 

@@ -65,7 +65,7 @@ def test_bad_input_is_one_line_and_nonzero(case, tmp_path, capsys):
     assert cli.run(["convert", str(src), str(out)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].startswith("error: ")
-    assert len(lines) == 2 and "PUZZLE_DEBUG" in lines[1]
+    assert len(lines) == 1 and "PUZZLE_DEBUG=1 shows the traceback" in lines[0]  # one line, as the README says
     if case == "exists":
         assert "--overwrite" in lines[0] and (out / "keep.txt").read_text() == "precious"
     else:
@@ -80,9 +80,27 @@ def test_help_lists_only_working_commands(capsys):
         assert command in out
 
 
-def test_usage_error_exits_nonzero(capsys):
-    assert cli.run(["convert"]) == 2
-    assert "Missing argument" in capsys.readouterr().err
+@pytest.mark.parametrize("argv,message", [
+    (["convert"], "Missing argument"),
+    (["prune", "a", "b", "--drop-layers", "-1"], "'--drop-layers'"),
+    (["bld", "run", "--workers", "0"], "'--workers'"),
+    (["eval", "model"], "give a model folder and --tasks"),
+    (["no-such-command"], "No such command"),
+])
+def test_a_usage_error_is_one_line_naming_the_help_to_read(argv, message, capsys):
+    assert cli.run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0] and "--help" in err[0], err
+
+
+def test_version_and_flags_without_type_placeholders(capsys):
+    import puzzle
+
+    assert cli.run(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"puzzle {puzzle.__version__}"
+    assert cli.run(["solve", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--realize" in help_text and help_text.count("<bool>") == 1  # typer's own --help keeps its placeholder
 
 
 def test_prune_does_not_run_a_folders_tokenizer_code_unless_asked(tmp_path):
@@ -178,3 +196,14 @@ def test_a_model_folder_given_as_a_run_directory_gets_a_correct_hint(tmp_path, c
     assert cli.run(["solve", str(tmp_path / "model"), "--target-throughput", "2x"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "is a model folder, not a puzzle run directory" in err and f"--out {tmp_path / 'model'}" not in err
+
+
+def test_commands_show_no_third_party_progress_bars(tmp_path):
+    from factories import tiny_parent_with_tokenizer
+
+    parent, corpus = tiny_parent_with_tokenizer(tmp_path / "inputs", layers=2)
+    run = puzzle("prune", parent, tmp_path / "pruned", "--data", corpus, "--drop-layers", "1", "--eval-tokens", "0",
+                 "--calibration-tokens", "512")
+    assert run.returncode == 0, run.stderr
+    for noise in ("Loading weights", "Writing model shards", "it/s]", "Warning"):
+        assert noise not in run.stderr + run.stdout, noise
