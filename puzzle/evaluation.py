@@ -10,9 +10,9 @@ lm-eval hands relative data paths to `datasets`, which resolves them against the
 are resolved against the YAML's own folder instead, and checked, before lm-eval sees the config, so a task
 folder works from anywhere and a missing file is one clear error. Nothing is downloaded.
 
-    result = evaluate("runs/demo/children/2.0x", ["puzzle_stdlib_next_line", "puzzle_stdlib_ppl"])
+    result = evaluate("runs/demo/children/2x", ["puzzle_stdlib_next_line", "puzzle_stdlib_ppl"])
     result.tasks["puzzle_stdlib_next_line"].metrics["acc"]
-    evaluate_many({"parent": parent, "2.0x": child}, "my_tasks/")    # tasks built once, every model scored
+    evaluate_many({"parent": parent, "2x": child}, "my_tasks/")    # tasks built once, every model scored
 
 Task names are the shipped demo tasks (`puzzle/tasks/`, made by `puzzle.eval_tasks`); a path is a folder of
 the user's own task YAMLs (every task in it) or one YAML file. Results are written to

@@ -13,7 +13,13 @@ from rich.table import Table
 from puzzle.cli.options import Device, JsonOutput, TrustRemoteCode
 from puzzle.cli.output import console, done
 
-Tasks = Annotated[Optional[str], typer.Option("--tasks", "-t", help="Shipped task names, comma-separated (puzzle_stdlib_next_line,puzzle_stdlib_ppl), or a folder / YAML file of your own lm-eval tasks.", show_default=False)]
+# The shipped tasks (puzzle/tasks/*.yaml; a test keeps this list complete): what --help names.
+SHIPPED = {
+    "puzzle_stdlib_next_line": "pick the true next line of held-out stdlib code among 4 (accuracy; chance 25%)",
+    "puzzle_stdlib_word_order": "the true line vs 3 copies with shuffled words (accuracy; chance 25%)",
+    "puzzle_stdlib_ppl": "perplexity of held-out stdlib code (read bits_per_byte: lower is better)",
+}
+Tasks = Annotated[Optional[str], typer.Option("--tasks", "-t", help="Task names, comma-separated, or a folder / YAML file of your own lm-eval tasks. Shipped: " + "; ".join(f"{name}: {what}" for name, what in SHIPPED.items()) + ".", show_default=False)]
 MakeTasks = Annotated[bool, typer.Option("--make-tasks", metavar="", help="Regenerate the demo tasks from held-out standard library files (seed 0) into PATH, default the shipped puzzle/tasks/.")]
 
 
@@ -36,7 +42,7 @@ def eval_command(
 
     Prints a table and writes CKPT/eval/results.json (tasks of earlier runs on the same weights are kept).
 
-    Example:  puzzle eval ./runs/demo/children/2.0x --tasks puzzle_stdlib_next_line,puzzle_stdlib_ppl
+    Example:  puzzle eval ./runs/demo/children/2x --tasks puzzle_stdlib_next_line,puzzle_stdlib_ppl
 
     Example:  puzzle eval ./llama-8b-decilm --tasks ./my_tasks/ --limit 200 --device cuda
 

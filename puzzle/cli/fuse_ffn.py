@@ -38,8 +38,8 @@ def fuse_ffn_command(
     other layers are no-op, so it still loads with transformers and serves in vLLM when the input did.
 
     Examples:
-      puzzle fuse-ffn runs/demo/children/2.0x --dry-run --no-calibration
-      puzzle fuse-ffn runs/llama8b/children/2.0x children/2.0x-fused --data ~/data/fineweb --threshold 0.1 --max-run 4
+      puzzle fuse-ffn runs/demo/children/2x --dry-run --no-calibration
+      puzzle fuse-ffn runs/llama8b/children/2x runs/llama8b/children/2x-fused --data ~/data/fineweb --threshold 0.1 --max-run 4
     """
     from puzzle.corpus import DataConfig
     from puzzle.fusion import FusionConfig, fuse_ffn

@@ -16,7 +16,7 @@ def inspect_command(ckpt: ModelDir, kv_dtype: KvDtype = "bf16", as_json: JsonOut
 
     Works on puzzle checkpoints, Llama-Nemotron checkpoints and plain HF parents.
 
-    Example:  puzzle inspect ./runs/demo/children/2.0x --kv-dtype fp8
+    Example:  puzzle inspect ./runs/demo/children/2x --kv-dtype fp8
     """
     from puzzle.summary import summarize
 

@@ -22,8 +22,8 @@ distance between f_j's output on its true (sequential) input and on the group's 
 while that is <= `threshold` and it has fewer than `max_run` members. The last FFN of each run stays
 separate by default (the paper: it helps quality).
 
-    report = fuse_ffn("children/2.0x", "children/2.0x-fused", FusionConfig(data=DataConfig(paths=("corpus",))))
-    report = fuse_ffn("children/2.0x", None, FusionConfig(threshold=None))      # dry run, no calibration
+    report = fuse_ffn("children/2x", "children/2x-fused", FusionConfig(data=DataConfig(paths=("corpus",))))
+    report = fuse_ffn("children/2x", None, FusionConfig(threshold=None))      # dry run, no calibration
 
 Modules: config.py (FusionConfig and the report), runs.py (runs, groups, fused architecture, cost model),
 weights.py (the fused weights), stage.py (`fuse_ffn`).

@@ -207,3 +207,26 @@ def test_commands_show_no_third_party_progress_bars(tmp_path):
     assert run.returncode == 0, run.stderr
     for noise in ("Loading weights", "Writing model shards", "it/s]", "Warning"):
         assert noise not in run.stderr + run.stdout, noise
+
+
+def test_eval_help_names_every_shipped_task(capsys):
+    from puzzle.cli.eval import SHIPPED
+
+    shipped = {p.stem for p in (ROOT / "puzzle" / "tasks").glob("*.yaml")}
+    assert set(SHIPPED) == shipped
+    assert cli.run(["eval", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(name in help_text for name in shipped)
+
+
+def test_help_examples_name_children_the_demo_makes():
+    """Examples that point into runs/demo must name children the demo's search writes (one per target)."""
+    import re
+
+    import yaml
+
+    demo = yaml.safe_load((ROOT / "puzzle" / "configs" / "demo.yaml").read_text())
+    names = {t["name"] for t in demo["solve"]["targets"]}
+    for path in list((ROOT / "puzzle").rglob("*.py")) + [ROOT / "README.md"]:
+        for child in re.findall(r"runs/demo/children/([A-Za-z0-9._-]+)", path.read_text()):
+            assert child.removesuffix("-fused").removesuffix("-kd") in names, (path, child)
