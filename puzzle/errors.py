@@ -28,6 +28,10 @@ class OutputExistsError(PuzzleError):
     """The output path exists and `--overwrite` was not given."""
 
 
+class NothingToFuse(InputError):
+    """FFN Fusion found no group to fuse in a checkpoint (the message says why and what would change that)."""
+
+
 class OutputError(PuzzleError):
     """An output location cannot be created or written (permissions, a read-only or virtual file system)."""
 

@@ -359,6 +359,10 @@ def _run_stage(search: Search, name: str, workers: int = 1, launcher: str = "loc
         if force or not (search.is_done("bld") and search.bld_done()):
             _bld(search, workers, launcher)
         return
+    section = {"fuse": "fuse", "prune": "prune", "distill": "gkd"}.get(name)
+    if force and section and getattr(search.cfg, section) is None:  # asked for by name: say why it would do nothing
+        raise ConfigError(f"--stage {name} needs a `{section}:` section in the run's config ({search.paths.config}); "
+                          "add one with --config (see docs/run-directory.md)")
     if not force and search.is_done(name):
         return
     if name == "library":

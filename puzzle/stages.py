@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from puzzle.checkpoint import load_architecture, load_model
 from puzzle.distill.gkd import run_gkd
-from puzzle.errors import InfeasibleError, StageError
+from puzzle.errors import InfeasibleError, NothingToFuse, StageError
 from puzzle.files import read_json, write_json_atomic
-from puzzle.fusion import find_runs, fuse_ffn
+from puzzle.fusion import fuse_ffn
 from puzzle.mip.stage import ChildPlan, build_problem, solve_targets, sweep
 from puzzle.profiling import Profile, measure_model, predicted_timing, profile_variants, resolve_device_dtype
 from puzzle.progress import log, track
@@ -112,11 +112,11 @@ def fuse_stage(search: Search) -> None:
         cfg = replace(search.cfg.fuse, data=search.cfg.data, device=search.cfg.device)
         for plan in plans_of(search):
             child = search.paths.children / plan.name
-            if not find_runs(load_architecture(child)):
-                log(f"fuse: {plan.name} has no attention-free FFN runs; nothing to fuse")
-                continue
-            fuse_ffn(child, search.paths.children / f"{plan.name}-fused", cfg, overwrite=True,
-                     info={"stage": "fuse", "child": plan.name})
+            try:
+                fuse_ffn(child, search.paths.children / f"{plan.name}-fused", cfg, overwrite=True,
+                         info={"stage": "fuse", "child": plan.name})
+            except NothingToFuse as why:  # a child without fusable runs is no error for the search
+                log(f"fuse: {plan.name}: {str(why).removeprefix(str(child) + ': ')}")
     search.mark_done("fuse")
 
 

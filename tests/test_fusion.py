@@ -341,3 +341,16 @@ def test_vllm_serves_a_fused_child_with_the_greedy_tokens_of_transformers(tmp_pa
     for prompt, tokens in zip(prompts, result["tokens"]):
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert tokens == expected[0, len(prompt):].tolist()
+
+
+def test_dry_run_that_would_fuse_nothing_says_why_and_what_would(tmp_path, puzzle_cli, capsys):
+    from factories import decilm_model
+    from puzzle.checkpoint import save_model
+
+    # One run of exactly two FFNs (layers 0 and 1): the default keeps its last FFN separate.
+    save_model(decilm_model([("gqa2", "full"), ("no_op", "full"), ("gqa2", "full")]), tmp_path / "child")
+    assert puzzle_cli(["fuse-ffn", str(tmp_path / "child"), "--dry-run", "--no-calibration"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "nothing would be fused" in out and "--no-keep-last" in out
+    assert puzzle_cli(["fuse-ffn", str(tmp_path / "child"), "--dry-run", "--no-calibration", "--no-keep-last"]) == 0
+    assert "nothing would be fused" not in capsys.readouterr().out

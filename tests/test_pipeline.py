@@ -14,7 +14,7 @@ from puzzle.checkpoint import load_architecture, load_model
 from puzzle.cli import app as cli
 from puzzle.distill.activations import logits_from_hidden, run_layers
 from puzzle.distill.bld import load_unit, unit_path
-from puzzle.errors import InfeasibleError, StageError
+from puzzle.errors import ConfigError, InfeasibleError, StageError
 from puzzle.mip.stage import ChildPlan, parse_relative
 from puzzle.pipeline import run_search, run_stage
 
@@ -320,3 +320,11 @@ def test_solve_adds_or_replaces_a_target_keeps_the_others_and_can_realize(finish
     assert all((run / "children" / name / "config.json").exists() for name in ("fast", "small", "throughput1.2x"))
     assert cli.run(["solve", str(run), "--max-memory", "1000"]) == 2  # impossible: refused, and not kept
     assert [t.name for t in load_run_config(RunPaths(run)).solve.targets] == ["fast", "small", "throughput1.2x"]
+
+
+def test_a_stage_asked_for_by_name_without_its_config_section_is_an_error(finished_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run.paths.root, run)
+    for stage, section in (("fuse", "fuse"), ("prune", "prune"), ("distill", "gkd")):
+        with pytest.raises(ConfigError, match=f"--stage {stage} needs a `{section}:` section"):
+            run_search(run, stage=stage)

@@ -59,6 +59,10 @@ def fuse_ffn_command(
                       info={"command": shlex.join(["puzzle", *sys.argv[1:]])})
     print_report(report)
     if dry_run:
+        if not report.fused_groups:
+            from puzzle.fusion.stage import nothing_fused_reason
+
+            console.print(f"[yellow]nothing would be fused[/]: {nothing_fused_reason(report.runs, cfg)}")
         console.print("[dim]dry run: nothing written[/]")
     else:
         done(f"fused {len(report.fused_groups)} group(s) of FFNs: {ckpt} -> {out}")

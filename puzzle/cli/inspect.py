@@ -40,7 +40,11 @@ def inspect_command(ckpt: ModelDir, kv_dtype: KvDtype = "bf16", as_json: JsonOut
         )
     console.print(table)
     console.print(f"embeddings + LM head + final norm: {human_count(s.embedding_params)} parameters")
-    if s.vllm_native:
+    if s.model_type != "nemotron-nas":  # a plain HF folder: vLLM serves it with its own class for the family
+        converted = "vLLM-native there too" if s.vllm_native else "not vLLM-native there: " + "; ".join(s.vllm_unsupported)
+        console.print(f"a plain {s.model_type} folder: vLLM serves it with its {s.model_type} model; in puzzle's "
+                      f"format (`puzzle convert`) it is {converted}")
+    elif s.vllm_native:
         console.print("[green]vLLM-native[/]: every layer is one vLLM's DeciLMForCausalLM implements")
     else:
         console.print("[yellow]not vLLM-native[/]: " + "; ".join(s.vllm_unsupported))

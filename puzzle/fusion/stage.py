@@ -16,7 +16,7 @@ from puzzle.data import TokenData, load_token_data, load_tokenizer
 from puzzle.distill.activations import logits_from_hidden, run_layers
 from puzzle.distill.gkd import GKDConfig, run_gkd
 from puzzle.distill.losses import cosine_distance
-from puzzle.errors import ConfigError, InputError, OutputExistsError
+from puzzle.errors import ConfigError, NothingToFuse, OutputExistsError
 from puzzle.fusion.config import FusionConfig, FusionQuality, FusionReport, RunPlan
 from puzzle.fusion.runs import DecodeCostModel, choose_groups, ffn_depth, find_runs, fused_architecture
 from puzzle.fusion.weights import fuse_layers_
@@ -104,7 +104,7 @@ def fuse_ffn(
     arch = load_architecture(ckpt)
     runs = find_runs(arch)
     if not runs:
-        raise InputError(
+        raise NothingToFuse(
             f"{ckpt}: no two FFNs follow each other without attention between them, so there is nothing to fuse; "
             "FFN fusion needs layers whose attention is no-op (a `puzzle search` child with attention removed)"
         )
@@ -124,7 +124,7 @@ def fuse_ffn(
     if out is None:
         return report
     if not report.fused_groups:
-        raise InputError(f"{ckpt}: {_nothing_fused(plans, cfg)}; nothing was written")
+        raise NothingToFuse(f"{ckpt}: {nothing_fused_reason(plans, cfg)}; nothing was written")
     report = replace(report, quality=_fuse_and_check(model, report.fused_groups, data, cfg))
     info = {"stage": "fuse-ffn", "parent": str(ckpt.resolve()), **(info or {}), "fusion": report.to_dict()}
     if not cfg.distill_tokens:
@@ -179,7 +179,8 @@ def _fuse_and_check(model: DeciLMForCausalLM, groups: Sequence[Sequence[int]], d
     return compare_to_reference(model, batches, reference)
 
 
-def _nothing_fused(plans: Sequence[RunPlan], cfg: FusionConfig) -> str:
+def nothing_fused_reason(plans: Sequence[RunPlan], cfg: FusionConfig) -> str:
+    """Why no group was fused, and which option would fuse one."""
     if cfg.keep_last and all(len(p.layers) == 2 for p in plans):
         return "every run has two FFNs and the last one is kept separate; pass --no-keep-last to fuse them"
     scores = [d for p in plans for d in p.dependency if d is not None]

@@ -230,3 +230,12 @@ def test_help_examples_name_children_the_demo_makes():
     for path in list((ROOT / "puzzle").rglob("*.py")) + [ROOT / "README.md"]:
         for child in re.findall(r"runs/demo/children/([A-Za-z0-9._-]+)", path.read_text()):
             assert child.removesuffix("-fused").removesuffix("-kd") in names, (path, child)
+
+
+def test_hints_that_used_to_mislead(tmp_path, capsys):
+    """inspect on a plain HF folder does not claim vLLM's DeciLM model; a stage run by name without its config
+    section says so instead of printing a check mark."""
+    hf_parent("llama", tmp_path / "plain")
+    assert cli.run(["inspect", str(tmp_path / "plain")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "a plain llama folder" in out and "DeciLMForCausalLM implements" not in out
