@@ -604,7 +604,7 @@ def lm_eval_scores(work: Work, models: dict[str, Path]) -> dict[str, dict[str, f
     for name, result in results.items():
         out[name] = {}
         for task, r in result.tasks.items():
-            metric = next((k for k in ("acc", "bits_per_byte") if k in r.metrics), next(iter(r.metrics)))
+            metric = r.main_metric
             out[name][f"{task}:{metric}"] = r.metrics[metric]
     return out
 

@@ -100,6 +100,12 @@ class TaskResult:
     limit: int | float | None
     source: str  # the task YAML
 
+    @property
+    def main_metric(self) -> str:
+        """The metric to compare models by: accuracy for multiple choice, bits per byte for perplexity tasks
+        (word and byte perplexity are the same quantity on other scales), else the first one."""
+        return next((m for m in ("acc", "bits_per_byte") if m in self.metrics), next(iter(self.metrics)))
+
 
 @dataclass(frozen=True, kw_only=True)
 class EvalResult:

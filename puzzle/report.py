@@ -203,8 +203,8 @@ def task_scores(models: dict[str, Path], tasks: tuple[str, ...], cfg: ReportConf
     for name, result in results.items():
         out[name] = {}
         for task, task_result in result.tasks.items():
-            metric = next((m for m in ("acc", "bits_per_byte") if m in task_result.metrics), None)
-            out[name][f"{task} ({metric or 'first metric'})"] = result.score(task, metric)
+            metric = task_result.main_metric
+            out[name][f"{task} ({metric})"] = result.score(task, metric)
     return out
 
 

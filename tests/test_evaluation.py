@@ -96,10 +96,12 @@ def test_evaluate_many_gives_the_same_scores_to_a_parent_and_its_decilm_conversi
 def test_eval_cli_prints_a_table_and_writes_results(tiny, capsys):
     parent, _, _, tasks = tiny
     out = parent.parent / "cli-results.json"
-    code = cli.run(["eval", str(parent), "--tasks", str(tasks / "tiny_mc.yaml"), "--limit", "2", "--device", "cpu",
-                    "--batch-size", "2", "--out", str(out)])
+    code = cli.run(["eval", str(parent), "--tasks", f"{tasks / 'tiny_mc.yaml'},{tasks / 'tiny_ppl.yaml'}", "--limit",
+                    "2", "--device", "cpu", "--batch-size", "2", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    assert "tiny_mc" in capsys.readouterr().out
+    rows = capsys.readouterr().out.splitlines()
+    assert any("tiny_mc" in r for r in rows)
+    assert [r.split("│")[2].strip() for r in rows if "◀" in r and "│" in r] == ["acc ↑ ◀", "bits_per_byte ↓ ◀"]
     saved = EvalResult.from_dict(json.loads(out.read_text()))
     assert saved.tasks["tiny_mc"].samples == 2 and saved.config.limit == 2
 

@@ -428,8 +428,9 @@ def test_cli_prunes_and_prints_the_summary(tiny, tmp_path, puzzle_cli, capsys):
     args = ["prune", str(parent), str(tmp_path / "out"), "--data", data.paths[0], "--drop-layers", "2", "--contiguous",
             "--ffn-size", "64,-,64,64", "--calibration-tokens", "512", "--eval-tokens", "512", "--device", "cpu", "--decilm"]
     assert puzzle_cli(args) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert "parameters" in out and "dropped layers: L" in out and "KL to parent" in out and "DeciLM" in out
+    assert "on the same tokens" in out  # the child's LM loss next to the parent's
     info = json.loads((tmp_path / "out" / "puzzle.json").read_text())
     assert info["command"].startswith("puzzle") and len(info["prune"]["window_scores"]) == 3
     dropped = [i for i in range(4) if i not in info["prune"]["kept_layers"]]

@@ -79,9 +79,12 @@ def _print_table(result) -> None:
     for column in ("task", "metric", "value", "± stderr", "documents"):
         table.add_column(column, justify="left" if column in ("task", "metric") else "right")
     for task in result.tasks.values():
+        main = task.main_metric
         for i, (metric, value) in enumerate(task.metrics.items()):
             err = task.stderr.get(metric)
             arrow = "↑" if task.higher_is_better.get(metric, True) else "↓"
-            table.add_row(task.task if i == 0 else "", f"{metric} {arrow}", f"{value:.4g}",
-                          "-" if err is None else f"{err:.2g}", str(task.samples) if i == 0 else "")
+            table.add_row(task.task if i == 0 else "", f"{metric} {arrow}" + (" ◀" if metric == main else ""),
+                          f"{value:.4g}", "-" if err is None else f"{err:.2g}", str(task.samples) if i == 0 else "")
     console.print(table)
+    console.print("◀: the number to compare models by (accuracy, or bits per byte for perplexity tasks: word and "
+                  "byte perplexities are the same quantity on other scales)")

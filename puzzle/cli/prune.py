@@ -101,5 +101,6 @@ def print_result(result) -> None:
         console.print(f"dropped layers: {', '.join(f'L{i}' for i in result.dropped_layers)}")
     for name, q in (("after pruning", result.quality), (f"after KD on {result.distill_tokens:,} tokens", result.quality_distilled)):
         if q is not None:
-            console.print(f"held-out ({q.tokens:,} tokens) {name}: KL to parent {q.kl:.4f}, LM loss {q.lm_loss:.4f}, "
-                          f"top-1 agreement {q.top1:.1%}")
+            parent = f" (parent {q.reference_lm_loss:.4f} on the same tokens)" if q.reference_lm_loss is not None else ""
+            console.print(f"held-out ({q.tokens:,} tokens) {name}: KL to parent {q.kl:.4f}, LM loss {q.lm_loss:.4f}"
+                          f"{parent}, top-1 agreement {q.top1:.1%}")

@@ -164,7 +164,8 @@ def _distill_and_write(child: DeciLMForCausalLM, ckpt: Path, result: PruneResult
     details = {**details, "gkd": read_json(trained / "puzzle.json")["gkd"]}
     a = kd.after
     result = replace(result, distill_tokens=kd.tokens,
-                     quality_distilled=Quality(kl=a.kl, lm_loss=a.lm_loss, top1=a.top1, tokens=a.positions))
+                     quality_distilled=Quality(kl=a.kl, lm_loss=a.lm_loss, top1=a.top1, tokens=a.positions,
+                                               reference_lm_loss=a.teacher_lm_loss))
     _write(load_model(trained, dtype=None), out, result, ckpt, details, overwrite, extra_files=(trained / "gkd.json",))
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(trained, ignore_errors=True)
