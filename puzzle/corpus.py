@@ -22,6 +22,7 @@ from typing import Any
 
 from puzzle.config import is_int
 from puzzle.errors import ConfigError, InputError
+from puzzle.progress import log
 
 SPLITS = ("train", "held_out")
 DEFAULT_PATTERNS = ("*.txt", "*.md", "*.py", "*.jsonl", "*.json")
@@ -207,10 +208,9 @@ def _records(source: _Source, cfg: DataConfig) -> Iterator[tuple[str, str]]:
         return
     try:
         raw = source.path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(
-            f"{source.path}: not UTF-8 text (byte {err.start}); convert it or add it to `exclude` in the data config"
-        ) from None
+    except UnicodeDecodeError as err:  # skipped, not fatal: one odd file must not stop a run over a whole folder
+        log(f"[yellow]data[/]: skipped {source.path}: not UTF-8 text (byte {err.start}); --exclude it to silence this")
+        return
     if source.kind == "text":
         if raw:
             yield source.identity, raw

@@ -348,10 +348,15 @@ def test_dataset_without_text_column_raises_input_error(tmp_path):
         list(iter_documents(_cfg(tmp_path / "ds")))
 
 
-def test_non_utf8_file_raises_input_error(tmp_path):
+def test_a_non_utf8_file_is_skipped_with_a_warning_and_exclude_silences_it(tmp_path, monkeypatch, capsys):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
-    with pytest.raises(InputError, match=r"bad.txt: not UTF-8.*exclude"):
-        list(iter_documents(_cfg(tmp_path)))
+    (tmp_path / "good.txt").write_text("fine text")
+    monkeypatch.setenv("PUZZLE_QUIET", "0")
+    assert [d.identity for d in iter_documents(_cfg(tmp_path))] == ["good.txt"]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "skipped" in err and "bad.txt: not UTF-8 text (byte 3)" in err and "--exclude" in err
+    assert [d.identity for d in iter_documents(DataConfig(paths=(str(tmp_path),), exclude=("bad.txt",)))] == ["good.txt"]
+    assert "bad.txt" not in capsys.readouterr().err
 
 
 def test_batch_argument_errors(token_data):

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from puzzle.cli.options import Device, ModelDir, Overwrite, TrustRemoteCode
+from puzzle.cli.options import Device, Exclude, ModelDir, Overwrite, TrustRemoteCode
 from puzzle.cli.output import console, done
 
 _Int = lambda flag, text: Annotated[Optional[int], typer.Option(flag, min=1, help=text, show_default=False)]  # noqa: E731
@@ -34,6 +34,7 @@ def distill_command(
     eval_tokens: _Int("--eval-tokens", "Held-out tokens for the metrics before and after (default 2^17).") = None,
     fsdp: Annotated[Optional[bool], typer.Option("--fsdp/--no-fsdp", metavar="", help="Shard the child over the processes (FSDP2) instead of DDP.", show_default=False)] = None,
     device: Device = None,
+    exclude: Exclude = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML with `gkd` and `data` sections; flags override it.")] = None,
     overwrite: Overwrite = False,
     trust_remote_code: TrustRemoteCode = False,
@@ -53,7 +54,8 @@ def distill_command(
                    temperature=temperature, cosine_weight=cosine_weight, checkpoint_every=checkpoint_every,
                    eval_tokens=eval_tokens, fsdp=fsdp, device=device,
                    trust_remote_code=trust_remote_code or None)
-    cfg, data_cfg = load_gkd_settings(config, options, {"paths": [str(p) for p in data] if data else None})
+    cfg, data_cfg = load_gkd_settings(config, options, {"paths": [str(p) for p in data] if data else None,
+                                                        "exclude": exclude or None})
     result = run_gkd(child, teacher, data_cfg, out, cfg, overwrite=overwrite,
                      info={"command": shlex.join(["puzzle", *sys.argv[1:]])})
     if os.environ.get("RANK", "0") != "0":

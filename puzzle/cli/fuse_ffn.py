@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from puzzle.cli.options import Device, ModelDir, Overwrite, TrustRemoteCode
+from puzzle.cli.options import Device, Exclude, ModelDir, Overwrite, TrustRemoteCode
 from puzzle.cli.output import console, done, human_count
 
 DEFAULT_THRESHOLD = 0.05  # FusionConfig.threshold; repeated here so --help can show it without importing torch
@@ -30,6 +30,7 @@ def fuse_ffn_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="Print runs, dependency scores, what would be fused and the predicted speed-up; write nothing.")] = False,
     overwrite: Overwrite = False,
     device: Device = None,
+    exclude: Exclude = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Fuse runs of FFNs with no attention between them into single wide FFNs (FFN Fusion).
@@ -51,7 +52,7 @@ def fuse_ffn_command(
     cfg = FusionConfig(
         threshold=None if no_calibration else (DEFAULT_THRESHOLD if threshold is None else threshold),
         max_run=max_run, keep_last=keep_last,
-        data=DataConfig(paths=tuple(str(p) for p in data)) if data else None,
+        data=DataConfig(paths=tuple(str(p) for p in data), exclude=tuple(exclude or ())) if data else None,
         calibration_tokens=calibration_tokens, eval_tokens=eval_tokens, distill_tokens=distill_tokens,
         device=device or "auto", trust_remote_code=trust_remote_code,
     )

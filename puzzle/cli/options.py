@@ -15,4 +15,5 @@ OutDir = Annotated[Path, typer.Argument(help="Output folder (must not exist unle
 Workers = Annotated[int, typer.Option("--workers", min=1, help="Parallel workers for BLD (processes, GPUs or Slurm tasks).")]
 Launcher = Annotated[str, typer.Option("--launcher", help="How workers start: local, torchrun or slurm.")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", metavar="", help="Run code shipped in the model folder (a custom tokenizer or model class), as transformers' trust_remote_code; only for folders you trust.")]
+Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="With --data: skip files matching this glob (repeatable); without / it matches any path component (tests, *.min.js), with / the whole relative path.", show_default=False)]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, or auto (default: cuda when available).")]

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from puzzle.cli.options import Device, Launcher, Workers
+from puzzle.cli.options import Device, Exclude, Launcher, Workers
 from puzzle.cli.output import done, print_run_summary
 
 
@@ -23,6 +23,7 @@ def search_command(
     workers: Workers = 1,
     launcher: Launcher = "local",
     device: Device = None,
+    exclude: Exclude = None,
 ) -> None:
     """Run the Puzzle search: convert, library, bld, score, profile, solve, realize, [fuse, prune, distill,] report.
 
@@ -39,6 +40,7 @@ def search_command(
 
     target = target_from_flags(throughput=target_throughput, memory=max_memory, vllm_native=vllm_native)
     overrides = dotted({"device": device, "data.paths": [str(p) for p in data] if data else None,
+                        "data.exclude": exclude or None,
                         "solve.targets": [target] if target else None})
     try:
         run_search(out, parent=parent, config=config, overrides=overrides, stage=stage, workers=workers, launcher=launcher)

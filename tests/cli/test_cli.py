@@ -239,3 +239,20 @@ def test_hints_that_used_to_mislead(tmp_path, capsys):
     assert cli.run(["inspect", str(tmp_path / "plain")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "a plain llama folder" in out and "DeciLMForCausalLM implements" not in out
+
+
+def test_every_command_that_takes_data_takes_exclude(tmp_path, capsys):
+    from factories import tiny_parent_with_tokenizer
+
+    parent, corpus = tiny_parent_with_tokenizer(tmp_path / "inputs", layers=2)
+    commands = {
+        "prune": ["prune", str(parent), str(tmp_path / "p"), "--drop-layers", "1"],
+        "distill": ["distill", str(parent), "--teacher", str(parent), "--out", str(tmp_path / "d")],
+        "search": ["search", str(parent), "--out", str(tmp_path / "run")],
+    }
+    for name, argv in commands.items():
+        capsys.readouterr()
+        code = cli.run([*argv, "--data", str(corpus), "--exclude", "*.txt"])
+        err = " ".join(capsys.readouterr().err.split())
+        assert code == 2 and "outside the excluded *.txt" in err, (name, err)  # every file excluded: said so
+    assert cli.run(["fuse-ffn", "--help"]) == 0 and "--exclude" in capsys.readouterr().out
