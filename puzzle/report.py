@@ -10,6 +10,7 @@ vs the child's measured KL). Writes report.md, report.json and PNG plots into th
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from puzzle.distill.bld import read_unit_result, unit_path
 from puzzle.evaluation import EvalConfig, evaluate_many
 from puzzle.files import write_json_atomic
 from puzzle.mip.stage import ChildPlan
-from puzzle.profiling import Profile, ProfileConfig, measure_model
+from puzzle.profiling import MEASURE_ATTEMPTS, NOISY, Profile, ProfileConfig, measure_model
 from puzzle.run import RunPaths
 from puzzle.scoring import Scores, model_quality
 
@@ -59,6 +60,8 @@ class ModelReport:
     measured_prefill_s: float | None
     predicted_decode_s: float | None  # None: a derived child (e.g. fused) with variants the profile lacks
     measured_speedup: float | None = None
+    # the decode timing (of this model or of the parent it is compared with) spread more than NOISY over repeats
+    measured_noisy: bool = False
     predicted_speedup: float | None = 1.0
     summed_score: float | None = 0.0  # the MIP objective; None for derived children
     vllm_native: bool = True
@@ -181,6 +184,14 @@ def _keep(variant, parent_variant, shape) -> float:
     return count(shape, variant) / full if full else 0.0
 
 
+def machine_load() -> str:
+    """The 1-minute load average against the cores (on CPUs, other work makes timings noisy)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
+
+
 def measure(name: str, path: Path, model, parent, batches, profile_cfg: ProfileConfig | None, arch: Architecture,
             kv_dtype: str) -> tuple[ModelReport, Any]:
     quality = model_quality(parent, model, batches)
@@ -190,7 +201,7 @@ def measure(name: str, path: Path, model, parent, batches, profile_cfg: ProfileC
         name=name, path=str(path), params=arch.total_params(), kv_bytes_per_token=arch.kv_bytes_per_token(kv_dtype),
         kl=quality.kl, lm_loss=quality.lm_loss, top1=quality.top1,
         measured_decode_s=timing.decode_time_s if timing else None, measured_prefill_s=timing.prefill_time_s if timing else None,
-        predicted_decode_s=0.0, vllm_native=not arch.vllm_unsupported(),
+        predicted_decode_s=0.0, vllm_native=not arch.vllm_unsupported(), measured_noisy=bool(timing and timing.noisy),
         layers=[f"{b.attention.label(heads)} | {b.ffn.label()}" for b in arch.blocks],
     ), timing
 
@@ -236,7 +247,7 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for m in [parent, *children]:
-        measured = f"{m.measured_speedup:.2f}x" if m.measured_speedup else "-"
+        measured = f"{m.measured_speedup:.2f}x" + (" ~" if m.measured_noisy else "") if m.measured_speedup else "-"
         predicted = f"{m.predicted_speedup:.2f}x" if m.predicted_speedup else "-"
         err = f"{100 * (m.predicted_speedup / m.measured_speedup - 1):+.1f}%" \
             if m.measured_speedup and m.predicted_speedup and m is not parent else "-"
@@ -249,6 +260,9 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
         columns = list(next(iter(tasks.values())))
         lines += ["", "### lm-eval", "", "| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         lines += [f"| {name} | " + " | ".join(f"{scores[c]:.4f}" for c in columns) + " |" for name, scores in tasks.items()]
+    if any(m.measured_noisy for m in [parent, *children]):
+        lines += ["", f"~: not to be trusted: the decode timings spread by more than {NOISY:.0%} over repeats even after "
+                      f"{MEASURE_ATTEMPTS} attempts (load average {machine_load()}); measure again on an idle machine."]
     lines += ["", "Speed-up = decode throughput relative to the parent, same device and method. Error = predicted / "
               "measured - 1. Summed KL = the MIP objective (sum of replace-one-block KLs); compare it with the child's "
               "measured KL to see how additive the scores are.", ""]

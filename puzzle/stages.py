@@ -206,7 +206,8 @@ def _child_report(search: Search, path: Path, plan, parent, batches, profile_cfg
     except StageError:  # a fused FFN is wider than any profiled variant: no prediction
         pred = None
     return replace(
-        report, measured_decode_s=timing.decode_time_s if timing else None,
+        report, measured_noisy=bool(timing and (timing.noisy or parent_timing.noisy)),
+        measured_decode_s=timing.decode_time_s if timing else None,
         measured_prefill_s=timing.prefill_time_s if timing else None,
         predicted_decode_s=pred.decode_time_s if pred else None,
         predicted_speedup=parent_pred.decode_time_s / pred.decode_time_s if pred else None,

@@ -48,11 +48,14 @@ def print_run_summary(run: Path, title: str = "children") -> None:
     for column in ("model", "params", "speed-up pred.", "speed-up meas.", "KL", "LM loss", "top-1", "vLLM"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in [report["parent"], *report["children"]]:
-        measured = f"{row['measured_speedup']:.2f}x" if row["measured_speedup"] else "-"
+        measured = f"{row['measured_speedup']:.2f}x" + (" ~" if row.get("measured_noisy") else "") \
+            if row["measured_speedup"] else "-"
         predicted = f"{row['predicted_speedup']:.2f}x" if row["predicted_speedup"] else "-"
         table.add_row(row["name"], f"{row['params'] / 1e6:.2f}M", predicted, measured, f"{row['kl']:.4f}",
                       f"{row['lm_loss']:.3f}", f"{row['top1']:.3f}", "yes" if row["vllm_native"] else "no")
     console.print(table)
+    if any(row.get("measured_noisy") for row in [report["parent"], *report["children"]]):
+        console.print("[yellow]~[/]: the timing spread by more than 10% over repeats (a loaded machine?): not to be trusted")
     done(f"children: {Path(run) / 'children'}/{{{','.join(c['name'] for c in report['children'])}}}")
     done(f"report: {Path(run) / 'report.md'} (plots next to it)")
 
