@@ -647,6 +647,11 @@ def write_benchmark_results(work: Work, argv: list[str]) -> None:
         lines.append(f"| {m['target']} | {key} | {m['measured_speedup']:.3f}x | {matched} | {predicted} | {m['params'] / 1e6:.2f}M | "
                      f"{m['kv_bytes_per_token']} | {m['kl']:.4f} | {m['top1']:.3f} | {m['lm_loss']:.4f} | "
                      f"{retained:.3f} | {before} | {tasks} |")
+    if "**no**" in "\n".join(lines):
+        lines += ["", "**no**: no configuration of that method measured within "
+                  f"{work.scale.tolerance:.0%} of puzzle's speed; the row is the nearest one found (its settings are in "
+                  f"{name}.json). Uniform width pruning moves the speed in steps of one attention head per layer, "
+                  "and where the KV cache dominates decode time the steps are coarse."]
     ranking = records["search"]["ranking"]
     fidelity = records.get("fidelity")
     if fidelity:

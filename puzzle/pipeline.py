@@ -382,11 +382,24 @@ def run_search(out: Path, *, parent: Path | None = None, config: Path | None = N
     """Run every stage (or only `stage`) over the run directory, skipping those already done."""
     if stage is not None and stage not in STAGES:
         raise ConfigError(f"--stage {stage!r} is not a stage; choose one of {', '.join(STAGES)}")
+    resuming = RunPaths(out).config.exists()
     search = open_run(out, parent, config, overrides, base)
     search.convert()  # every stage reads the converted parent; cheap, and a no-op once done
+    if resuming and stage is None:
+        log(resume_note(search))
     for name in STAGES if stage is None else (stage,):
         _run_stage(search, name, workers, launcher, force=stage is not None)
     return search
+
+
+def resume_note(search: Search) -> str:
+    """Where a rerun of an existing run picks up: the stages already done, and the first one that runs."""
+    done = [name for name in STAGES if name != "convert" and search.is_done(name)]
+    todo = [name for name in STAGES if name not in done and name != "convert"]
+    if not todo:
+        return f"{search.paths.root}: every stage is done (delete stages/NAME.json or use --stage NAME to redo one)"
+    return (f"resuming {search.paths.root}: done {', '.join(done) if done else 'nothing yet'}; "
+            f"continuing from {todo[0]}")
 
 
 def run_stage(out: Path, stage: str, overrides: dict[str, Any] | None = None) -> Search:
@@ -397,7 +410,7 @@ def run_stage(out: Path, stage: str, overrides: dict[str, Any] | None = None) ->
 
 
 def run_solve(out: Path, target: dict[str, Any] | None = None, solver: str | None = None,
-              realize: bool = False) -> list[ChildPlan]:
+              realize: bool = False, rerank: int | None = None) -> list[ChildPlan]:
     """Solve the run's targets with `target` added (or replacing the one of the same name); the others stay, so
     their children stay in the run. Returns the plans of every target; with `realize` the children are built.
     A target that cannot be met is an error and is not kept in the run's config."""
@@ -409,7 +422,8 @@ def run_solve(out: Path, target: dict[str, Any] | None = None, solver: str | Non
         names = [t["name"] for t in targets]
         targets = [target if t["name"] == target["name"] else t for t in targets] + \
             ([target] if target["name"] not in names else [])
-    overrides = {"solve": {"targets": targets, **({"solver": solver} if solver else {})}}
+    overrides = {"solve": {"targets": targets, **({"solver": solver} if solver else {}),
+                           **({"rerank": rerank} if rerank is not None else {})}}
     try:
         search = run_stage(out, "solve", overrides)
     except InfeasibleError:
@@ -445,6 +459,9 @@ def _bld(search: Search, workers: int, launcher: str) -> None:
         raise ConfigError(f"--launcher {launcher!r}: choose local, torchrun or slurm")
     manifest = search.manifest()
     pending = pending_units(manifest, search.paths)
+    if pending and len(pending) < len(manifest.units):
+        log(f"bld: {len(manifest.units) - len(pending)} of {len(manifest.units)} units were trained before; "
+            f"training the other {len(pending)}")
     if pending and workers == 1 and launcher == "local":
         search.bld_worker()
     elif pending:

@@ -56,22 +56,30 @@ def child_state(parent: DeciLMForCausalLM, arch: Architecture, blocks: tuple[Blo
     return state
 
 
-def realize(plan: ChildPlan, parent: DeciLMForCausalLM, arch: Architecture, manifest: Manifest, paths: RunPaths,
-            overwrite: bool = True) -> Path:
-    """Build `children/{plan.name}/` (replacing an older one atomically)."""
-    child_arch = Architecture(shape=arch.shape, blocks=plan.blocks)
-    config = decilm_config(parent.config.to_dict(), child_arch)
+def assemble(blocks: tuple[BlockConfig, ...], parent: DeciLMForCausalLM, arch: Architecture, manifest: Manifest,
+             paths: RunPaths) -> DeciLMForCausalLM:
+    """The child with these per-layer blocks, in memory, on the parent's device and in its dtype."""
+    config = decilm_config(parent.config.to_dict(), Architecture(shape=arch.shape, blocks=blocks))
     with torch.device("meta"):
         child = DeciLMForCausalLM(config)
-    state = child_state(parent, arch, plan.blocks, manifest, paths)
+    state = child_state(parent, arch, blocks, manifest, paths)
     dtype = next(parent.parameters()).dtype
-    child.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=not config.tie_word_embeddings, assign=True)
+    child.load_state_dict({k: v.to(dtype=dtype, device=parent.device) for k, v in state.items()},
+                          strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         child.lm_head.weight = child.model.embed_tokens.weight
     child.model.rotary_emb = type(child.model.rotary_emb)(config).to(parent.device)
+    return child.eval()
+
+
+def realize(plan: ChildPlan, parent: DeciLMForCausalLM, arch: Architecture, manifest: Manifest, paths: RunPaths,
+            overwrite: bool = True) -> Path:
+    """Build `children/{plan.name}/` (replacing an older one atomically)."""
+    child = assemble(plan.blocks, parent, arch, manifest, paths)
     info = {"stage": "realize", "parent": str(paths.parent), "target": plan.target,
             "predicted": {"throughput": plan.solution.throughput, "speedup": plan.predicted_speedup,
                           "decode_time_s": plan.solution.decode_time_s, "latency_s": plan.solution.latency_s,
                           "memory_bytes": plan.solution.memory_bytes, "param_bytes": plan.solution.param_bytes,
-                          "kv_bytes_per_token": plan.solution.kv_bytes_per_token, "score": plan.solution.score}}
+                          "kv_bytes_per_token": plan.solution.kv_bytes_per_token, "score": plan.solution.score},
+            **({"reranked": list(plan.reranked)} if plan.reranked else {})}
     return save_model(child, paths.children / plan.name, source=paths.parent, info=info, overwrite=overwrite)

@@ -266,6 +266,18 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
     lines += ["", "Speed-up = decode throughput relative to the parent, same device and method. Error = predicted / "
               "measured - 1. Summed KL = the MIP objective (sum of replace-one-block KLs); compare it with the child's "
               "measured KL to see how additive the scores are.", ""]
+    reranked = [p for p in plans if p.reranked]
+    if reranked:
+        lines += ["## Re-ranking", "",
+                  "Per target, diverse MIP solutions were assembled and the one with the lowest KL to the parent kept "
+                  "(KL on the tokens scoring used, not the report's).", "",
+                  "| target | solutions | summed KL: MIP optimum / kept | KL: MIP optimum | KL: kept | kept solution |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for p in reranked:
+            optimum, kept = p.reranked[0], next(r for r in p.reranked if r["chosen"])
+            lines.append(f"| {p.name} | {len(p.reranked)} | {optimum['summed_score']:.4f} / {kept['summed_score']:.4f} | "
+                         f"{optimum['kl']:.4f} | {kept['kl']:.4f} | {kept['solution']} |")
+        lines.append("")
     for c in children:
         lines += [f"### {c.name}", "", "| layer | attention | FFN |", "|---:|---|---|"]
         lines += [f"| {i} | {l.split(' | ')[0]} | {l.split(' | ')[1]} |" for i, l in enumerate(c.layers)]

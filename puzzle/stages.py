@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from puzzle.checkpoint import load_architecture, load_model
 from puzzle.distill.gkd import run_gkd
 from puzzle.errors import InfeasibleError, NothingToFuse, StageError
@@ -22,6 +24,7 @@ from puzzle.progress import log, track
 from puzzle.prune import prune
 from puzzle.realize import realize
 from puzzle.report import bld_table, measure, task_scores, write_report
+from puzzle.rerank import rerank_plans
 from puzzle.scoring import Scores
 
 if TYPE_CHECKING:  # annotations only: pipeline.py imports this module
@@ -63,6 +66,12 @@ def solve_stage(search: Search) -> None:
     arch = load_architecture(search.paths.parent)
     problem = build_problem(manifest, scores, profile, arch, search.cfg.solve.objective)
     plans, failures = solve_targets(problem, profile, manifest, arch, search.cfg.solve)
+    if search.cfg.solve.rerank > 1 and plans:
+        score = search.cfg.score  # the tokens scoring measured on; the report's are after them
+        batches = list(search.data().batches("held_out", score.batch_size, n_tokens=score.tokens, shuffle=False))
+        with torch.no_grad():
+            plans = rerank_plans(plans, problem, profile, manifest, arch, search.parent_model(), batches, search.paths,
+                                 search.cfg.solve)
     search.paths.solutions.mkdir(parents=True, exist_ok=True)
     for plan in plans:
         plan.save(search.paths.solutions / f"{plan.name}.json")

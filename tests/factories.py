@@ -118,13 +118,15 @@ def tiny_tokenizer(corpus: Path, vocab_size: int = 320):
                                    pad_token="<|endoftext|>")
 
 
-def tiny_parent_with_tokenizer(root: Path, layers: int = 4, seed: int = 0) -> tuple[Path, Path]:
-    """(parent folder, corpus folder): a random tiny Llama (4 KV heads, head_dim 16) with a BPE tokenizer."""
+def tiny_parent_with_tokenizer(root: Path, layers: int = 4, seed: int = 0, hidden_size: int = 64,
+                               intermediate_size: int = 128, max_position_embeddings: int = 256) -> tuple[Path, Path]:
+    """(parent folder, corpus folder): a random tiny Llama (4 heads, 4 KV heads) with a BPE tokenizer."""
     corpus = tiny_corpus(root / "corpus")
     tokenizer = tiny_tokenizer(corpus)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=max_position_embeddings,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = randomize_(LlamaForCausalLM(config).eval(), seed)
     model.save_pretrained(root / "parent")

@@ -345,6 +345,7 @@ def test_vllm_serves_a_fused_child_with_the_greedy_tokens_of_transformers(tmp_pa
 
 def test_dry_run_that_would_fuse_nothing_says_why_and_what_would(tmp_path, puzzle_cli, capsys):
     from factories import decilm_model
+
     from puzzle.checkpoint import save_model
 
     # One run of exactly two FFNs (layers 0 and 1): the default keeps its last FFN separate.

@@ -16,7 +16,7 @@ from puzzle.distill.activations import logits_from_hidden, run_layers
 from puzzle.distill.bld import load_unit, unit_path
 from puzzle.errors import ConfigError, InfeasibleError, StageError
 from puzzle.mip.stage import ChildPlan, parse_relative
-from puzzle.pipeline import run_search, run_stage
+from puzzle.pipeline import open_run, run_search, run_stage
 
 FAST = dict(profile={"batch_size": 4, "context_len": 96, "prompt_len": 32, "repeats": 3, "inner": 2, "warmup": 1,
                      "generate_tokens": 8},
@@ -328,3 +328,68 @@ def test_a_stage_asked_for_by_name_without_its_config_section_is_an_error(finish
     for stage, section in (("fuse", "fuse"), ("prune", "prune"), ("distill", "gkd")):
         with pytest.raises(ConfigError, match=f"--stage {stage} needs a `{section}:` section"):
             run_search(run, stage=stage)
+
+
+def test_noisy_timings_are_retried_then_flagged_in_the_report(finished_run, tmp_path, monkeypatch):
+    from puzzle import profiling
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run.paths.root, run)
+    calls = []
+
+    def noisy(fn, cfg, device):  # a loaded machine: samples 1x..4x apart
+        fn()
+        calls.append(1)
+        return [0.001 * (1 + k % 4) for k in range(10)]
+
+    monkeypatch.setattr(profiling, "time_samples", noisy)
+    run_search(run, stage="report")
+    report = json.loads((run / "report.json").read_text())
+    assert all(c["measured_noisy"] for c in report["children"]) and report["parent"]["measured_noisy"]
+    assert "~: not to be trusted" in (run / "report.md").read_text()
+    assert len(calls) >= profiling.MEASURE_ATTEMPTS * (1 + len(report["children"]))  # decode retried per model
+    assert profiling.spread([0.002] * 10) == 0.0 and profiling.spread([0.001 * (1 + k % 4) for k in range(10)]) > 1
+
+
+def test_a_rerun_says_which_stages_are_done_and_where_it_continues(finished_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("PUZZLE_QUIET", raising=False)
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run.paths.root, run)
+    capsys.readouterr()
+    run_search(run)
+    assert "every stage is done" in " ".join(capsys.readouterr().err.split())
+    (run / "stages" / "score.json").unlink()
+    run_search(run)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "done library, bld" in err and "continuing from score" in err, err
+
+
+def test_rerank_keeps_the_diverse_solution_whose_assembled_child_has_the_lowest_measured_kl(finished_run, tmp_path):
+    from puzzle.checkpoint import load_model
+    from puzzle.pipeline import run_solve
+    from puzzle.scoring import model_quality
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run.paths.root, run)
+    plans = {p.name: p for p in run_solve(run, rerank=3, realize=True)}
+    fast = ChildPlan.load(run / "solutions" / "fast.json")
+    rows = fast.reranked
+    assert 2 <= len(rows) <= 3 and [r["solution"] for r in rows] == list(range(len(rows)))
+    assert sum(r["chosen"] for r in rows) == 1
+    chosen = next(r for r in rows if r["chosen"])
+    assert chosen["kl"] == min(r["kl"] for r in rows)
+    assert all(r["predicted_speedup"] >= 1.3 - 1e-9 for r in rows)  # every alternative meets the target
+    assert rows[0]["summed_score"] <= min(r["summed_score"] for r in rows) + 1e-12  # solution 0 is the MIP optimum
+    assert fast.solution.score == pytest.approx(chosen["summed_score"]) and plans["fast"].reranked == rows
+    # the recorded KL is the realized child's, on the tokens scoring used
+    search = open_run(run)
+    batches = list(search.data().batches("held_out", search.cfg.score.batch_size, n_tokens=search.cfg.score.tokens,
+                                         shuffle=False))
+    child = load_model(run / "children" / "fast", dtype=torch.float32)
+    with torch.no_grad():
+        assert model_quality(search.parent_model(), child, batches).kl == pytest.approx(chosen["kl"], rel=1e-4)
+    run_search(run, stage="report")
+    report = (run / "report.md").read_text()
+    assert "## Re-ranking" in report and f"| fast | {len(rows)} |" in report
+    with pytest.raises(ConfigError, match="solve.rerank must be a whole number"):
+        run_solve(run, rerank=0)

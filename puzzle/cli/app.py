@@ -34,6 +34,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+
 def _version(value: bool) -> None:
     if value:
         import puzzle

@@ -45,7 +45,7 @@ def distill_command(
     OUT/gkd.json beside the checkpoint. Several GPUs: launch the same command with accelerate or torchrun.
 
     Examples:
-      puzzle distill runs/llama8b/children/2x --teacher ~/models/Llama-3.1-8B --data ~/data/fineweb --out distilled --tokens 50000000
+      puzzle distill runs/demo/children/2x --teacher runs/demo/parent --data ~/data/fineweb --out children/2x-distilled --tokens 65536
       torchrun --nproc-per-node 8 -m puzzle distill CHILD --teacher PARENT --data DATA --out OUT --config gkd.yaml
     """
     from puzzle.distill.gkd import load_gkd_settings, run_gkd

@@ -44,7 +44,7 @@ def eval_command(
 
     Example:  puzzle eval ./runs/demo/children/2x --tasks puzzle_stdlib_next_line,puzzle_stdlib_ppl
 
-    Example:  puzzle eval ./llama-8b-decilm --tasks ./my_tasks/ --limit 200 --device cuda
+    Example:  puzzle eval ./llama-8b-decilm --tasks ./my_tasks/ --limit 200
 
     Example:  puzzle eval --make-tasks ./my_tasks
     """

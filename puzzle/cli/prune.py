@@ -43,9 +43,9 @@ def prune_command(
     --ffn-size [--heads] with --distill-tokens.
 
     Examples:
-      puzzle prune ~/models/Llama-3.1-8B children/4b-width --data ~/data/fineweb --hidden-size 3072 --ffn-size 9216 --distill-tokens 100000000
-      puzzle prune ~/models/Llama-3.1-8B children/shortgpt-24 --data ~/data/fineweb --drop-layers 8
-      puzzle prune runs/demo/parent children/depth --data corpus/ --drop-layers 4 --contiguous --metric loss --decilm
+      puzzle prune runs/demo/parent children/width --data ~/data/fineweb --hidden-size 192 --ffn-size 512 --distill-tokens 65536
+      puzzle prune runs/demo/parent children/shortgpt --data ~/data/fineweb --drop-layers 2
+      puzzle prune runs/demo/parent children/depth --data ~/data/fineweb --drop-layers 2 --contiguous --metric loss --decilm
     """
     from puzzle.corpus import DataConfig
     from puzzle.prune import PruneConfig, minitron_kd, prune

@@ -61,7 +61,7 @@ def profile_command(
 
     On a GPU steps are captured in CUDA graphs; on a CPU the numbers are labelled as CPU numbers.
 
-    Example:  puzzle profile runs/llama8b --batch-size 64 --context-len 4096
+    Example:  puzzle profile runs/llama8b --batch-size 64 --context-len 1024
     """
     from puzzle.config import dotted
     from puzzle.pipeline import run_stage
@@ -84,6 +84,7 @@ def solve_command(
     solver: Annotated[Optional[str], typer.Option("--solver", help="pulp (CBC, default) or ortools.")] = None,
     vllm_native: Annotated[bool, typer.Option("--vllm-native", metavar="", help="Only variants vLLM's native DeciLM model serves.")] = False,
     realize: Annotated[bool, typer.Option("--realize", metavar="", help="Also build the children (children/{name}/).")] = False,
+    rerank: Annotated[Optional[int], typer.Option("--rerank", min=1, help="Assemble this many diverse solutions per target and keep the child with the lowest measured KL (solve.rerank; 1: the MIP optimum).", show_default=False)] = None,
 ) -> None:
     """Choose one attention and one FFN variant per layer (MIP) for each target of the run; writes solutions/*.json.
 
@@ -92,6 +93,7 @@ def solve_command(
 
     Example:  puzzle solve runs/demo --target-throughput 1.8x
     Example:  puzzle solve runs/demo --name small --max-memory 0.6x --vllm-native --realize
+    Example:  puzzle solve runs/demo --rerank 4
     """
     from puzzle.mip.stage import target_from_flags
     from puzzle.pipeline import run_solve
@@ -99,7 +101,7 @@ def solve_command(
     target = target_from_flags(name, throughput=target_throughput, memory=max_memory, latency=max_latency,
                                kv_bytes_per_token=max_kv_bytes_per_token, min_attention_layers=min_attention_layers,
                                max_attention_layers=max_attention_layers, vllm_native=vllm_native)
-    plans = run_solve(run, target, solver=solver, realize=realize)
+    plans = run_solve(run, target, solver=solver, realize=realize, rerank=rerank)
     shown = [p for p in plans if target is None or p.name == target["name"]]
     for plan in shown:
         print_plan(plan)
@@ -123,6 +125,10 @@ def print_plan(plan) -> None:
         if sol.memory_bytes is not None else ""
     console.print(f"{sol.throughput:,.0f} tokens/s predicted{memory}, KV {sol.kv_bytes_per_token:,} B/token, "
                   f"{sol.attention_layers} attention layers")
+    if plan.reranked:
+        optimum, chosen = plan.reranked[0], next(r for r in plan.reranked if r["chosen"])
+        console.print(f"re-ranked {len(plan.reranked)} solutions by measured KL: kept solution {chosen['solution']} "
+                      f"(KL {chosen['kl']:.4f}; the MIP optimum's {optimum['kl']:.4f})")
 
 
 def realize_command(run: RunDir) -> None:

@@ -352,6 +352,7 @@ def train_group(units: list[Candidate], parent, arch: Architecture, paths: RunPa
     if state is not None:
         group.load(state)
         start, loss_init, seconds = state["step"], state["loss_init"], state["seconds"]
+        log(f"bld L{group.layers[0]}-{group.layers[-1]}: resuming at step {start} of {steps} from {checkpoint}")
     else:
         loss_init = group.evaluate(held_out)
     began = time.perf_counter()

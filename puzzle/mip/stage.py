@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from puzzle.arch import Architecture, AttentionConfig, BlockConfig, FFNConfig
 from puzzle.blocks.library import Manifest
-from puzzle.config import to_mapping
+from puzzle.config import is_int, to_mapping
 from puzzle.errors import ConfigError, InfeasibleError, StageError
 from puzzle.files import read_json, write_json_atomic
 from puzzle.mip.diagnose import TargetInfeasibleError
@@ -61,11 +61,22 @@ class SolveConfig:
     objective: Literal["kl", "lm_loss"] = "kl"  # the replace-one-block score summed over layers
     targets: tuple[TargetSpec, ...] = (TargetSpec(name="1.5x", throughput="1.5x"), TargetSpec(name="2x", throughput="2x"))
     sweep: tuple[float, ...] = (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)  # throughput multiples for the Pareto front
+    # Re-ranking: per target, the MIP optimum and rerank - 1 more solutions that each share at most
+    # rerank_shared_fraction of their sub-blocks with the ones before are assembled, and the child with the lowest
+    # measured KL to the parent (on the tokens scoring used) is kept. Summed replace-one-block scores are not quite
+    # additive, so the optimum of the sum is not always the best child (docs/methods.md). 1: the MIP optimum.
+    rerank: int = 1
+    rerank_shared_fraction: float = 0.85
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ConfigError(f"solve.targets: names must be unique, got {names}")
+        if not is_int(self.rerank) or self.rerank < 1:
+            raise ConfigError(f"solve.rerank must be a whole number >= 1 (1: keep the MIP optimum), got {self.rerank!r}")
+        if not 0 < self.rerank_shared_fraction < 1:
+            raise ConfigError("solve.rerank_shared_fraction must be between 0 and 1 (exclusive), got "
+                              f"{self.rerank_shared_fraction!r}")
 
 
 def target_from_flags(name: str | None = None, **constraints) -> dict[str, Any] | None:
@@ -205,6 +216,9 @@ class ChildPlan:
     solution: Solution
     blocks: tuple[BlockConfig, ...]
     parent_throughput: float  # predicted, same profile
+    # with solve.rerank > 1: every solution assembled for this target, in MIP order (summed score, measured KL,
+    # chosen); empty when the MIP optimum was kept without re-ranking
+    reranked: tuple[dict[str, Any], ...] = ()
     version: int = SOLUTION_FILE_VERSION
 
     @property
@@ -214,7 +228,8 @@ class ChildPlan:
     def save(self, path: Path) -> None:
         write_json_atomic(path, {"version": self.version, "name": self.name, "target": self.target,
                                  "parent_throughput": self.parent_throughput, "solution": self.solution.to_dict(),
-                                 "block_configs": [b.to_dict() for b in self.blocks]})
+                                 "block_configs": [b.to_dict() for b in self.blocks],
+                                 **({"reranked": list(self.reranked)} if self.reranked else {})})
 
     @classmethod
     def load(cls, path: Path) -> ChildPlan:
@@ -224,7 +239,7 @@ class ChildPlan:
         blocks = tuple(BlockConfig(attention=AttentionConfig(**b["attention"]), ffn=FFNConfig(**b["ffn"]))
                        for b in data["block_configs"])
         return cls(name=data["name"], target=data["target"], solution=Solution.from_dict(data["solution"]),
-                   blocks=blocks, parent_throughput=data["parent_throughput"])
+                   blocks=blocks, parent_throughput=data["parent_throughput"], reranked=tuple(data.get("reranked", ())))
 
 
 def blocks_of(solution: Solution, manifest: Manifest, arch: Architecture) -> tuple[BlockConfig, ...]:
@@ -262,6 +277,25 @@ def solve_targets(problem: Problem, profile: Profile, manifest: Manifest, arch: 
         plans.append(ChildPlan(name=spec.name, target=to_mapping(spec), solution=solution,
                                blocks=blocks_of(solution, manifest, arch), parent_throughput=parent.throughput))
     return plans, failures
+
+
+def diverse_plans(problem: Problem, profile: Profile, manifest: Manifest, arch: Architecture, plan: ChildPlan,
+                  cfg: SolveConfig) -> list[ChildPlan]:
+    """`plan` (a target's MIP optimum) and up to cfg.rerank - 1 more solutions of the same target, each sharing at
+    most cfg.rerank_shared_fraction of its sub-blocks with every one before it (fewer when no more exist)."""
+    spec = TargetSpec(**{**plan.target, "max_shared_fraction": cfg.rerank_shared_fraction})
+    targets = resolve_targets(spec, problem, profile)
+    allowed = vllm_native_problem(problem, manifest, arch, spec.name) if spec.vllm_native else problem
+    plans, previous = [plan], [plan.solution]
+    while len(plans) < cfg.rerank:
+        try:
+            solution = solve(allowed, targets, cfg.solver, previous=previous)
+        except TargetInfeasibleError:
+            break  # no other solution that different meets the target
+        previous.append(solution)
+        plans.append(ChildPlan(name=plan.name, target=plan.target, solution=solution,
+                               blocks=blocks_of(solution, manifest, arch), parent_throughput=plan.parent_throughput))
+    return plans
 
 
 def sweep(problem: Problem, profile: Profile, cfg: SolveConfig) -> list[dict[str, Any]]:

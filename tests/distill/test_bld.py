@@ -2,6 +2,7 @@
 a killed run resumes to identical tensors, and parallel workers split the units without overlap."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,7 +63,7 @@ def _env(threads=1):
             "PUZZLE_QUIET": "1"}
 
 
-def test_sigkilled_bld_resumes_and_matches_an_uninterrupted_run(tmp_path):
+def test_sigkilled_bld_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     sections = {"bld": {"tokens_per_unit": 16384, "max_group_params": 30000, "checkpoint_every": 8}}
     reference = _library(tmp_path, "reference", **sections)
     run_bld(reference.paths.root)
@@ -81,7 +82,11 @@ def test_sigkilled_bld_resumes_and_matches_an_uninterrupted_run(tmp_path):
     proc.wait()
     before = {u.unit_id: unit_path(killed.paths, u).stat().st_mtime_ns for u in done}
     assert 0 < len(before) < len(units)
+    monkeypatch.delenv("PUZZLE_QUIET", raising=False)
+    capsys.readouterr()
     run_bld(killed.paths.root)
+    said = " ".join(capsys.readouterr().err.split())  # the resumed stage says from where
+    assert f"{len(before)} of {len(units)} units were trained before" in said and re.search(r"resuming at step \d+ of \d+", said), said
     for u in units:
         a, b = load_file(unit_path(reference.paths, u)), load_file(unit_path(killed.paths, u))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), u.unit_id
@@ -129,7 +134,7 @@ def test_units_trained_on_disk_activations_equal_units_trained_on_recomputed_one
 def test_a_missing_shard_is_computed_by_whoever_needs_it(tmp_path):
     """A worker that died before writing its shards delays nobody: the reader computes and writes them."""
     search = _library(tmp_path, "run")
-    parent, data, cfg = search.parent_model(), search.data(), search.cfg.bld
+    parent, data = search.parent_model(), search.data()
     cache = DiskActivations(parent, tmp_path / "cache", depth=3)
     batch = next(iter(data.batches("train", 4)))
     io = cache.layer_io("train", 5, batch, [1, 2])
