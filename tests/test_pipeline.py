@@ -385,9 +385,10 @@ def test_rerank_keeps_the_diverse_solution_whose_assembled_child_has_the_lowest_
     search = open_run(run)
     batches = list(search.data().batches("held_out", search.cfg.score.batch_size, n_tokens=search.cfg.score.tokens,
                                          shuffle=False))
-    child = load_model(run / "children" / "fast", dtype=torch.float32)
+    parent = search.parent_model()  # bf16 on a GPU: the child is measured as it runs
+    child = load_model(run / "children" / "fast", dtype=parent.dtype, device=parent.device)
     with torch.no_grad():
-        assert model_quality(search.parent_model(), child, batches).kl == pytest.approx(chosen["kl"], rel=1e-4)
+        assert model_quality(parent, child, batches).kl == pytest.approx(chosen["kl"], rel=1e-4)
     run_search(run, stage="report")
     report = (run / "report.md").read_text()
     assert "## Re-ranking" in report and f"| fast | {len(rows)} |" in report
