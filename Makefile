@@ -15,7 +15,7 @@ OLDEST_CONFIG_TRANSFORMERS := 4.56.0
 # What the newest / oldest venvs run: the code that must follow transformers' renames.
 COMPAT_TESTS := tests/modeling tests/test_checkpoint.py
 
-.PHONY: install demo test test-slow test-all test-vllm test-latest test-oldest clean
+.PHONY: install demo test test-slow test-all test-vllm test-latest test-oldest test-slurm clean
 
 # $(1): venv folder. CPU machines get the lock's CPU wheel of torch (a bare `torch` requirement would pull
 # several GB of CUDA wheels); a GPU image's own torch is kept, so its venv uses the lock without torch.
@@ -44,6 +44,15 @@ test-slow: install
 
 test-all: install
 	PUZZLE_QUIET=1 $(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# A real one-node Slurm on this machine (root; installs slurm-wlm + munge if missing), the Slurm tests against
+# it, then only the daemons it started are stopped. A cluster that cannot start is a failure, not a skip.
+SLURM_DIR ?= /tmp/puzzle-slurm
+test-slurm: install
+	PUZZLE_SLURM_DIR=$(SLURM_DIR) tests/slurm/cluster.sh start
+	PUZZLE_SLURM_DIR=$(SLURM_DIR) SLURM_CONF=$(SLURM_DIR)/slurm.conf PUZZLE_REQUIRE_SLURM=1 PUZZLE_QUIET=1 \
+		$(PY) -m pytest -q -m slow tests/test_slurm.py $(PYTEST_ARGS); rc=$$?; \
+		PUZZLE_SLURM_DIR=$(SLURM_DIR) tests/slurm/cluster.sh stop; exit $$rc
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(OLDEST_CONFIG_VENV) .pytest_cache build *.egg-info

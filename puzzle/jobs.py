@@ -311,6 +311,22 @@ def launch_slurm(argv: list[str], workers: int, log_dir: Path, cfg: SlurmConfig,
     return job_id
 
 
+def failed_tasks(log_dir: Path, job_name: str, tasks: int) -> list[str]:
+    """'task i: <its last error line> (log: path)' for each array task whose log reports an error (a Python
+    error, puzzle's one-line error, or Slurm's cancel / time-out notice); tasks without a log are named too."""
+    failed = []
+    for task in range(tasks):
+        log = log_dir / f"{job_name}-{task}.log"
+        if not log.exists():
+            failed.append(f"task {task}: no log at {log} (it never started; see squeue and the cluster's logs)")
+            continue
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower() or line.startswith("Traceback")]
+        if errors:
+            failed.append(f"task {task}: {errors[-1][:300]} (log: {log})")
+    return failed
+
+
 def set_threads_from_env() -> None:
     """A worker started by a launcher uses only its share of the CPU threads (and cores, when bound)."""
     threads = _env_int("PUZZLE_NUM_THREADS")

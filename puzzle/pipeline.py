@@ -493,6 +493,9 @@ def _bld(search: Search, workers: int, launcher: str) -> None:
                 poll()
     missing = pending_units(manifest, search.paths)
     if missing:
-        raise StageError(f"{len(missing)} units were not trained (e.g. {missing[0].unit_id}); see {search.paths.logs / 'bld'}")
+        failed = jobs.failed_tasks(search.paths.logs / "bld", "puzzle-bld", workers) if launcher == "slurm" else []
+        raise StageError(f"{len(missing)} units were not trained (e.g. {missing[0].unit_id}); "
+                         + ("; ".join(failed) if failed else f"see {search.paths.logs / 'bld'}")
+                         + "; the same command trains only the missing units")
     shutil.rmtree(search.paths.progress / "parent_activations", ignore_errors=True)  # only BLD reads them
     search.mark_done("bld")
