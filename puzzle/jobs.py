@@ -11,8 +11,6 @@ locally, under torchrun, or as a Slurm array.
 from __future__ import annotations
 
 import os
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 
@@ -263,68 +261,20 @@ def torchrun_command(argv: list[str], nproc_per_node: int) -> list[str]:
 
 @dataclass(frozen=True, kw_only=True)
 class SlurmConfig:
+    """Resources of each task of the search's Slurm jobs (--launcher slurm; puzzle/slurm.py)."""
+
     partition: str | None = None
-    time: str = "24:00:00"
+    account: str | None = None
+    qos: str | None = None
+    time: str = "24:00:00"  # per task; a task that runs out is requeued and resumes (max_requeue times)
     cpus_per_task: int = 8
     gpus_per_task: int = 0
     mem: str | None = None
-    extra_args: tuple[str, ...] = ()  # further #SBATCH lines, e.g. ("--account=abc",)
-
-
-def slurm_script(argv: list[str], workers: int, log_dir: Path, cfg: SlurmConfig, job_name: str) -> str:
-    """An sbatch script running one worker per array task (RANK = SLURM_ARRAY_TASK_ID)."""
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --array=0-{workers - 1}",
-             f"#SBATCH --output={log_dir}/%x-%a.log", f"#SBATCH --time={cfg.time}",
-             f"#SBATCH --cpus-per-task={cfg.cpus_per_task}", "#SBATCH --ntasks=1"]
-    if cfg.partition:
-        lines.append(f"#SBATCH --partition={cfg.partition}")
-    if cfg.gpus_per_task:
-        lines.append(f"#SBATCH --gpus-per-task={cfg.gpus_per_task}")
-    if cfg.mem:
-        lines.append(f"#SBATCH --mem={cfg.mem}")
-    lines += [f"#SBATCH {arg}" for arg in cfg.extra_args]
-    lines += ["set -euo pipefail", f"export OMP_NUM_THREADS={cfg.cpus_per_task} PUZZLE_NUM_THREADS={cfg.cpus_per_task}",
-              f"cd {shlex.quote(os.getcwd())}",
-              f"exec {shlex.quote(sys.executable)} -m puzzle {shlex.join(argv)}"]
-    return "\n".join(lines) + "\n"
-
-
-def launch_slurm(argv: list[str], workers: int, log_dir: Path, cfg: SlurmConfig, job_name: str, wait: bool = True,
-                 poll: Callable[[], None] | None = None) -> str:
-    """Submit a Slurm array of `workers` tasks; with `wait`, block until it leaves the queue. Returns the job id."""
-    if shutil.which("sbatch") is None:
-        raise ConfigError("--launcher slurm: sbatch is not on PATH; run on a Slurm login node or use --launcher local")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    script = log_dir / f"{job_name}.sbatch"
-    script.write_text(slurm_script(argv, workers, log_dir, cfg, job_name))
-    out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise StageError(f"sbatch {script} failed: {out.stderr.strip()}")
-    job_id = out.stdout.strip().split(";")[0]
-    while wait:
-        queue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i"], capture_output=True, text=True)
-        if queue.returncode == 0 and not queue.stdout.strip():
-            break
-        if poll:
-            poll()
-        time.sleep(2)
-    return job_id
-
-
-def failed_tasks(log_dir: Path, job_name: str, tasks: int) -> list[str]:
-    """'task i: <its last error line> (log: path)' for each array task whose log reports an error (a Python
-    error, puzzle's one-line error, or Slurm's cancel / time-out notice); tasks without a log are named too."""
-    failed = []
-    for task in range(tasks):
-        log = log_dir / f"{job_name}-{task}.log"
-        if not log.exists():
-            failed.append(f"task {task}: no log at {log} (it never started; see squeue and the cluster's logs)")
-            continue
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-        errors = [line for line in lines if "error" in line.lower() or line.startswith("Traceback")]
-        if errors:
-            failed.append(f"task {task}: {errors[-1][:300]} (log: {log})")
-    return failed
+    array_parallelism: int | None = None  # at most this many array tasks at once
+    extra_args: tuple[str, ...] = ()  # further sbatch options, e.g. ("--constraint=h100", "--exclusive")
+    setup: tuple[str, ...] = ()  # shell lines run before each task, e.g. ("module load cuda/12.4",)
+    max_requeue: int = 3  # requeues after a time-out or preemption
+    executor: Literal["slurm", "local"] = "slurm"  # local: the same jobs as local processes (no cluster)
 
 
 def set_threads_from_env() -> None:

@@ -14,13 +14,13 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from puzzle import jobs, stages
+from puzzle import jobs, slurm, stages
 from puzzle.blocks.init import init_candidate
 from puzzle.blocks.library import CalibrationConfig, Manifest, build_library, check_parent, load_stats, to_device_stats
 from puzzle.blocks.space import SearchSpace
@@ -61,7 +61,7 @@ from puzzle.progress import log, track
 from puzzle.prune import PruneConfig
 from puzzle.report import ReportConfig
 from puzzle.run import RunPaths
-from puzzle.scoring import ScoreConfig, score_candidates
+from puzzle.scoring import ScoreConfig, Scores, score_candidates
 
 STAGES = ("convert", "library", "bld", "score", "profile", "solve", "realize", "fuse", "prune", "distill", "report")
 EXPENSIVE = {"library", "bld"}
@@ -140,6 +140,7 @@ class Search:
     shard: Shard = field(default_factory=Shard)
     _model: Any = None
     _data: Any = None
+    jobs: list = field(default_factory=list)  # the Slurm jobs a `--launcher slurm` search submitted
 
     # -- shared resources ---------------------------------------------------------------------------------
     @property
@@ -273,6 +274,28 @@ class Search:
         if weights == "bld":
             self.mark_done("score")
 
+    def score_shard(self, rank: int, world: int, weights: Literal["bld", "init"] = "bld") -> Path:
+        """Score the candidates of shard `rank` of `world` (contiguous layers of about equal work) into a part
+        file; `merge_score_parts` joins the parts into the stage's scores file."""
+        manifest = self.manifest()
+        if weights == "bld" and (missing := pending_units(manifest, self.paths)):
+            raise StageError(f"{len(missing)} units are not trained yet (e.g. {missing[0].unit_id}); run the bld stage first")
+        layers = sorted({c.layer for c in manifest.candidates})
+        n = len(load_architecture(self.paths.parent).blocks)
+        per_layer = {i: sum(1 for c in manifest.candidates if c.layer == i and not c.is_parent) for i in layers}
+        # a candidate at layer i runs layers i..n-1: the work of a layer is its candidates times that suffix
+        mine = set(jobs.split_contiguous(layers, lambda i: per_layer[i] * (n - i + 1), world)[rank])
+        part = score_part_path(self.paths, weights, rank, world)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        if not mine:  # more shards than the work splits into
+            Scores(parent_fingerprint=manifest.parent_fingerprint, weights=weights, tokens=0, parent_lm_loss=0.0).save(part)
+            return part
+        scores = score_candidates(self.parent_model(), [c for c in manifest.candidates if c.layer in mine],
+                                  self._block_loader(manifest, weights), self.data(), self.cfg.score,
+                                  manifest.parent_fingerprint, weights)
+        scores.save(part)
+        return part
+
     def _block_loader(self, manifest: Manifest, weights: str) -> Callable:
         parent = self.parent_model()
         if weights == "bld":
@@ -288,6 +311,34 @@ class Search:
             stats = to_device_stats(load_stats(self.paths, c.layer), parent.device)
             return init_candidate(c, parent, arch, stats, self.cfg.bld.linear_attention_init)
         return load_init
+
+
+def score_part_path(paths: RunPaths, weights: str, rank: int, world: int) -> Path:
+    return paths.root / "score_parts" / f"{weights}-{rank}-of-{world}.json"
+
+
+def merge_score_parts(search: Search, world: int, weights: Literal["bld", "init"] = "bld") -> Path:
+    """Join the `world` part files of a sharded scoring into the scores file (and record the score stage)."""
+    parts = [score_part_path(search.paths, weights, rank, world) for rank in range(world)]
+    missing = [p for p in parts if not p.exists()]
+    if missing:
+        raise StageError(f"{len(missing)} of {world} scoring shards are missing (e.g. {missing[0]}); a scoring task "
+                         "failed: see `puzzle status` and its log, then submit again")
+    loaded = [s for s in (Scores.load(p) for p in parts) if s.entries]  # a shard past the work is empty
+    if not loaded:
+        raise StageError(f"the scoring shards in {parts[0].parent} hold no scores; delete it and score again")
+    first = loaded[0]
+    if any((s.parent_fingerprint, s.weights, s.tokens) != (first.parent_fingerprint, first.weights, first.tokens)
+           for s in loaded):
+        raise StageError(f"the scoring shards in {parts[0].parent} come from different runs; delete it and score again")
+    entries = tuple(sorted((e for s in loaded for e in s.entries), key=lambda e: (e.layer, e.kind, e.name)))
+    merged = replace(first, entries=entries)
+    merged.save(search.paths.scores if weights == "bld" else search.paths.scores_init)
+    for p in parts:
+        p.unlink()
+    if weights == "bld":
+        search.mark_done("score")
+    return search.paths.scores if weights == "bld" else search.paths.scores_init
 
 
 def save_resolved_config(paths: RunPaths, cfg: SearchConfig) -> None:
@@ -378,12 +429,17 @@ def _run_stage(search: Search, name: str, workers: int = 1, launcher: str = "loc
 
 def run_search(out: Path, *, parent: Path | None = None, config: Path | None = None,
                overrides: dict[str, Any] | None = None, stage: str | None = None, workers: int = 1,
-               launcher: str = "local", base: dict[str, Any] | None = None) -> Search:
-    """Run every stage (or only `stage`) over the run directory, skipping those already done."""
+               launcher: str = "local", base: dict[str, Any] | None = None, wait: bool = True) -> Search:
+    """Run every stage (or only `stage`) over the run directory, skipping those already done. With
+    launcher "slurm" and no `stage`, submit the search as Slurm jobs instead (waiting for them with `wait`)."""
     if stage is not None and stage not in STAGES:
         raise ConfigError(f"--stage {stage!r} is not a stage; choose one of {', '.join(STAGES)}")
     resuming = RunPaths(out).config.exists()
     search = open_run(out, parent, config, overrides, base)
+    if launcher == "slurm" and stage is None:  # the whole search as a chain of Slurm jobs (puzzle/slurm.py)
+        search.jobs = slurm.submit_search(search, run_task, workers, Path(parent) if parent else None, wait,
+                                          functools.partial(chain_done, out), progress=log)
+        return search
     search.convert()  # every stage reads the converted parent; cheap, and a no-op once done
     if resuming and stage is None:
         log(resume_note(search))
@@ -434,6 +490,69 @@ def run_solve(out: Path, target: dict[str, Any] | None = None, solver: str | Non
     return stages.plans_of(search)
 
 
+def run_task(run: str, stage: str, rank: int, world: int, parent: str | None = None, score_world: int = 1) -> str:
+    """One task of one job of a `--launcher slurm` search (puzzle/slurm.py), from the run directory."""
+    set_threads_from_env()
+    if stage == "prepare":
+        search = open_run(Path(run), Path(parent) if parent else None)
+        search.convert()
+        _run_stage(search, "library")
+    elif stage == "bld":
+        search = open_run(Path(run))
+        search.shard = Shard(rank=rank, world_size=world)
+        search.bld_worker()
+    elif stage == "score":
+        search = open_run(Path(run))
+        if not search.is_done("score"):
+            if search.cfg.score.compare_init and not search.paths.scores_init.exists():
+                search.score_shard(rank, world, "init")
+            search.score_shard(rank, world, "bld")
+    elif stage == "finish":
+        search = open_run(Path(run))
+        _run_stage(search, "bld")  # records the stage: every unit is trained by now
+        if not search.is_done("score"):
+            if search.cfg.score.compare_init and not search.paths.scores_init.exists():
+                merge_score_parts(search, score_world, "init")
+            merge_score_parts(search, score_world, "bld")
+        run_search(Path(run))  # the rest; the stages done so far are skipped
+    else:
+        raise ConfigError(f"unknown stage job {stage!r}; choose one of {', '.join(slurm.CHAIN)}")
+    return stage
+
+
+def chain_done(out: Path) -> dict[str, bool]:
+    """Which jobs of a `--launcher slurm` chain have nothing left to do, read from the run directory."""
+    search = open_run(out)
+    library = search.is_done("library")
+    return {"prepare": library, "bld": library and (search.is_done("bld") or search.bld_done()),
+            "score": search.is_done("score"), "finish": search.is_done("report")}
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """Where a run stands (`puzzle status`): stage records, BLD units, and the Slurm jobs it submitted."""
+
+    stages: dict[str, bool]  # stage -> done
+    units: tuple[int, int] | None  # (trained, total) once the library exists
+    jobs: list[tuple[Any, str]]  # (slurm.StageJob, its state: "running 2, pending 1" / "ended" / "done")
+    failures: list[str]  # failed tasks with their error line and log
+
+
+def run_status(out: Path) -> RunStatus:
+    search = open_run(out)
+    stages_done = {name: search.is_done(name) for name in STAGES}
+    units = None
+    if search.paths.manifest.exists():
+        manifest = search.manifest()
+        units = (len(manifest.units) - len(pending_units(manifest, search.paths)), len(manifest.units))
+    chain = slurm.load_jobs(search.paths.root)
+    states = slurm.queue_states([j.job_id for j in chain])
+    done = chain_done(out) if chain else {}
+    rows = [(j, slurm.queue_summary(j, states) or ("done" if done.get(j.stage) else "ended")) for j in chain]
+    ended = [j for j, state in rows if state == "ended"]
+    return RunStatus(stages=stages_done, units=units, jobs=rows, failures=slurm.failed_tasks(ended, done))
+
+
 def run_bld(out: Path, workers: int = 1, launcher: str = "local", as_worker: bool = False) -> None:
     search = open_run(out)
     if as_worker:
@@ -459,6 +578,7 @@ def _bld(search: Search, workers: int, launcher: str) -> None:
         raise ConfigError(f"--launcher {launcher!r}: choose local, torchrun or slurm")
     manifest = search.manifest()
     pending = pending_units(manifest, search.paths)
+    array = None  # the Slurm array job, with --launcher slurm
     if pending and len(pending) < len(manifest.units):
         log(f"bld: {len(manifest.units) - len(pending)} of {len(manifest.units)} units were trained before; "
             f"training the other {len(pending)}")
@@ -489,11 +609,11 @@ def _bld(search: Search, workers: int, launcher: str) -> None:
                     if run.returncode != 0:
                         raise StageError(f"torchrun exited with {run.returncode}")
                 else:
-                    jobs.launch_slurm(argv, workers, log_dir, search.cfg.slurm, "puzzle-bld", poll=poll)
+                    array = slurm.bld_array(search, run_task, workers, poll)
                 poll()
     missing = pending_units(manifest, search.paths)
     if missing:
-        failed = jobs.failed_tasks(search.paths.logs / "bld", "puzzle-bld", workers) if launcher == "slurm" else []
+        failed = slurm.failed_tasks([array], {}) if array is not None else []
         raise StageError(f"{len(missing)} units were not trained (e.g. {missing[0].unit_id}); "
                          + ("; ".join(failed) if failed else f"see {search.paths.logs / 'bld'}")
                          + "; the same command trains only the missing units")

@@ -7,7 +7,7 @@ import pytest
 
 from puzzle import jobs
 from puzzle.errors import ConfigError, StageError
-from puzzle.jobs import Shard, SlurmConfig, shard_from_env, slurm_script, split_contiguous
+from puzzle.jobs import Shard, SlurmConfig, shard_from_env, split_contiguous
 
 
 @pytest.mark.parametrize("env,expected", [
@@ -43,10 +43,22 @@ def test_split_contiguous_covers_everything_once_in_order(parts):
         assert max(totals) - min(totals) <= 5
 
 
-def test_slurm_script_runs_one_worker_per_array_task(tmp_path):
-    script = slurm_script(["bld", "runs/x", "--worker"], 4, tmp_path, SlurmConfig(gpus_per_task=1), "puzzle-bld")
-    assert script.startswith("#!/bin/bash\n") and "#SBATCH --array=0-3" in script
-    assert "#SBATCH --gpus-per-task=1" in script and script.rstrip().endswith("-m puzzle bld runs/x --worker")
+def test_slurm_config_becomes_the_sbatch_options_of_every_task(tmp_path, monkeypatch):
+    from puzzle import slurm
+    from puzzle.run import RunPaths
+
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: f"/usr/bin/{name}")  # a login node, without submitting
+    cfg = SlurmConfig(partition="gpu", account="proj", qos="high", time="1-02:00:30", cpus_per_task=16, gpus_per_task=1,
+                      mem="200G", array_parallelism=4, extra_args=("--constraint=h100", "--exclusive"),
+                      setup=("module load cuda/12.4",))
+    text = slurm.executor(RunPaths(tmp_path / "run"), cfg, "bld")._make_submission_file_text("CMD", "uid")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --time=1561",
+                 "#SBATCH --cpus-per-task=16", "#SBATCH --gpus-per-node=1", "#SBATCH --mem=200G",
+                 "#SBATCH --constraint=h100", "#SBATCH --exclusive", "#SBATCH --job-name=puzzle-bld",
+                 "module load cuda/12.4", "export OMP_NUM_THREADS=16 PUZZLE_NUM_THREADS=16"):
+        assert line in text, (line, text)
+    with pytest.raises(ConfigError, match="slurm.time"):
+        slurm.executor(RunPaths(tmp_path / "run"), SlurmConfig(time="soon"), "bld")
 
 
 def _makespan(slices, cost, reach):

@@ -394,3 +394,42 @@ def test_rerank_keeps_the_diverse_solution_whose_assembled_child_has_the_lowest_
     assert "## Re-ranking" in report and f"| fast | {len(rows)} |" in report
     with pytest.raises(ConfigError, match="solve.rerank must be a whole number"):
         run_solve(run, rerank=0)
+
+
+def test_scoring_in_shards_then_merged_equals_scoring_in_one_pass(finished_run, tmp_path):
+    from puzzle.pipeline import merge_score_parts
+    from puzzle.scoring import Scores
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run.paths.root, run)
+    whole = Scores.load(run / "scores.json")
+    search = open_run(run)
+    world = 5  # more shards than the 3 layers: the last ones are empty
+    parts = [search.score_shard(rank, world) for rank in reversed(range(world))]
+    assert all(p.exists() for p in parts) and not any(Scores.load(p).entries == whole.entries for p in parts)
+    assert sum(1 for p in parts if not Scores.load(p).entries) >= 2
+    merge_score_parts(search, world)
+    merged = Scores.load(run / "scores.json")
+    assert merged == whole  # bitwise on CPU: every candidate scored the same way, parent loss included
+    assert search.is_done("score") and not list((run / "score_parts").glob("*.json"))
+    with pytest.raises(StageError, match="4 of 5 scoring shards are missing"):
+        search.score_shard(0, world)
+        merge_score_parts(search, world)
+
+
+def test_a_search_as_local_jobs_names_the_failed_task_its_unit_and_log(tmp_path, capsys):
+    """slurm.executor: local runs the --launcher slurm chain as local processes (no cluster): a task that fails
+    stops the chain with its error line, the unit it was training and its log; `puzzle status` says the same."""
+    parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=2)
+    config = write_config(tmp_path / "c.yaml", tiny_search_config(corpus, slurm={"executor": "local", "cpus_per_task": 1}))
+    search = run_search(tmp_path / "run", parent=parent, config=config, stage="library")
+    for stats in search.paths.calibration.glob("L*.safetensors"):  # BLD cannot initialise its units
+        stats.write_bytes(b"not a safetensors file")
+    with pytest.raises(StageError) as err:
+        run_search(tmp_path / "run", workers=2, launcher="slurm")
+    message = str(err.value)
+    assert message.startswith("bld task 0 failed: ") and "training attention/L0/kv1" in message and "_log.err" in message, message
+    assert [j["stage"] for j in json.loads((tmp_path / "run" / "jobs.json").read_text())["jobs"]] == ["prepare", "bld"]
+    assert cli.run(["status", str(tmp_path / "run")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "library │ done" in out and "0 of" in out and "units trained" in out, out

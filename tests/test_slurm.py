@@ -1,8 +1,9 @@
-"""Searches on a real one-node Slurm (`make test-slurm` starts one: tests/slurm/cluster.sh): BLD as a job
-array gives the children a local run gives, a cancelled array resumes with only the missing units, and a
-failed task is named with its log. Without a cluster these tests skip, except under PUZZLE_REQUIRE_SLURM=1
+"""Searches on a real one-node Slurm (`make test-slurm` starts one: tests/slurm/cluster.sh), submitted with
+submitit: the whole search as a chain of jobs gives the children a local run gives, a cancelled BLD array resumes
+with only the missing units, and a failed task is named by `puzzle status` with its unit and log. Without a cluster these tests skip, except under PUZZLE_REQUIRE_SLURM=1
 (CI), where a missing cluster is a failure that says why."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,7 +63,8 @@ def test_bld_as_a_slurm_array_trains_every_unit_once(tmp_path):
     workers = {read_unit_result(unit_path(search.paths, u)).worker for u in search.manifest().units}
     assert workers == {"0/2", "1/2"}
     assert open_run(search.paths.root).is_done("bld")
-    assert sorted(p.name for p in (search.paths.logs / "bld").glob("puzzle-bld-*.log")) == ["puzzle-bld-0.log", "puzzle-bld-1.log"]
+    logs = sorted(p.name for p in (search.paths.logs / "slurm").glob("*_log.out"))
+    assert len(logs) == 2 and logs[0].endswith("_0_0_log.out") and logs[1].endswith("_1_0_log.out"), logs
 
 
 def test_a_search_on_slurm_makes_the_children_a_local_search_makes(tmp_path):
@@ -71,12 +73,15 @@ def test_a_search_on_slurm_makes_the_children_a_local_search_makes(tmp_path):
     local = run_search(tmp_path / "local", parent=parent, config=config, workers=2, launcher="local")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PUZZLE_QUIET": "1"}
     run = subprocess.run([sys.executable, "-m", "puzzle", "search", str(parent), "--out", str(tmp_path / "slurm"),
-                          "--config", str(config), "--workers", "2", "--launcher", "slurm"],
+                          "--config", str(config), "--workers", "2", "--launcher", "slurm", "--wait"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     on_slurm = open_run(tmp_path / "slurm")
     workers = {read_unit_result(unit_path(on_slurm.paths, u)).worker for u in on_slurm.manifest().units}
     assert workers == {"0/2", "1/2"}, "BLD ran as a two-task array"
+    jobs = json.loads((tmp_path / "slurm" / "jobs.json").read_text())["jobs"]
+    assert [(j["stage"], j["tasks"]) for j in jobs] == [("prepare", 1), ("bld", 2), ("score", 2), ("finish", 1)]
+    assert (tmp_path / "slurm" / "report.md").exists()
     for name in ("1.5x", "2x"):
         a = load_file(local.paths.children / name / "model.safetensors")
         b = load_file(on_slurm.paths.children / name / "model.safetensors")
@@ -86,7 +91,7 @@ def test_a_search_on_slurm_makes_the_children_a_local_search_makes(tmp_path):
 
 
 def test_a_cancelled_array_resumes_with_only_the_missing_units(tmp_path):
-    search = _library(tmp_path, "run", bld={"tokens_per_unit": 16384, "max_group_params": 30000, "checkpoint_every": 8})
+    search = _library(tmp_path, "run", bld={"tokens_per_unit": 65536, "max_group_params": 30000, "checkpoint_every": 8})
     units = search.manifest().units
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PUZZLE_QUIET": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "puzzle", "bld", str(search.paths.root), "--workers", "2",
@@ -98,7 +103,9 @@ def test_a_cancelled_array_resumes_with_only_the_missing_units(tmp_path):
             break
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.05)
-    subprocess.run(["scancel", "--name", "puzzle-bld"], check=True)
+    subprocess.run(["scancel", "--name", "puzzle-bld"], check=True)  # the array
+    # submitit lets a task finish its work after SIGTERM; kill the tasks' processes, as a lost node would
+    subprocess.run(["pkill", "-KILL", "-f", f"submitit.*{search.paths.root / 'logs'}"], check=False)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "units were not trained" in " ".join(err.split()), err[-2000:]
     before = {u.unit_id: unit_path(search.paths, u).stat().st_mtime_ns for u in units if unit_path(search.paths, u).exists()}
@@ -111,12 +118,23 @@ def test_a_cancelled_array_resumes_with_only_the_missing_units(tmp_path):
     assert open_run(search.paths.root).is_done("bld")
 
 
-def test_a_failed_task_is_named_with_its_log(tmp_path):
+def test_a_failed_task_is_named_with_its_unit_and_log(tmp_path, capsys):
+    from puzzle.cli import app as cli
+
     search = _library(tmp_path, "run")
     for stats in search.paths.calibration.glob("L*.safetensors"):  # every worker fails to initialise its units
         stats.write_bytes(b"not a safetensors file")
     with pytest.raises(StageError) as err:
         run_bld(search.paths.root, workers=2, launcher="slurm")
     message = str(err.value)
-    assert "task 0" in message and "task 1" in message, message
-    assert str(search.paths.logs / "bld" / "puzzle-bld-0.log") in message, message
+    assert "bld task 0" in message and "bld task 1" in message and "_0_0_log.out" in message, message
+    assert "units were not trained" in message and "L0" in message, message  # the unit that failed
+    # the same through a submitted chain and `puzzle status`
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PUZZLE_QUIET": "1"}
+    run = subprocess.run([sys.executable, "-m", "puzzle", "search", "--out", str(search.paths.root), "--workers", "2",
+                          "--launcher", "slurm", "--wait"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode != 0 and "bld task" in run.stderr, run.stderr[-2000:]
+    capsys.readouterr()
+    assert cli.run(["status", str(search.paths.root)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "failed: bld task 0" in out and "_log.out" in out and "0 of" in out, out

@@ -21,6 +21,7 @@ from puzzle.cli.inspect import inspect_command
 from puzzle.cli.prune import prune_command
 from puzzle.cli.search import search_command
 from puzzle.cli.stages import bld_command, profile_command, realize_command, score_command, solve_command
+from puzzle.cli.status import status_command
 from puzzle.errors import Interrupted, PuzzleError
 
 # click's UsageError (bad options, missing arguments), whichever click typer uses (its own copy in typer >= 0.2x).
@@ -63,6 +64,7 @@ app.command("fuse-ffn")(fuse_ffn_command)
 app.command("distill")(distill_command)
 app.command("prune")(prune_command)
 app.command("eval")(eval_command)
+app.command("status")(status_command)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ def search_command(
     vllm_native: Annotated[bool, typer.Option("--vllm-native", metavar="", help="With --target-throughput / --max-memory: only variants vLLM serves natively.")] = False,
     workers: Workers = 1,
     launcher: Launcher = "local",
+    wait: Annotated[bool, typer.Option("--wait", metavar="", help="With --launcher slurm: wait for the jobs, showing their state, and print the children.")] = False,
     device: Device = None,
     exclude: Exclude = None,
 ) -> None:
@@ -32,6 +33,11 @@ def search_command(
     Examples:
       puzzle search ~/models/Llama-3.1-8B --out runs/llama8b --config search.yaml --data ~/data/fineweb
       puzzle search --out runs/llama8b --stage bld --workers 8 --launcher torchrun
+      puzzle search ~/models/Llama-3.1-8B --out runs/llama8b-slurm --config search.yaml --data ~/data/fineweb --workers 4 --launcher slurm --wait
+
+    With --launcher slurm the search is a chain of Slurm jobs (prepare, bld array, score array, finish; the
+    config's `slurm:` section sets their resources); without --wait the command returns once they are
+    submitted, and `puzzle status RUN` follows them.
     """
     from puzzle.config import dotted
     from puzzle.errors import Interrupted
@@ -43,10 +49,15 @@ def search_command(
                         "data.exclude": exclude or None,
                         "solve.targets": [target] if target else None})
     try:
-        run_search(out, parent=parent, config=config, overrides=overrides, stage=stage, workers=workers, launcher=launcher)
+        search = run_search(out, parent=parent, config=config, overrides=overrides, stage=stage, workers=workers,
+                            launcher=launcher, wait=wait)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: the stages and BLD units that finished are kept in {out}; resume with "
                           f"`puzzle search --out {out}`") from None
+    if search.jobs and not wait and search.cfg.slurm.executor != "local":
+        done(f"submitted {len(search.jobs)} jobs ({', '.join(f'{j.stage} {j.job_id}' for j in search.jobs)}); "
+             f"follow them with: puzzle status {out}")
+        return
     if stage is None:
         print_run_summary(out)
     done(f"run directory: {out}")

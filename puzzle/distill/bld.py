@@ -42,7 +42,7 @@ from puzzle.distill.activations import LayerIO
 from puzzle.distill.losses import normalized_mse
 from puzzle.distill.parent_cache import DiskActivations, RecomputedActivations, cache_key, shard_bytes
 from puzzle.distill.schedule import warmup_cosine
-from puzzle.errors import ConfigError, InputError
+from puzzle.errors import ConfigError, InputError, StageError
 from puzzle.files import atomic_path
 from puzzle.jobs import Shard, my_share
 from puzzle.progress import log, track
@@ -419,7 +419,11 @@ def train_units(units: list[Candidate], parent, arch: Architecture, paths: RunPa
     todo = [u for u in units if u.unit_id in pending]
     results = []
     for group in plan_groups(todo, arch, cfg.max_group_params):
-        results += train_group(group, parent, arch, paths, data, cfg, device, worker, source)
+        try:
+            results += train_group(group, parent, arch, paths, data, cfg, device, worker, source)
+        except Exception as err:  # name the units: a worker's log (or `puzzle status`) shows which failed
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise StageError(f"training {', '.join(u.unit_id for u in group)} failed: {type(err).__name__}: {first}") from err
     return results
 
 

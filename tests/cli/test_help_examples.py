@@ -3,7 +3,8 @@
 folder (a random Llama small enough for CPU but as wide as the demo's parent, so the examples' sizes apply).
 
 The examples build on each other (search makes runs/llama8b, make-tasks makes ./my_tasks), so they run in the
-order of EXAMPLE_ORDER; `puzzle demo`'s example trains the real demo parent and runs the whole demo in a folder
+order of EXAMPLE_ORDER (search.yaml's `slurm: {executor: local}` runs the `--launcher slurm` example's jobs as
+local processes); `puzzle demo`'s example trains the real demo parent and runs the whole demo in a folder
 of its own, so it is marked slow.
 """
 
@@ -25,8 +26,8 @@ from puzzle.pipeline import run_search
 ROOT = Path(__file__).parents[2]
 # commands whose examples need what earlier ones made come later
 THIRD_PARTY_NOISE = ("it/s]", "s/it]", "Loading weights", "Writing model shards", "Generating test split")
-EXAMPLE_ORDER = ["convert", "search", "bld", "score", "profile", "solve", "realize", "inspect", "fuse-ffn", "prune",
-                 "distill", "eval", "demo"]
+EXAMPLE_ORDER = ["convert", "search", "bld", "score", "profile", "solve", "realize", "status", "inspect", "fuse-ffn",
+                 "prune", "distill", "eval", "demo"]
 
 
 def help_examples() -> list[tuple[str, str]]:
@@ -62,7 +63,8 @@ def world(tmp_path_factory):
         home / "data" / "fineweb", space={"ffn": {"fractions": [1.0, 0.75, 0.5, 0.25], "multiple": 64}},
         profile={"batch_size": 4, "context_len": 96, "prompt_len": 32, "repeats": 3, "inner": 2, "warmup": 1,
                  "generate_tokens": 8},
-        solve={"targets": demo["solve"]["targets"]}, report={"eval_tokens": 512, "batch_size": 4})
+        solve={"targets": demo["solve"]["targets"]}, report={"eval_tokens": 512, "batch_size": 4},
+        slurm={"executor": "local", "cpus_per_task": 1})  # --launcher slurm runs the same jobs here as local processes
     work.mkdir()
     write_config(work / "search.yaml", config)
     run_search(work / "runs" / "demo", parent=home / "models" / "Llama-3.1-8B", config=work / "search.yaml")

@@ -1,0 +1,251 @@
+"""`--launcher slurm`: the search as a chain of Slurm jobs, submitted with submitit (docs/run-directory.md).
+
+    prepare (1 task: convert, library) -> bld (array) -> score (array) -> finish (1 task: merge the scores,
+    profile, solve, realize, fuse, prune, distill, report)
+
+Each job starts when the one before ended well (`afterok`). Every task works from the run directory, so a task
+that is preempted or runs out of time is requeued with the same arguments and continues (submitit's
+Checkpointable), and submitting again after a failure redoes only what is missing. With `slurm.executor: local`
+submitit runs the same tasks as local processes, one job after the other: the same code path without a cluster.
+`RUN/jobs.json` lists the jobs; `puzzle status RUN` reads it with the stage records and the queue.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from puzzle.errors import ConfigError, StageError
+from puzzle.files import read_json, write_json_atomic
+from puzzle.jobs import SlurmConfig
+from puzzle.run import RunPaths
+
+JOBS_FILE = "jobs.json"
+CHAIN = ("prepare", "bld", "score", "finish")
+
+
+@dataclass(frozen=True)
+class StageJob:
+    stage: str
+    job_id: str  # the array's id for an array job
+    tasks: int
+    logs: str  # folder of the tasks' logs ({job_id}_{task}_log.out)
+
+
+def log_path(job: StageJob, task: int) -> Path:
+    """Where submitit writes task `task`'s output (stderr goes to the same file)."""
+    name = f"{job.job_id}_{task}" if job.tasks > 1 else job.job_id
+    return Path(job.logs) / f"{name}_0_log.out"
+
+
+try:  # submitit's Checkpointable: requeued with the same arguments on preemption or time-out
+    from submitit.helpers import Checkpointable as _Requeueable
+except ModuleNotFoundError:  # only `--launcher slurm` needs submitit
+    _Requeueable = object  # type: ignore[assignment,misc]
+
+
+class StageTask(_Requeueable):
+    """One task of a stage job: `work(*args)` (pipeline.run_task). Requeued as it was on preemption or time-out:
+    the work resumes from the run directory."""
+
+    def __init__(self, work: Callable[..., Any]):
+        self.work = work
+
+    def __call__(self, *args: Any) -> Any:
+        return self.work(*args)
+
+
+def _minutes(text: str) -> int:
+    """Slurm's time formats ('45' minutes, 'MM:SS', 'HH:MM:SS', 'D-HH', 'D-HH:MM:SS') -> whole minutes."""
+    days, _, rest = text.strip().rpartition("-")
+    try:
+        parts = [int(p) for p in rest.split(":")]
+        d = int(days) if days else 0
+    except ValueError:
+        raise ConfigError(f"slurm.time {text!r}: write minutes, HH:MM:SS or D-HH:MM:SS") from None
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:
+        hours, minutes, seconds = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}.get(len(parts), (None,) * 3)
+        if hours is None:
+            raise ConfigError(f"slurm.time {text!r}: write minutes, HH:MM:SS or D-HH:MM:SS")
+    return d * 1440 + hours * 60 + minutes + (1 if seconds else 0)
+
+
+def _extra(args: tuple[str, ...]) -> dict[str, Any]:
+    """('--account=abc', '--exclusive') -> {'account': 'abc', 'exclusive': ''} for submitit."""
+    out = {}
+    for arg in args:
+        key, _, value = arg.lstrip("-").partition("=")
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def executor(paths: RunPaths, cfg: SlurmConfig, stage: str):
+    """A submitit executor for one stage job of this run (its logs in RUN/logs/slurm/)."""
+    import submitit
+
+    folder = paths.logs / "slurm"
+    threads = [f"export OMP_NUM_THREADS={cfg.cpus_per_task} PUZZLE_NUM_THREADS={cfg.cpus_per_task}"]
+    if cfg.executor == "local":
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=_minutes(cfg.time), setup=threads)
+        return ex
+    if shutil.which("sbatch") is None:
+        raise ConfigError("--launcher slurm: sbatch is not on PATH; run on a Slurm login node, or set "
+                          "slurm.executor: local to run the same jobs as local processes")
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.max_requeue)
+    params: dict[str, Any] = dict(job_name=f"puzzle-{stage}", time=_minutes(cfg.time), cpus_per_task=cfg.cpus_per_task,
+                                  ntasks_per_node=1, nodes=1, stderr_to_stdout=True, setup=threads + list(cfg.setup),
+                                  additional_parameters=_extra(cfg.extra_args))
+    if cfg.gpus_per_task:
+        params["gpus_per_node"] = cfg.gpus_per_task
+    for name in ("partition", "mem", "account", "qos", "array_parallelism"):
+        if getattr(cfg, name) is not None:
+            params[name] = getattr(cfg, name)
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit_search(search, work: Callable[..., Any], workers: int, parent: Path | None, wait: bool,
+                  stage_done: Callable[[], dict[str, bool]], progress: Callable[[str], None] | None = None) -> list[StageJob]:
+    """Submit the chain for this run, each task running `work(run, stage, rank, world, parent, score_world)`;
+    returns its jobs (written to RUN/jobs.json). A local executor always waits, each job before the next."""
+    cfg, paths = search.cfg.slurm, search.paths
+    local = cfg.executor == "local"
+    score_world = workers
+    jobs: list[StageJob] = []
+    previous: str | None = None
+    for stage in CHAIN:
+        tasks = workers if stage in ("bld", "score") else 1
+        ex = executor(paths, cfg, stage)
+        if previous and not local:  # and cancelled by Slurm when the job before failed, not left pending forever
+            ex.update_parameters(dependency=f"afterok:{previous}",
+                                 additional_parameters={**_extra(cfg.extra_args), "kill_on_invalid_dep": "yes"})
+        args = (str(paths.root), stage, 0, tasks, str(parent) if parent and stage == "prepare" else None, score_world)
+        if tasks > 1:
+            submitted = ex.map_array(StageTask(work), [args[0]] * tasks, [stage] * tasks, list(range(tasks)), [tasks] * tasks,
+                                     [None] * tasks, [score_world] * tasks)
+            job_id = submitted[0].job_id.split("_")[0]
+        else:
+            submitted = [ex.submit(StageTask(work), *args)]
+            job_id = submitted[0].job_id
+        job = StageJob(stage=stage, job_id=str(job_id), tasks=tasks, logs=str(paths.logs / "slurm"))
+        jobs.append(job)
+        write_json_atomic(paths.root / JOBS_FILE, {"version": 1, "executor": cfg.executor, "submitted": time.time(),
+                                                  "jobs": [asdict(j) for j in jobs]})
+        if progress:
+            progress(f"{stage}: job {job.job_id} ({tasks} task{'s' if tasks > 1 else ''})")
+        if local:  # no dependencies without Slurm: each job ends before the next starts
+            _wait_local(job, submitted)
+        previous = job.job_id
+    if wait and not local:
+        wait_for(paths.root, jobs, stage_done)
+    return jobs
+
+
+def bld_array(search, work: Callable[..., Any], workers: int, poll: Callable[[], None]) -> StageJob:
+    """BLD alone as one array of `workers` tasks (`puzzle bld --launcher slurm`); waits for it to end."""
+    ex = executor(search.paths, search.cfg.slurm, "bld")
+    run = str(search.paths.root)
+    submitted = ex.map_array(StageTask(work), [run] * workers, ["bld"] * workers, list(range(workers)), [workers] * workers)
+    job = StageJob(stage="bld", job_id=str(submitted[0].job_id).split("_")[0], tasks=workers,
+                   logs=str(search.paths.logs / "slurm"))
+    if search.cfg.slurm.executor == "local":
+        try:
+            _wait_local(job, submitted)
+        except StageError:
+            pass  # the caller names the missing units and the failed tasks
+        return job
+    while queue_states([job.job_id]):
+        poll()
+        time.sleep(2)
+    return job
+
+
+def _wait_local(job: StageJob, submitted) -> None:
+    for task, j in enumerate(submitted):
+        try:
+            j.result()
+        except Exception:  # submitit's FailedJobError: the task's own error is the last one in its stderr log
+            error = last_error(j.paths.stderr) or last_error(j.paths.stdout) or "see its log"
+            raise StageError(f"{job.stage} task {task} failed: {error} (log: {j.paths.stderr})") from None
+
+
+def last_error(log: Path) -> str | None:
+    """The last error line of a task's log (a Python error, puzzle's one-line error, Slurm's cancel or time-out
+    notice), or None."""
+    if not log.exists():
+        return None
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"error|cancelled|due to time limit", line, re.IGNORECASE)
+              and "submitit" not in line.lower() and not line.startswith("raise ")]
+    return re.sub(r"^puzzle\.errors\.\w+: ", "", errors[-1])[:300] if errors else None  # our errors read as in the CLI
+
+
+def queue_states(job_ids: list[str]) -> dict[str, str]:
+    """{job id or array task id: state} of these jobs while Slurm still lists them (empty without squeue)."""
+    if not job_ids or shutil.which("squeue") is None:
+        return {}
+    out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i %T"], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {}
+    return dict(line.split(None, 1) for line in out.stdout.splitlines() if line.strip())
+
+
+def wait_for(run: Path, jobs: list[StageJob], stage_done: Callable[[], dict[str, bool]], poll_s: float = 2.0) -> None:
+    """Block until the chain has left the queue, showing its state; a failed task is then an error."""
+    from puzzle.progress import log
+
+    shown = None
+    while states := queue_states([j.job_id for j in jobs]):
+        line = ", ".join(f"{j.stage} {queue_summary(j, states)}" for j in jobs if queue_summary(j, states))
+        if line != shown:
+            log(f"slurm: {line}")
+            shown = line
+        time.sleep(poll_s)
+    problems = failed_tasks(jobs, stage_done())
+    if problems:
+        raise StageError("; ".join(problems) + f"; fix the cause and submit again (`puzzle status {run}`)")
+
+
+def queue_summary(job: StageJob, states: dict[str, str]) -> str:
+    """'2 running 1 pending' for this job's tasks Slurm still lists ('' when none)."""
+    mine = [s for k, s in states.items() if k == job.job_id or k.startswith(job.job_id + "_")]
+    if not mine:
+        return ""
+    counts: dict[str, int] = {}
+    for s in mine:
+        counts[s.lower()] = counts.get(s.lower(), 0) + 1
+    return " ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def load_jobs(run: Path) -> list[StageJob]:
+    path = Path(run) / JOBS_FILE
+    if not path.exists():
+        return []
+    return [StageJob(**j) for j in read_json(path).get("jobs", [])]
+
+
+def task_error(job: StageJob, task: int) -> str | None:
+    return last_error(log_path(job, task))
+
+
+def failed_tasks(jobs: list[StageJob], done: dict[str, bool]) -> list[str]:
+    """'STAGE task i (job J) failed: <error> (log: path)' for every task whose log reports an error, unless its
+    stage is `done` since (a later submission finished it)."""
+    out = []
+    for job in jobs:
+        if done.get(job.stage):
+            continue
+        for task in range(job.tasks):
+            error = task_error(job, task)
+            if error:
+                out.append(f"{job.stage} task {task} (job {job.job_id}) failed: {error} (log: {log_path(job, task)})")
+    return out
