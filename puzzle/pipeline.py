@@ -141,6 +141,7 @@ class Search:
     _model: Any = None
     _data: Any = None
     jobs: list = field(default_factory=list)  # the Slurm jobs a `--launcher slurm` search submitted
+    scripts: Path | None = None  # submit.sh of `--launcher slurm --dry-run`
 
     # -- shared resources ---------------------------------------------------------------------------------
     @property
@@ -429,13 +430,20 @@ def _run_stage(search: Search, name: str, workers: int = 1, launcher: str = "loc
 
 def run_search(out: Path, *, parent: Path | None = None, config: Path | None = None,
                overrides: dict[str, Any] | None = None, stage: str | None = None, workers: int = 1,
-               launcher: str = "local", base: dict[str, Any] | None = None, wait: bool = True) -> Search:
+               launcher: str = "local", base: dict[str, Any] | None = None, wait: bool = True,
+               dry_run: bool = False) -> Search:
     """Run every stage (or only `stage`) over the run directory, skipping those already done. With
     launcher "slurm" and no `stage`, submit the search as Slurm jobs instead (waiting for them with `wait`)."""
     if stage is not None and stage not in STAGES:
         raise ConfigError(f"--stage {stage!r} is not a stage; choose one of {', '.join(STAGES)}")
     resuming = RunPaths(out).config.exists()
     search = open_run(out, parent, config, overrides, base)
+    if dry_run:
+        if launcher != "slurm" or stage is not None:
+            raise ConfigError("--dry-run writes the Slurm scripts of a whole search: use it with --launcher slurm "
+                              "and without --stage")
+        search.scripts = slurm.write_scripts(search, workers, Path(parent) if parent else None)
+        return search
     if launcher == "slurm" and stage is None:  # the whole search as a chain of Slurm jobs (puzzle/slurm.py)
         search.jobs = slurm.submit_search(search, run_task, workers, Path(parent) if parent else None, wait,
                                           functools.partial(chain_done, out), progress=log)

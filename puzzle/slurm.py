@@ -13,8 +13,10 @@ submitit runs the same tasks as local processes, one job after the other: the sa
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.errors import ConfigError, StageError
-from puzzle.files import read_json, write_json_atomic
+from puzzle.files import read_json, write_json_atomic, write_text_atomic
 from puzzle.jobs import SlurmConfig
 from puzzle.run import RunPaths
 
@@ -87,20 +89,9 @@ def _extra(args: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def executor(paths: RunPaths, cfg: SlurmConfig, stage: str):
-    """A submitit executor for one stage job of this run (its logs in RUN/logs/slurm/)."""
-    import submitit
-
-    folder = paths.logs / "slurm"
+def sbatch_options(cfg: SlurmConfig, stage: str) -> dict[str, Any]:
+    """The sbatch options of one stage job's tasks (submitit's names), from the `slurm:` section."""
     threads = [f"export OMP_NUM_THREADS={cfg.cpus_per_task} PUZZLE_NUM_THREADS={cfg.cpus_per_task}"]
-    if cfg.executor == "local":
-        ex = submitit.LocalExecutor(folder=folder)
-        ex.update_parameters(timeout_min=_minutes(cfg.time), setup=threads)
-        return ex
-    if shutil.which("sbatch") is None:
-        raise ConfigError("--launcher slurm: sbatch is not on PATH; run on a Slurm login node, or set "
-                          "slurm.executor: local to run the same jobs as local processes")
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.max_requeue)
     params: dict[str, Any] = dict(job_name=f"puzzle-{stage}", time=_minutes(cfg.time), cpus_per_task=cfg.cpus_per_task,
                                   ntasks_per_node=1, nodes=1, stderr_to_stdout=True, setup=threads + list(cfg.setup),
                                   additional_parameters=_extra(cfg.extra_args))
@@ -109,8 +100,57 @@ def executor(paths: RunPaths, cfg: SlurmConfig, stage: str):
     for name in ("partition", "mem", "account", "qos", "array_parallelism"):
         if getattr(cfg, name) is not None:
             params[name] = getattr(cfg, name)
-    ex.update_parameters(**params)
+    return params
+
+
+def executor(paths: RunPaths, cfg: SlurmConfig, stage: str):
+    """A submitit executor for one stage job of this run (its logs in RUN/logs/slurm/)."""
+    import submitit
+
+    folder = paths.logs / "slurm"
+    if cfg.executor == "local":
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=_minutes(cfg.time), setup=sbatch_options(cfg, stage)["setup"])
+        return ex
+    if shutil.which("sbatch") is None:
+        raise ConfigError("--launcher slurm: sbatch is not on PATH; run on a Slurm login node, or set "
+                          "slurm.executor: local to run the same jobs as local processes")
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.max_requeue)
+    ex.update_parameters(**sbatch_options(cfg, stage))
     return ex
+
+
+def write_scripts(search, workers: int, parent: Path | None) -> Path:
+    """--dry-run: the chain as sbatch scripts plus a submit.sh that submits them with the same dependencies,
+    for clusters where jobs are submitted by hand. Each task runs `python -m puzzle run-task`. Returns submit.sh."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    paths, cfg = search.paths, search.cfg.slurm
+    folder = paths.root / "slurm-scripts"
+    folder.mkdir(parents=True, exist_ok=True)
+    (paths.logs / "slurm").mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output
+    submit = ["#!/bin/bash", "# Submits the search's jobs, each after the one before ended well (puzzle search --dry-run).",
+              "set -euo pipefail", 'cd "$(dirname "$0")"']
+    previous = None
+    for n, stage in enumerate(CHAIN, start=1):
+        tasks = workers if stage in ("bld", "score") else 1
+        rank = "${SLURM_ARRAY_TASK_ID}" if tasks > 1 else "0"
+        command = " ".join([shlex.quote(sys.executable), "-m", "puzzle", "run-task", shlex.quote(str(paths.root.resolve())),
+                            stage, "--rank", rank, "--world", str(tasks), "--score-world", str(workers)]
+                           + (["--parent", shlex.quote(str(Path(parent).resolve()))] if parent and stage == "prepare" else []))
+        options = sbatch_options(cfg, stage)
+        text = _make_sbatch_string(command=command, folder=paths.logs / "slurm", map_count=tasks if tasks > 1 else None,
+                                   **options)
+        script = folder / f"{n}-{stage}.sbatch"
+        write_text_atomic(script, text.replace("export SUBMITIT_EXECUTOR=slurm\n", "").rstrip("\n") + "\n")
+        after = f' --dependency=afterok:"${previous}" --kill-on-invalid-dep=yes' if previous else ""
+        submit.append(f'{stage}=$(sbatch --parsable{after} {script.name} | cut -d";" -f1)')
+        previous = stage
+    submit.append('echo "submitted: ' + ", ".join(f"{s} ${s}" for s in CHAIN) + '"')
+    path = folder / "submit.sh"
+    write_text_atomic(path, "\n".join(submit) + "\n")
+    path.chmod(0o755)
+    return path
 
 
 def submit_search(search, work: Callable[..., Any], workers: int, parent: Path | None, wait: bool,

@@ -433,3 +433,25 @@ def test_a_search_as_local_jobs_names_the_failed_task_its_unit_and_log(tmp_path,
     assert cli.run(["status", str(tmp_path / "run")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "library │ done" in out and "0 of" in out and "units trained" in out, out
+
+
+def test_a_dry_run_writes_the_chain_as_sbatch_scripts_without_a_cluster(tmp_path, monkeypatch):
+    import subprocess
+
+    parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=2)
+    config = write_config(tmp_path / "c.yaml", tiny_search_config(corpus, slurm={"partition": "gpu", "gpus_per_task": 1}))
+    monkeypatch.setenv("PATH", "/nonexistent")  # no sbatch here: nothing is submitted
+    search = run_search(tmp_path / "run", parent=parent, config=config, workers=3, launcher="slurm", dry_run=True)
+    folder = search.scripts.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["1-prepare.sbatch", "2-bld.sbatch", "3-score.sbatch",
+                                                         "4-finish.sbatch", "submit.sh"]
+    bld = (folder / "2-bld.sbatch").read_text()
+    assert "#SBATCH --array=0-2" in bld and "#SBATCH --partition=gpu" in bld and "#SBATCH --gpus-per-node=1" in bld
+    assert "-m puzzle run-task" in bld and "bld --rank ${SLURM_ARRAY_TASK_ID} --world 3" in bld
+    assert f"--parent {parent.resolve()}" in (folder / "1-prepare.sbatch").read_text()
+    submit = (folder / "submit.sh").read_text()
+    assert submit.count("--dependency=afterok:") == 3 and submit.count("--kill-on-invalid-dep=yes") == 3
+    assert subprocess.run(["/bin/bash", "-n", str(folder / "submit.sh")]).returncode == 0
+    assert not (tmp_path / "run" / "parent").exists() and not (tmp_path / "run" / "jobs.json").exists()
+    with pytest.raises(ConfigError, match="--dry-run writes the Slurm scripts"):
+        run_search(tmp_path / "run", dry_run=True)

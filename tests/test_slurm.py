@@ -138,3 +138,19 @@ def test_a_failed_task_is_named_with_its_unit_and_log(tmp_path, capsys):
     assert cli.run(["status", str(search.paths.root)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "failed: bld task 0" in out and "_log.out" in out and "0 of" in out, out
+
+
+def test_the_dry_run_scripts_submitted_by_hand_make_the_children(tmp_path):
+    parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=2)
+    config = write_config(tmp_path / "search.yaml", tiny_search_config(corpus, **SEARCH))
+    search = run_search(tmp_path / "run", parent=parent, config=config, workers=2, launcher="slurm", dry_run=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PUZZLE_QUIET": "1"}
+    out = subprocess.run([str(search.scripts)], capture_output=True, text=True, env=env, check=True).stdout
+    ids = [part.split()[-1] for part in out.strip().removeprefix("submitted: ").split(", ")]
+    deadline = time.time() + 600
+    while subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline
+        time.sleep(1)
+    for name in ("1.5x", "2x"):
+        assert (tmp_path / "run" / "children" / name / "model.safetensors").exists()
+    assert open_run(tmp_path / "run").is_done("report")

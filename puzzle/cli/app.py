@@ -21,7 +21,7 @@ from puzzle.cli.inspect import inspect_command
 from puzzle.cli.prune import prune_command
 from puzzle.cli.search import search_command
 from puzzle.cli.stages import bld_command, profile_command, realize_command, score_command, solve_command
-from puzzle.cli.status import status_command
+from puzzle.cli.status import run_task_command, status_command
 from puzzle.errors import Interrupted, PuzzleError
 
 # click's UsageError (bad options, missing arguments), whichever click typer uses (its own copy in typer >= 0.2x).
@@ -65,6 +65,7 @@ app.command("distill")(distill_command)
 app.command("prune")(prune_command)
 app.command("eval")(eval_command)
 app.command("status")(status_command)
+app.command("run-task", hidden=True)(run_task_command)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -106,6 +107,21 @@ def _quiet_third_parties() -> None:
 
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    import logging
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # e.g. one "Truncating ..." warning per long request
+    # torch imports tqdm before this runs, so TQDM_DISABLE is read too late, and lm-eval passes disable=False
+    # explicitly: every tqdm bar is made disabled instead.
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+    if not getattr(init, "puzzle_quiet", False):
+        def quiet_init(self, *args, **kwargs):
+            kwargs["disable"] = True
+            init(self, *args, **kwargs)
+
+        quiet_init.puzzle_quiet = True
+        tqdm.std.tqdm.__init__ = quiet_init
 
 
 def _error_line(message: str, code: int) -> int:

@@ -11,6 +11,10 @@ from puzzle.cli.options import Device, Exclude, Launcher, Workers
 from puzzle.cli.output import done, print_run_summary
 
 
+def _Slurm(flag: str, text: str):  # noqa: N802 (an annotation, like typer's)
+    return Annotated[Optional[str], typer.Option(flag, help=text, show_default=False, rich_help_panel="Slurm")]
+
+
 def search_command(
     parent: Annotated[Optional[Path], typer.Argument(help="Parent model folder (HF Llama/Mistral/Qwen2/Qwen3 or DeciLM). Not needed to resume.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", help="Run directory (created, or resumed when it exists).", show_default=False)] = ...,
@@ -23,8 +27,16 @@ def search_command(
     workers: Workers = 1,
     launcher: Launcher = "local",
     wait: Annotated[bool, typer.Option("--wait", metavar="", help="With --launcher slurm: wait for the jobs, showing their state, and print the children.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="With --launcher slurm: only write the jobs' sbatch scripts and a submit.sh into RUN/slurm-scripts/.")] = False,
     device: Device = None,
     exclude: Exclude = None,
+    partition: _Slurm("--partition", "Slurm partition of every job (slurm.partition).") = None,
+    account: _Slurm("--account", "Slurm account (slurm.account).") = None,
+    qos: _Slurm("--qos", "Slurm QoS (slurm.qos).") = None,
+    time_limit: _Slurm("--time", "Time limit of each task, e.g. 08:00:00; a task that runs out is requeued (slurm.time).") = None,
+    cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", min=1, help="CPUs of each task (slurm.cpus_per_task).", show_default=False, rich_help_panel="Slurm")] = None,
+    gpus_per_task: Annotated[Optional[int], typer.Option("--gpus-per-task", min=0, help="GPUs of each task (slurm.gpus_per_task).", show_default=False, rich_help_panel="Slurm")] = None,
+    mem: _Slurm("--mem", "Memory of each task, e.g. 200G (slurm.mem).") = None,
 ) -> None:
     """Run the Puzzle search: convert, library, bld, score, profile, solve, realize, [fuse, prune, distill,] report.
 
@@ -34,6 +46,7 @@ def search_command(
       puzzle search ~/models/Llama-3.1-8B --out runs/llama8b --config search.yaml --data ~/data/fineweb
       puzzle search --out runs/llama8b --stage bld --workers 8 --launcher torchrun
       puzzle search ~/models/Llama-3.1-8B --out runs/llama8b-slurm --config search.yaml --data ~/data/fineweb --workers 4 --launcher slurm --wait
+      puzzle search ~/models/Llama-3.1-8B --out runs/llama8b-sbatch --config search.yaml --data ~/data/fineweb --workers 4 --launcher slurm --dry-run
 
     With --launcher slurm the search is a chain of Slurm jobs (prepare, bld array, score array, finish; the
     config's `slurm:` section sets their resources); without --wait the command returns once they are
@@ -46,14 +59,20 @@ def search_command(
 
     target = target_from_flags(throughput=target_throughput, memory=max_memory, vllm_native=vllm_native)
     overrides = dotted({"device": device, "data.paths": [str(p) for p in data] if data else None,
+                        "slurm.partition": partition, "slurm.account": account, "slurm.qos": qos,
+                        "slurm.time": time_limit, "slurm.cpus_per_task": cpus_per_task,
+                        "slurm.gpus_per_task": gpus_per_task, "slurm.mem": mem,
                         "data.exclude": exclude or None,
                         "solve.targets": [target] if target else None})
     try:
         search = run_search(out, parent=parent, config=config, overrides=overrides, stage=stage, workers=workers,
-                            launcher=launcher, wait=wait)
+                            launcher=launcher, wait=wait, dry_run=dry_run)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: the stages and BLD units that finished are kept in {out}; resume with "
                           f"`puzzle search --out {out}`") from None
+    if search.scripts:
+        done(f"sbatch scripts: {search.scripts.parent}; submit them with: {search.scripts}")
+        return
     if search.jobs and not wait and search.cfg.slurm.executor != "local":
         done(f"submitted {len(search.jobs)} jobs ({', '.join(f'{j.stage} {j.job_id}' for j in search.jobs)}); "
              f"follow them with: puzzle status {out}")

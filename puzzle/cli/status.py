@@ -1,7 +1,11 @@
-"""`puzzle status RUN`: where a search stands: stages, BLD units, Slurm jobs and failed tasks."""
+"""`puzzle status RUN`: where a search stands (stages, BLD units, Slurm jobs, failed tasks), and the hidden
+`puzzle run-task` that the sbatch scripts of `puzzle search --launcher slurm --dry-run` run."""
 
 from __future__ import annotations
 
+from typing import Annotated, Optional
+
+import typer
 from rich.table import Table
 
 from puzzle.cli.output import console
@@ -33,3 +37,17 @@ def status_command(run: RunDir) -> None:
         console.print(jobs)
     for failure in status.failures:
         console.print(f"[red]failed[/]: {failure}")
+
+
+def run_task_command(
+    run: RunDir,
+    stage: Annotated[str, typer.Argument(help="prepare, bld, score or finish.", show_default=False)],
+    rank: Annotated[int, typer.Option("--rank", min=0, help="This task's index in the job (SLURM_ARRAY_TASK_ID).")] = 0,
+    world: Annotated[int, typer.Option("--world", min=1, help="Tasks in the job.")] = 1,
+    score_world: Annotated[int, typer.Option("--score-world", min=1, help="Tasks of the score job (for finish).")] = 1,
+    parent: Annotated[Optional[str], typer.Option("--parent", help="The parent model folder (for prepare).")] = None,
+) -> None:
+    """One task of one job of a Slurm search (what the --dry-run scripts run)."""
+    from puzzle.pipeline import run_task
+
+    run_task(str(run), stage, rank, world, parent, score_world)

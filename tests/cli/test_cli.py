@@ -256,3 +256,19 @@ def test_every_command_that_takes_data_takes_exclude(tmp_path, capsys):
         err = " ".join(capsys.readouterr().err.split())
         assert code == 2 and "outside the excluded *.txt" in err, (name, err)  # every file excluded: said so
     assert cli.run(["fuse-ffn", "--help"]) == 0 and "--exclude" in capsys.readouterr().out
+
+
+def test_slurm_flags_set_the_jobs_resources(tmp_path, monkeypatch, capsys):
+    from factories import tiny_parent_with_tokenizer
+
+    parent, corpus = tiny_parent_with_tokenizer(tmp_path / "inputs", layers=2)
+    monkeypatch.setenv("PATH", "/nonexistent")  # --dry-run submits nothing and needs no sbatch
+    code = cli.run(["search", str(parent), "--out", str(tmp_path / "run"), "--data", str(corpus), "--workers", "2",
+                    "--launcher", "slurm", "--dry-run", "--partition", "p1", "--account", "acct", "--time", "01:00:00",
+                    "--gpus-per-task", "2", "--cpus-per-task", "4", "--mem", "64G"])
+    assert code == 0, capsys.readouterr().err
+    assert "submit.sh" in capsys.readouterr().out
+    script = (tmp_path / "run" / "slurm-scripts" / "2-bld.sbatch").read_text()
+    for line in ("--partition=p1", "--account=acct", "--time=60", "--gpus-per-node=2", "--cpus-per-task=4", "--mem=64G"):
+        assert f"#SBATCH {line}" in script, line
+    assert "slurm:" in (tmp_path / "run" / "config.yaml").read_text()  # the flags are the run's config from now on
