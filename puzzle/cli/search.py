@@ -38,7 +38,7 @@ def search_command(
     gpus_per_task: Annotated[Optional[int], typer.Option("--gpus-per-task", min=0, help="GPUs of each task (slurm.gpus_per_task).", show_default=False, rich_help_panel="Slurm")] = None,
     mem: _Slurm("--mem", "Memory of each task, e.g. 200G (slurm.mem).") = None,
 ) -> None:
-    """Run the Puzzle search: convert, library, bld, score, profile, solve, realize, [fuse, prune, distill,] report.
+    """Run the Puzzle search: convert, library, bld, score, profile, solve, realize, (fuse, prune, distill,) report.
 
     Stages that are done are skipped, so rerunning the same command resumes an interrupted search.
 
