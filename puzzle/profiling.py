@@ -54,7 +54,10 @@ from puzzle.modeling.modeling_decilm import (
 )
 from puzzle.progress import track
 
-NOISY = 0.1  # a timing whose samples spread more than this (relative) is flagged, not trusted
+# A timing whose samples spread ((p90 - p10) / median) more than this is flagged, not trusted. On an idle 2-core
+# VM 15 decode samples of the demo parent spread 0.08-0.36 and their median moves a few percent between runs;
+# on a loaded machine samples differ several-fold (a report once said 7.40x measured for 2.41x predicted).
+NOISY = 0.5
 MEASURE_ATTEMPTS = 3  # whole-model timings are repeated up to this often while they are noisy
 PROFILE_VERSION = 2  # 2: parameter bytes at the deployment dtype (param_dtype), not the profiling dtype
 

@@ -55,7 +55,10 @@ def print_run_summary(run: Path, title: str = "children") -> None:
                       f"{row['lm_loss']:.3f}", f"{row['top1']:.3f}", "yes" if row["vllm_native"] else "no")
     console.print(table)
     if any(row.get("measured_noisy") for row in [report["parent"], *report["children"]]):
-        console.print("[yellow]~[/]: the timing spread by more than 10% over repeats (a loaded machine?): not to be trusted")
+        from puzzle.profiling import NOISY
+
+        console.print(f"[yellow]~[/]: the timing spread by more than {NOISY:.0%} over repeats (a loaded machine?): "
+                      "not to be trusted")
     done(f"children: {Path(run) / 'children'}/{{{','.join(c['name'] for c in report['children'])}}}")
     done(f"report: {Path(run) / 'report.md'} (plots next to it)")
 
