@@ -133,7 +133,7 @@ def write_scripts(search, workers: int, parent: Path | None) -> Path:
               "set -euo pipefail", 'cd "$(dirname "$0")"']
     previous = None
     for n, stage in enumerate(CHAIN, start=1):
-        tasks = workers if stage in ("bld", "score") else 1
+        tasks = _tasks(stage, workers)
         rank = "${SLURM_ARRAY_TASK_ID}" if tasks > 1 else "0"
         command = " ".join([shlex.quote(sys.executable), "-m", "puzzle", "run-task", shlex.quote(str(paths.root.resolve())),
                             stage, "--rank", rank, "--world", str(tasks), "--score-world", str(workers)]
@@ -153,38 +153,44 @@ def write_scripts(search, workers: int, parent: Path | None) -> Path:
     return path
 
 
+def _tasks(stage: str, workers: int) -> int:
+    return workers if stage in ("bld", "score") else 1
+
+
+def _submit(ex, work: Callable[..., Any], paths: RunPaths, stage: str, tasks: int, parent: Path | None,
+            score_world: int) -> tuple[StageJob, list]:
+    """One stage job of `tasks` tasks (an array when more than one), task k running
+    `work(run, stage, k, tasks, parent, score_world)`. Returns the job and submitit's per-task handles."""
+    calls = [(str(paths.root), stage, k, tasks, str(parent) if parent and stage == "prepare" else None, score_world)
+             for k in range(tasks)]
+    if tasks > 1:
+        submitted = ex.map_array(StageTask(work), *zip(*calls))
+    else:
+        submitted = [ex.submit(StageTask(work), *calls[0])]
+    job_id = str(submitted[0].job_id).split("_")[0]
+    return StageJob(stage=stage, job_id=job_id, tasks=tasks, logs=str(paths.logs / "slurm")), submitted
+
+
 def submit_search(search, work: Callable[..., Any], workers: int, parent: Path | None, wait: bool,
                   stage_done: Callable[[], dict[str, bool]], progress: Callable[[str], None] | None = None) -> list[StageJob]:
     """Submit the chain for this run, each task running `work(run, stage, rank, world, parent, score_world)`;
     returns its jobs (written to RUN/jobs.json). A local executor always waits, each job before the next."""
     cfg, paths = search.cfg.slurm, search.paths
     local = cfg.executor == "local"
-    score_world = workers
     jobs: list[StageJob] = []
-    previous: str | None = None
     for stage in CHAIN:
-        tasks = workers if stage in ("bld", "score") else 1
         ex = executor(paths, cfg, stage)
-        if previous and not local:  # and cancelled by Slurm when the job before failed, not left pending forever
-            ex.update_parameters(dependency=f"afterok:{previous}",
+        if jobs and not local:  # and cancelled by Slurm when the job before failed, not left pending forever
+            ex.update_parameters(dependency=f"afterok:{jobs[-1].job_id}",
                                  additional_parameters={**_extra(cfg.extra_args), "kill_on_invalid_dep": "yes"})
-        args = (str(paths.root), stage, 0, tasks, str(parent) if parent and stage == "prepare" else None, score_world)
-        if tasks > 1:
-            submitted = ex.map_array(StageTask(work), [args[0]] * tasks, [stage] * tasks, list(range(tasks)), [tasks] * tasks,
-                                     [None] * tasks, [score_world] * tasks)
-            job_id = submitted[0].job_id.split("_")[0]
-        else:
-            submitted = [ex.submit(StageTask(work), *args)]
-            job_id = submitted[0].job_id
-        job = StageJob(stage=stage, job_id=str(job_id), tasks=tasks, logs=str(paths.logs / "slurm"))
+        job, submitted = _submit(ex, work, paths, stage, _tasks(stage, workers), parent, workers)
         jobs.append(job)
         write_json_atomic(paths.root / JOBS_FILE, {"version": 1, "executor": cfg.executor, "submitted": time.time(),
                                                   "jobs": [asdict(j) for j in jobs]})
         if progress:
-            progress(f"{stage}: job {job.job_id} ({tasks} task{'s' if tasks > 1 else ''})")
+            progress(f"{stage}: job {job.job_id} ({job.tasks} task{'s' if job.tasks > 1 else ''})")
         if local:  # no dependencies without Slurm: each job ends before the next starts
             _wait_local(job, submitted)
-        previous = job.job_id
     if wait and not local:
         wait_for(paths.root, jobs, stage_done)
     return jobs
@@ -192,11 +198,8 @@ def submit_search(search, work: Callable[..., Any], workers: int, parent: Path |
 
 def bld_array(search, work: Callable[..., Any], workers: int, poll: Callable[[], None]) -> StageJob:
     """BLD alone as one array of `workers` tasks (`puzzle bld --launcher slurm`); waits for it to end."""
-    ex = executor(search.paths, search.cfg.slurm, "bld")
-    run = str(search.paths.root)
-    submitted = ex.map_array(StageTask(work), [run] * workers, ["bld"] * workers, list(range(workers)), [workers] * workers)
-    job = StageJob(stage="bld", job_id=str(submitted[0].job_id).split("_")[0], tasks=workers,
-                   logs=str(search.paths.logs / "slurm"))
+    job, submitted = _submit(executor(search.paths, search.cfg.slurm, "bld"), work, search.paths, "bld", workers,
+                             None, workers)
     if search.cfg.slurm.executor == "local":
         try:
             _wait_local(job, submitted)
@@ -245,7 +248,7 @@ def wait_for(run: Path, jobs: list[StageJob], stage_done: Callable[[], dict[str,
 
     shown = None
     while states := queue_states([j.job_id for j in jobs]):
-        line = ", ".join(f"{j.stage} {queue_summary(j, states)}" for j in jobs if queue_summary(j, states))
+        line = ", ".join(f"{j.stage} {summary}" for j in jobs if (summary := queue_summary(j, states)))
         if line != shown:
             log(f"slurm: {line}")
             shown = line
