@@ -446,7 +446,7 @@ def run_search(out: Path, *, parent: Path | None = None, config: Path | None = N
         return search
     if launcher == "slurm" and stage is None:  # the whole search as a chain of Slurm jobs (puzzle/slurm.py)
         search.jobs = slurm.submit_search(search, run_task, workers, Path(parent) if parent else None, wait,
-                                          functools.partial(chain_done, out), progress=log)
+                                          lambda: chain_done(open_run(out)), progress=log)
         return search
     search.convert()  # every stage reads the converted parent; cheap, and a no-op once done
     if resuming and stage is None:
@@ -528,9 +528,8 @@ def run_task(run: str, stage: str, rank: int, world: int, parent: str | None = N
     return stage
 
 
-def chain_done(out: Path) -> dict[str, bool]:
+def chain_done(search: Search) -> dict[str, bool]:
     """Which jobs of a `--launcher slurm` chain have nothing left to do, read from the run directory."""
-    search = open_run(out)
     library = search.is_done("library")
     return {"prepare": library, "bld": library and (search.is_done("bld") or search.bld_done()),
             "score": search.is_done("score"), "finish": search.is_done("report")}
@@ -555,7 +554,7 @@ def run_status(out: Path) -> RunStatus:
         units = (len(manifest.units) - len(pending_units(manifest, search.paths)), len(manifest.units))
     chain = slurm.load_jobs(search.paths.root)
     states = slurm.queue_states([j.job_id for j in chain])
-    done = chain_done(out) if chain else {}
+    done = chain_done(search) if chain else {}
     rows = [(j, slurm.queue_summary(j, states) or ("done" if done.get(j.stage) else "ended")) for j in chain]
     ended = [j for j, state in rows if state == "ended"]
     return RunStatus(stages=stages_done, units=units, jobs=rows, failures=slurm.failed_tasks(ended, done))
