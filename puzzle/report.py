@@ -274,7 +274,7 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
                   "| target | solutions | summed KL: MIP optimum / kept | KL: MIP optimum | KL: kept | kept solution |",
                   "|---|---:|---:|---:|---:|---:|"]
         for p in reranked:
-            optimum, kept = p.reranked[0], next(r for r in p.reranked if r["chosen"])
+            optimum, kept = p.rerank_choice
             lines.append(f"| {p.name} | {len(p.reranked)} | {optimum['summed_score']:.4f} / {kept['summed_score']:.4f} | "
                          f"{optimum['kl']:.4f} | {kept['kl']:.4f} | {kept['solution']} |")
         lines.append("")

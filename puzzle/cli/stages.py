@@ -126,7 +126,7 @@ def print_plan(plan) -> None:
     console.print(f"{sol.throughput:,.0f} tokens/s predicted{memory}, KV {sol.kv_bytes_per_token:,} B/token, "
                   f"{sol.attention_layers} attention layers")
     if plan.reranked:
-        optimum, chosen = plan.reranked[0], next(r for r in plan.reranked if r["chosen"])
+        optimum, chosen = plan.rerank_choice
         console.print(f"re-ranked {len(plan.reranked)} solutions by measured KL: kept solution {chosen['solution']} "
                       f"(KL {chosen['kl']:.4f}; the MIP optimum's {optimum['kl']:.4f})")
 

@@ -222,6 +222,11 @@ class ChildPlan:
     version: int = SOLUTION_FILE_VERSION
 
     @property
+    def rerank_choice(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the MIP optimum's row, the kept row) of a re-ranked plan."""
+        return self.reranked[0], next(r for r in self.reranked if r["chosen"])
+
+    @property
     def predicted_speedup(self) -> float:
         return self.solution.throughput / self.parent_throughput
 
