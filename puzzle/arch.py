@@ -3,7 +3,9 @@
 docs/checkpoint-format.md describes the format. This is the one description every stage speaks: a child is a `ModelShape` (the global
 fields of config.json) plus one `BlockConfig` per layer. JSON follows the DeciLM / Llama-Nemotron
 convention that vLLM reads (`no_op`, `replace_with_linear`, `n_heads_in_group`, `intermediate_size`;
-NVIDIA's older `ffn_mult` is read and converted); puzzle adds `window_length`.
+NVIDIA's older `ffn_mult` is read and converted); puzzle adds `window_length`. A mixture-of-experts FFN is
+`ffn.moe` (NVIDIA's `MoEConfig` names: `num_local_experts`, `num_experts_per_tok`, `expert_intermediate_dim`),
+plus `norm_topk_prob`, the router rule that makes Mixtral and Qwen3-MoE parents exact.
 
 The accounting here (parameters, KV-cache bytes) is computed from the description alone and is tested to
 equal counting the real tensors of `puzzle/modeling/modeling_decilm.py`.
@@ -23,7 +25,9 @@ _INERT_ATTENTION_FIELDS = {
     "sparsify": None, "num_sink_tokens": None, "unshifted_sink": False,
     "use_prefill_window_in_sink_attention": False, "llama4": None, "mamba": None,
 }
-_INERT_FFN_FIELDS = {"sparsify": None, "moe": None, "gated": True}
+_INERT_FFN_FIELDS = {"sparsify": None, "gated": True}
+# NVIDIA's MoEConfig names a shared-expert width; puzzle has no shared experts yet (Qwen2-MoE style), so only 0.
+_INERT_MOE_FIELDS = {"shared_expert_intermediate_dim": 0}
 
 
 def kv_dtype_bytes(kv_dtype: str) -> int:
@@ -115,18 +119,71 @@ class AttentionConfig:
         )
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """One layer's mixture of experts: a softmax router over `num_local_experts` gated experts, each token sent to
+    its `num_experts_per_tok` most probable experts and their outputs summed with the router weights.
+
+    `norm_topk_prob`: the top-k probabilities are rescaled to sum to 1 (Mixtral always; Qwen3-MoE when its config
+    says so); otherwise they stay the softmax over all experts of the layer.
+    """
+
+    num_local_experts: int
+    num_experts_per_tok: int
+    expert_intermediate_dim: int
+    norm_topk_prob: bool
+
+    def __post_init__(self) -> None:
+        for name in ("num_local_experts", "num_experts_per_tok", "expert_intermediate_dim"):
+            if not _positive_int(getattr(self, name)):
+                raise ConfigError(f"ffn.moe.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ConfigError(f"ffn.moe.num_experts_per_tok={self.num_experts_per_tok} exceeds "
+                              f"num_local_experts={self.num_local_experts}; a token cannot use more experts than exist")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ConfigError(f"ffn.moe.norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
+
+    def label(self) -> str:
+        """moe_k8_top2: experts kept, experts per token."""
+        return f"moe_k{self.num_local_experts}_top{self.num_experts_per_tok}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "ffn.moe") -> MoEConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be an object with {', '.join(cls.__dataclass_fields__)}")
+        _check_fields(data, set(cls.__dataclass_fields__), _INERT_MOE_FIELDS, where)
+        missing = [k for k in cls.__dataclass_fields__ if k not in data]
+        if missing:
+            raise ConfigError(f"{where}: missing field {missing[0]!r}")
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
 @dataclass(frozen=True, kw_only=True)
 class FFNConfig:
-    """One layer's FFN: SwiGLU of some width, a linear replacement, or no-op."""
+    """One layer's FFN: SwiGLU of some width, a mixture of SwiGLU experts (`moe`), a linear replacement, or no-op."""
 
     no_op: bool = False
     replace_with_linear: bool = False
     intermediate_size: int | None = None
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # from JSON (a saved candidate or solution): same checks as from_dict
+            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
         if self.no_op and self.replace_with_linear:
             raise ConfigError("ffn: no_op and replace_with_linear cannot both be true")
-        if self.is_gated:
+        if self.moe is not None:
+            if self.no_op or self.replace_with_linear or self.intermediate_size is not None:
+                raise ConfigError("ffn: a mixture-of-experts FFN (moe) has no intermediate_size and is not no_op or linear; "
+                                  "its expert width is moe.expert_intermediate_dim")
+        elif self.is_gated:
             if not isinstance(self.intermediate_size, int) or self.intermediate_size < 1:
                 raise ConfigError(f"ffn.intermediate_size must be a positive integer, got {self.intermediate_size!r}")
         elif self.intermediate_size is not None:
@@ -134,31 +191,46 @@ class FFNConfig:
 
     @property
     def is_gated(self) -> bool:
-        return not (self.no_op or self.replace_with_linear)
+        """A single dense SwiGLU of `intermediate_size` (not experts, linear or no-op)."""
+        return not (self.no_op or self.replace_with_linear or self.moe is not None)
 
     @property
     def kind(self) -> str:
         if self.no_op:
             return "no_op"
+        if self.moe is not None:
+            return "moe"
         return "linear" if self.replace_with_linear else "gated"
 
     def label(self) -> str:
-        """Short name: ffn3072, linear, no_op."""
+        """Short name: ffn3072, moe_k8_top2, linear, no_op."""
+        if self.moe is not None:
+            return self.moe.label()
         return f"ffn{self.intermediate_size}" if self.is_gated else self.kind
 
     @property
     def vllm_unsupported(self) -> str | None:
         """Why vLLM's native DeciLM model cannot run this FFN (None: it can)."""
+        if self.moe is not None:
+            return "mixture-of-experts FFN"
         return "linear FFN" if self.replace_with_linear else None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # `moe` is written only where there are experts, so dense checkpoints keep NVIDIA's three fields.
+        data = {"no_op": self.no_op, "replace_with_linear": self.replace_with_linear,
+                "intermediate_size": self.intermediate_size}
+        if self.moe is not None:
+            data["moe"] = self.moe.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, hidden_size: int, hidden_act: str, where: str = "ffn") -> FFNConfig:
         allowed = {f for f in cls.__dataclass_fields__} | {"ffn_mult"}
         _check_fields(data, allowed, {**_INERT_FFN_FIELDS, "hidden_act": hidden_act}, where)
         no_op, linear = bool(data.get("no_op", False)), bool(data.get("replace_with_linear", False))
+        if data.get("moe") is not None:  # any other field set alongside is refused by __post_init__
+            return cls(no_op=no_op, replace_with_linear=linear, intermediate_size=data.get("intermediate_size"),
+                       moe=MoEConfig.from_dict(data["moe"], f"{where}.moe"))
         size = None
         if not (no_op or linear):
             size = data.get("intermediate_size")
@@ -242,15 +314,23 @@ def attention_params(shape: ModelShape, attention: AttentionConfig) -> int:
     return params
 
 
+def _gated_params(shape: ModelShape, width: int) -> int:
+    """One SwiGLU (gate, up, down) of `width` channels, with biases when the model has them."""
+    return 3 * shape.hidden_size * width + ((2 * width + shape.hidden_size) if shape.mlp_bias else 0)
+
+
 def ffn_params(shape: ModelShape, ffn: FFNConfig) -> int:
-    """Parameters of one FFN sub-block, its RMSNorm included."""
+    """Parameters of one FFN sub-block, its RMSNorm included (for experts: all of them, and the router)."""
     h = shape.hidden_size
     if ffn.no_op:
         return 0
     if ffn.replace_with_linear:
         return h * h + h
-    i = ffn.intermediate_size
-    return 3 * h * i + h + ((2 * i + h) if shape.mlp_bias else 0)
+    if ffn.moe is not None:
+        experts = ffn.moe.num_local_experts
+        return h + experts * h + experts * _gated_params(shape, ffn.moe.expert_intermediate_dim)
+    return h + _gated_params(shape, ffn.intermediate_size)
+
 
 
 def attention_kv_bytes_per_token(shape: ModelShape, attention: AttentionConfig, kv_dtype: str = "bf16") -> int:

@@ -6,8 +6,9 @@ docs/checkpoint-format.md. A puzzle checkpoint is an HF folder: config.json (`mo
 with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where puzzle is not installed.
 
 Loading accepts puzzle checkpoints, NVIDIA's Llama-Nemotron checkpoints (`ffn_mult`, extra inert fields)
-and the plain HF parents puzzle converts (Llama, Mistral, Qwen2, Qwen3): their weight names are already
-the DeciLM names, so conversion is a new config.json plus the parent's safetensors files.
+and the plain HF parents puzzle converts (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral). All but Mixtral
+store their tensors under the DeciLM names, so their conversion is a new config.json plus the parent's
+safetensors files; Mixtral's expert tensors are renamed (`WEIGHT_RENAMES`) on conversion and on loading.
 Every write goes to a temporary folder that is renamed into place only when complete.
 """
 
@@ -17,6 +18,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 from collections.abc import Sequence
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import puzzle
 from puzzle.arch import Architecture, BlockConfig
@@ -45,7 +48,17 @@ TOKENIZER_FILES = (
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
 DECILM_MODEL_TYPE = "nemotron-nas"
-PARENT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+PARENT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+# Parent tensor names that differ from DeciLM's (regex -> replacement, applied to every name). DeciLM's MoE layer
+# uses the Qwen3-MoE names (`mlp.gate`, `mlp.experts.{e}.{gate,up,down}_proj`), which most HF MoE families share.
+WEIGHT_RENAMES = {
+    "mixtral": {
+        r"\.block_sparse_moe\.gate\.": ".mlp.gate.",
+        r"\.block_sparse_moe\.experts\.(\d+)\.w1\.": r".mlp.experts.\1.gate_proj.",
+        r"\.block_sparse_moe\.experts\.(\d+)\.w3\.": r".mlp.experts.\1.up_proj.",
+        r"\.block_sparse_moe\.experts\.(\d+)\.w2\.": r".mlp.experts.\1.down_proj.",
+    },
+}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
@@ -77,7 +90,8 @@ def _hf_config_object(path: Path, config: dict):
 
 
 def decilm_config_from_parent(path: Path, config: dict) -> dict[str, Any]:
-    """A DeciLM config.json dict equal to a Llama / Mistral / Qwen2 / Qwen3 parent, layer for layer."""
+    """A DeciLM config.json dict equal to a Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral parent, layer
+    for layer."""
     family = config.get("model_type")
     if family not in PARENT_FAMILIES:
         raise UnsupportedModelError(
@@ -87,15 +101,15 @@ def decilm_config_from_parent(path: Path, config: dict) -> dict[str, Any]:
     hf = _hf_config_object(path, config)
     layers, heads = hf.num_hidden_layers, hf.num_attention_heads
     kv_heads = getattr(hf, "num_key_value_heads", None) or heads
-    if family == "mistral":
+    if family in ("mistral", "mixtral", "qwen3_moe"):  # one window for every layer (None: full attention)
         windows = [hf.sliding_window] * layers
     elif family in ("qwen2", "qwen3"):
         windows = [hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
     else:
         windows = [None] * layers
     attention_bias = bool(getattr(hf, "attention_bias", False))
-    qkv_bias = {"qwen2": True, "mistral": False}.get(family, attention_bias)
-    o_bias = {"qwen2": False, "mistral": False}.get(family, attention_bias)
+    qkv_bias = {"qwen2": True, "mistral": False, "mixtral": False}.get(family, attention_bias)
+    o_bias = {"qwen2": False, "mistral": False, "mixtral": False}.get(family, attention_bias)
     rope = dict(hf.rope_parameters)
     if rope.get("rope_type") == "dynamic":
         raise UnsupportedModelError(f"{path / 'config.json'}: dynamic RoPE scaling is not supported")
@@ -120,7 +134,7 @@ def decilm_config_from_parent(path: Path, config: dict) -> dict[str, Any]:
         "attention_bias": o_bias,
         "qkv_bias": qkv_bias,
         "mlp_bias": bool(getattr(hf, "mlp_bias", False)),
-        "qk_norm": family == "qwen3",
+        "qk_norm": family in ("qwen3", "qwen3_moe"),
         "bos_token_id": hf.bos_token_id,
         "eos_token_id": hf.eos_token_id,
         "pad_token_id": hf.pad_token_id,
@@ -129,12 +143,30 @@ def decilm_config_from_parent(path: Path, config: dict) -> dict[str, Any]:
             {
                 "attention": {"no_op": False, "replace_with_linear": False,
                               "n_heads_in_group": heads // kv_heads, "window_length": windows[i]},
-                "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": hf.intermediate_size},
+                "ffn": _parent_ffn(family, hf, i),
             }
             for i in range(layers)
         ],
         "puzzle_parent_family": family,
     }
+
+
+def _parent_ffn(family: str, hf, layer: int) -> dict[str, Any]:
+    """The `ffn` entry of a parent's layer: its dense SwiGLU, or its experts as transformers routes them."""
+    dense = {"no_op": False, "replace_with_linear": False, "intermediate_size": hf.intermediate_size}
+    if family == "mixtral":  # Mixtral always renormalises the top-k router probabilities
+        width, renormalise = hf.intermediate_size, True
+    elif family == "qwen3_moe":
+        sparse = (layer not in hf.mlp_only_layers and hf.num_experts > 0
+                  and (layer + 1) % hf.decoder_sparse_step == 0)  # Qwen3MoeDecoderLayer's rule
+        if not sparse:
+            return dense
+        width, renormalise = hf.moe_intermediate_size, bool(hf.norm_topk_prob)
+    else:
+        return dense
+    moe = {"num_local_experts": hf.num_local_experts, "num_experts_per_tok": hf.num_experts_per_tok,
+           "expert_intermediate_dim": width, "norm_topk_prob": renormalise}
+    return {"no_op": False, "replace_with_linear": False, "intermediate_size": None, "moe": moe}
 
 
 def _dtype_name(dtype) -> str | None:
@@ -181,6 +213,17 @@ def decilm_config(config: dict[str, Any] | DeciLMConfig,
 
 # ----------------------------------------------------------------------------------------------------------
 # Weights
+
+
+def weight_renames(path: Path) -> dict[str, str]:
+    """Regex renames from the folder's tensor names to DeciLM's (empty for DeciLM checkpoints and most parents)."""
+    return WEIGHT_RENAMES.get(read_config(path).get("model_type"), {})
+
+
+def renamed(name: str, renames: dict[str, str]) -> str:
+    for pattern, replacement in renames.items():
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 def weight_files(path: Path) -> dict[str, list[str]]:
@@ -233,14 +276,16 @@ def expected_tensors(config: DeciLMConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_weights(path: Path, config: DeciLMConfig) -> dict[str, list[str]]:
-    """Check that the folder's tensors are exactly those of `config`, with the right shapes."""
+    """Check that the folder's tensors (under their DeciLM names) are exactly those of `config`, with the right
+    shapes."""
     files = weight_files(path)
     expected = expected_tensors(config)
+    renames = weight_renames(path)
     found: dict[str, tuple[int, ...]] = {}
     for name, keys in files.items():
         with safe_open(Path(path) / name, framework="pt") as st:
             for key in keys:
-                found[key] = tuple(st.get_slice(key).get_shape())
+                found[renamed(key, renames)] = tuple(st.get_slice(key).get_shape())
     missing = sorted(set(expected) - set(found))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -250,6 +295,9 @@ def check_weights(path: Path, config: DeciLMConfig) -> dict[str, list[str]]:
             raise InputError(f"{path}: tensor {key} has shape {list(found[key])}, config.json implies {list(shape)}")
     allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
     extra = sorted(set(found) - set(expected) - allowed_extra)
+    if any(name.endswith(("experts.gate_up_proj", "experts.down_proj")) for name in extra):
+        raise InputError(f"{path}: experts are stored fused ({extra[0]}); puzzle reads one tensor per expert, as "
+                         "transformers' save_pretrained writes them: re-save the model with save_pretrained")
     if extra:
         raise InputError(f"{path}: unexpected tensors {', '.join(extra[:3])}; config.json does not describe these weights")
     return files
@@ -328,7 +376,8 @@ def load_model(path: Path, dtype: torch.dtype | None = torch.float32, device: st
     config = decilm_config(normalized_config(path))
     check_weights(path, config)
     model, info = DeciLMForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype if dtype is not None else "auto", output_loading_info=True
+        path, config=config, dtype=dtype if dtype is not None else "auto", output_loading_info=True,
+        key_mapping=weight_renames(path) or None,
     )
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
     problems = {
@@ -343,6 +392,12 @@ def load_model(path: Path, dtype: torch.dtype | None = torch.float32, device: st
 def build_model(config: DeciLMConfig, dtype: torch.dtype = torch.float32) -> DeciLMForCausalLM:
     """A randomly initialised model of `config` (tests, demos, candidates before their weights are set)."""
     return DeciLMForCausalLM(config).to(dtype).eval()
+
+
+def _write_renamed(source: Path, dest: Path, renames: dict[str, str]) -> None:
+    """One safetensors file with its tensors renamed to the DeciLM names (one shard in memory at a time)."""
+    tensors = load_file(source)
+    save_file({renamed(k, renames): v for k, v in tensors.items()}, dest, metadata={"format": "pt"})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -406,18 +461,28 @@ def save_model(
 
 
 def convert(hf_dir: Path, out: Path, *, overwrite: bool = False, info: dict[str, Any] | None = None) -> Path:
-    """Convert a Llama / Mistral / Qwen2 / Qwen3 parent (or a Llama-Nemotron checkpoint) to puzzle's format.
+    """Convert a Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral parent (or a Llama-Nemotron checkpoint) to
+    puzzle's format.
 
-    The weights are copied file by file (their names are already the DeciLM names), so the converted model
-    computes exactly what the parent computes; only config.json changes.
+    The weights are copied file by file, byte for byte where their names are already the DeciLM names (Mixtral's
+    expert tensors are renamed, values untouched), so the converted model computes exactly what the parent
+    computes.
     """
     hf_dir, out = Path(hf_dir), Path(out)
     config = normalized_config(hf_dir)
     files = check_weights(hf_dir, decilm_config(config))
+    renames = weight_renames(hf_dir)
     with atomic_output_dir(out, overwrite) as tmp:
         for name in files:
-            shutil.copy2(hf_dir / name, tmp / name)
-        if (hf_dir / SAFETENSORS_INDEX).exists():
+            if renames:
+                _write_renamed(hf_dir / name, tmp / name, renames)
+            else:
+                shutil.copy2(hf_dir / name, tmp / name)
+        if (hf_dir / SAFETENSORS_INDEX).exists() and renames:
+            index = read_json(hf_dir / SAFETENSORS_INDEX, SAFETENSORS_INDEX)
+            index["weight_map"] = {renamed(k, renames): v for k, v in index["weight_map"].items()}
+            write_json_atomic(tmp / SAFETENSORS_INDEX, index)
+        elif (hf_dir / SAFETENSORS_INDEX).exists():
             shutil.copy2(hf_dir / SAFETENSORS_INDEX, tmp / SAFETENSORS_INDEX)
         details = {"stage": "convert", "parent": str(hf_dir.resolve()), **(info or {})}
         finish_checkpoint_dir(tmp, config, hf_dir, details)

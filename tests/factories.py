@@ -11,10 +11,14 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from puzzle.checkpoint import build_model, decilm_config
@@ -35,7 +39,15 @@ FAMILIES = {
                                                     sliding_window=5, max_window_layers=1)),
     # per-head q/k RMSNorm.
     "qwen3": lambda: (Qwen3ForCausalLM, Qwen3Config(**COMMON, head_dim=32)),
+    # 4 experts of width 48, 2 per token, top-k renormalised; a sliding window shorter than the test sequences.
+    "mixtral": lambda: (MixtralForCausalLM, MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                                          sliding_window=6)),
+    # q/k norm, 4 experts of width 32 with the top-2 probabilities left unnormalised, and one dense layer (1).
+    "qwen3_moe": lambda: (Qwen3MoeForCausalLM, Qwen3MoeConfig(**COMMON, head_dim=32, num_experts=4,
+                                                              num_experts_per_tok=2, moe_intermediate_size=32,
+                                                              norm_topk_prob=False, mlp_only_layers=[1])),
 }
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -66,9 +78,11 @@ ATTENTION_VARIANTS = {
     "linear": {"replace_with_linear": True},
     "no_op": {"no_op": True},
 }
+MOE = {"num_local_experts": 4, "num_experts_per_tok": 2, "expert_intermediate_dim": 24, "norm_topk_prob": True}
 FFN_VARIANTS = {
     "full": {"intermediate_size": 96},
     "narrow": {"intermediate_size": 40},
+    "moe": {"moe": MOE},
     "linear": {"replace_with_linear": True},
     "no_op": {"no_op": True},
 }
@@ -119,16 +133,21 @@ def tiny_tokenizer(corpus: Path, vocab_size: int = 320):
 
 
 def tiny_parent_with_tokenizer(root: Path, layers: int = 4, seed: int = 0, hidden_size: int = 64,
-                               intermediate_size: int = 128, max_position_embeddings: int = 256) -> tuple[Path, Path]:
-    """(parent folder, corpus folder): a random tiny Llama (4 heads, 4 KV heads) with a BPE tokenizer."""
+                               intermediate_size: int = 128, max_position_embeddings: int = 256,
+                               family: str = "llama") -> tuple[Path, Path]:
+    """(parent folder, corpus folder): a random tiny Llama (4 heads, 4 KV heads) with a BPE tokenizer; or, with
+    family="mixtral", a tiny Mixtral of the same shape with 4 experts of that width, 2 per token."""
     corpus = tiny_corpus(root / "corpus")
     tokenizer = tiny_tokenizer(corpus)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=max_position_embeddings,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = randomize_(LlamaForCausalLM(config).eval(), seed)
+    cls, config_cls, extra = {"llama": (LlamaForCausalLM, LlamaConfig, {}),
+                              "mixtral": (MixtralForCausalLM, MixtralConfig,
+                                          {"num_local_experts": 4, "num_experts_per_tok": 2})}[family]
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                        max_position_embeddings=max_position_embeddings,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
+    model = randomize_(cls(config).eval(), seed)
     model.save_pretrained(root / "parent")
     tokenizer.save_pretrained(root / "parent")
     return root / "parent", corpus

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from factories import ATTENTION_VARIANTS, VARIANT_COMBINATIONS, decilm_dict, decilm_model
+from factories import ATTENTION_VARIANTS, MOE, VARIANT_COMBINATIONS, decilm_dict, decilm_model
 
-from puzzle.arch import Architecture, AttentionConfig, FFNConfig, ffn_mult_to_intermediate_size
+from puzzle.arch import Architecture, AttentionConfig, FFNConfig, MoEConfig, ffn_mult_to_intermediate_size
 from puzzle.errors import ConfigError
 
 
@@ -37,6 +37,14 @@ def test_nvidia_llama_nemotron_block_configs_are_read_and_normalised():
     ({"attention": {"n_heads_in_group": 2}, "ffn": {}}, "needs intermediate_size"),
     ({"attention": {"n_heads_in_group": 2, "window_length": 0}, "ffn": {"intermediate_size": 8}}, "window_length"),
     ({"attention": {"n_heads_in_group": 2}, "ffn": {"intermediate_size": 8}, "mamba": {}}, "expected only"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "num_experts_per_tok": 5}}}, "exceeds num_local_experts"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {k: v for k, v in MOE.items() if k != "norm_topk_prob"}}},
+     "missing field 'norm_topk_prob'"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "shared_expert_intermediate_dim": 64}}},
+     "shared_expert_intermediate_dim"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "router_bias": True}}}, "unknown field 'router_bias'"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"intermediate_size": 8, "moe": MOE}}, "has no intermediate_size"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "num_local_experts": 0}}}, "num_local_experts must be"),
 ])
 def test_invalid_block_configs_name_the_field(entry, message):
     config = {"hidden_size": 64, "num_attention_heads": 4, "vocab_size": 10, "block_configs": [entry]}
@@ -91,10 +99,11 @@ def test_kv_dtype_scales_bytes_and_unknown_dtype_is_rejected():
 def test_vllm_native_only_for_variants_vllm_implements():
     native = Architecture.from_config(decilm_dict([("kv1", "narrow"), ("no_op", "no_op"), ("full", "full")]))
     assert native.vllm_unsupported() == []
-    other = Architecture.from_config(decilm_dict([("window", "full"), ("linear", "linear")], qk_norm=True))
+    other = Architecture.from_config(decilm_dict([("window", "full"), ("linear", "linear"), ("full", "moe")],
+                                                 qk_norm=True))
     assert other.vllm_unsupported() == [
         "q/k RMSNorm (Qwen3) is not in vLLM's DeciLM model", "layer 0: window attention",
-        "layer 1: linear attention", "layer 1: linear FFN",
+        "layer 1: linear attention", "layer 1: linear FFN", "layer 2: mixture-of-experts FFN",
     ]
 
 
@@ -105,3 +114,15 @@ def test_labels_and_frozen_equality():
     assert AttentionConfig(no_op=True).label(32) == "no_op"
     with pytest.raises(ConfigError):
         AttentionConfig(no_op=True, n_heads_in_group=2)
+
+
+def test_moe_blocks_round_trip_and_dense_blocks_keep_nvidias_three_ffn_fields():
+    config = decilm_dict([("full", "moe"), ("gqa2", "narrow")])
+    arch = Architecture.from_config(config)
+    moe = arch.blocks[0].ffn
+    assert moe.kind == "moe" and not moe.is_gated and moe.label() == "moe_k4_top2"
+    assert moe.moe == MoEConfig(**MOE) and moe.to_dict() == {"no_op": False, "replace_with_linear": False,
+                                                             "intermediate_size": None, "moe": MOE}
+    assert list(arch.blocks[1].ffn.to_dict()) == ["no_op", "replace_with_linear", "intermediate_size"]
+    assert Architecture.from_config({**config, "block_configs": arch.block_configs()}) == arch
+    assert FFNConfig(**moe.to_dict()) == moe  # saved candidates and solutions are read back this way

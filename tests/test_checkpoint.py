@@ -74,7 +74,10 @@ def test_every_variant_round_trips_through_a_process_without_puzzle(tmp_path):
             expected[str(folder)] = (model(ids).logits, model.generate(ids[:, :4], max_new_tokens=6, do_sample=False))
         folders.append(str(folder))
         reloaded = checkpoint.load_model(folder)  # and puzzle's own loader agrees
-        torch.testing.assert_close(reloaded(ids).logits, expected[str(folder)][0], atol=0, rtol=0)
+        # Bit for bit, except experts: their few-row matmuls take CPU kernels that depend on the weights' memory
+        # alignment, and weights loaded from safetensors are less aligned than fresh ones (last-bit differences).
+        atol = 1e-6 if ffn == "moe" else 0
+        torch.testing.assert_close(reloaded(ids).logits, expected[str(folder)][0], atol=atol, rtol=0)
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ""}
     out = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_PUZZLE, json.dumps(folders)], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=600)

@@ -10,6 +10,7 @@
 - narrowed FFN: keep the channels with the largest contribution, mean |activation| (the input of
   down_proj) x the norm of the channel's down_proj column, measured on calibration tokens;
 - linear FFN: least squares from the FFN's normalised input to its output on calibration tokens;
+- pruned experts: keep the best-ranked experts and their router rows (`blocks/experts.py`);
 - no-op: nothing.
 The calibration statistics come from one parent pass (`collect_layer_stats`).
 """
@@ -21,20 +22,24 @@ from collections.abc import Iterable
 import torch
 
 from puzzle.arch import Architecture, AttentionConfig, BlockConfig, FFNConfig
+from puzzle.blocks.experts import ExpertRanking, ExpertStats, keep_experts
 from puzzle.blocks.space import Candidate
 from puzzle.blocks.subblock import SubBlock
 from puzzle.distill.activations import run_layers
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
 
-LayerStats = dict[str, torch.Tensor]  # "ffn_channel_score" (I,), "ffn_linear" (C, C), "attn_linear" (C, C)
+# "ffn_channel_score" (I,), "expert_score" (E,), "ffn_linear" (C, C), "attn_linear" (C, C)
+LayerStats = dict[str, torch.Tensor]
 
 
 @torch.no_grad()
 def collect_layer_stats(model: DeciLMForCausalLM, batches: Iterable[torch.Tensor], layers: Iterable[int],
-                        linear: bool = True) -> dict[int, LayerStats]:
-    """FFN channel activations and (if `linear`) least-squares linear maps of the given parent layers."""
+                        linear: bool = True, expert_ranking: ExpertRanking = "router_mass") -> dict[int, LayerStats]:
+    """FFN channel activations, expert scores of MoE layers, and (if `linear`) least-squares linear maps of the
+    given parent layers."""
     layers = list(layers)
     sums: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
+    expert_stats: dict[int, ExpertStats] = {}
     hooks = []
 
     def add(i, key, value):
@@ -50,8 +55,11 @@ def collect_layer_stats(model: DeciLMForCausalLM, batches: Iterable[torch.Tensor
 
             hooks.append(attn.register_forward_hook(on_attn))
         mlp = model.model.layers[i].mlp
-        if mlp is None or not hasattr(mlp, "down_proj"):
+        if mlp is None or not (hasattr(mlp, "down_proj") or hasattr(mlp, "experts")):
             continue
+        if hasattr(mlp, "experts"):
+            expert_stats[i] = ExpertStats(expert_ranking)
+            hooks.append(mlp.register_forward_hook(expert_stats[i]))
 
         def on_down(module, args, i=i):
             act = args[0].flatten(0, -2).double()  # (N, I)
@@ -64,7 +72,9 @@ def collect_layer_stats(model: DeciLMForCausalLM, batches: Iterable[torch.Tensor
                 add(i, "xtx", x.T @ x)
                 add(i, "xty", x.T @ y)
 
-        hooks += [mlp.down_proj.register_forward_pre_hook(on_down), mlp.register_forward_hook(on_mlp)]
+        if hasattr(mlp, "down_proj"):
+            hooks.append(mlp.down_proj.register_forward_pre_hook(on_down))
+        hooks.append(mlp.register_forward_hook(on_mlp))
     try:
         last = max(layers, default=-1)
         for batch in batches:
@@ -77,6 +87,8 @@ def collect_layer_stats(model: DeciLMForCausalLM, batches: Iterable[torch.Tensor
         s, out = sums[i], {}
         if "abs_act" in s:
             out["ffn_channel_score"] = (s["abs_act"] / s["tokens"]).float()
+        if i in expert_stats:
+            out["expert_score"] = expert_stats[i].score()
         if "xtx" in s:
             out["ffn_linear"] = least_squares(s["xtx"], s["xty"]).float()
         if "attn_xtx" in s:
@@ -143,8 +155,10 @@ def init_ffn(parent: dict[str, torch.Tensor], variant: FFNConfig, stats: LayerSt
     if variant.replace_with_linear:
         if stats is None or "ffn_linear" not in stats:
             raise ValueError("linear FFN initialisation needs calibration statistics (ffn_linear)")
-        out["mlp.linear_mlp.weight"] = stats["ffn_linear"].to(parent["mlp.down_proj.weight"].dtype).clone()
+        out["mlp.linear_mlp.weight"] = stats["ffn_linear"].to(out["post_attention_layernorm.weight"].dtype).clone()
         return out
+    if variant.moe is not None:
+        return out | keep_experts(parent, variant.moe, None if stats is None else stats.get("expert_score"))
     down = parent["mlp.down_proj.weight"]  # (C, I)
     width = variant.intermediate_size
     if width == down.shape[1]:

@@ -1,7 +1,7 @@
 """The `library` stage: enumerate every layer's candidates and collect the parent's calibration statistics.
 
 Writes `library/manifest.json` (the candidates and work units, versioned) and
-`library/calibration/L{i}.safetensors` (FFN channel scores, least-squares linear maps) from one parent pass
+`library/calibration/L{i}.safetensors` (FFN channel scores, expert scores, least-squares linear maps) from one parent pass
 over calibration tokens of the train split. Initial weights are derived from these and the parent's
 weights when a unit starts, so they are never stored twice.
 """
@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from puzzle.arch import Architecture, attention_params, ffn_params
+from puzzle.blocks.experts import ExpertRanking
 from puzzle.blocks.init import LayerStats, collect_layer_stats
 from puzzle.blocks.space import Candidate, SearchSpace, build_candidates
 from puzzle.checkpoint import fingerprint, load_architecture
@@ -31,6 +32,9 @@ MANIFEST_VERSION = 1
 class CalibrationConfig:
     tokens: int = 1 << 20  # enough to rank FFN channels and fit the linear maps of a 70B model's layers
     batch_size: int = 8
+    # How pruned-expert candidates pick their experts (blocks/experts.py): mean router probability, or mean
+    # weighted output norm (one more pass through the routed experts during calibration).
+    expert_ranking: ExpertRanking = "router_mass"
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.batch_size < 1:
@@ -96,7 +100,7 @@ def needs_calibration(candidates: list[Candidate]) -> tuple[set[int], bool]:
             if getattr(v, "replace_with_linear", False):
                 layers.add(c.layer)
                 linear = True
-            if getattr(v, "intermediate_size", None) is not None:
+            if getattr(v, "intermediate_size", None) is not None or getattr(v, "moe", None) is not None:
                 layers.add(c.layer)
     return layers, linear
 
@@ -118,7 +122,8 @@ def build_library(paths: RunPaths, space: SearchSpace, calibration: CalibrationC
                     yield batch
                     bar.advance(1)
 
-            stats = collect_layer_stats(model, counted(), sorted(layers), linear=linear)
+            stats = collect_layer_stats(model, counted(), sorted(layers), linear=linear,
+                                        expert_ranking=calibration.expert_ranking)
         for layer, layer_stats in stats.items():
             with atomic_path(stats_path(paths, layer)) as tmp:
                 save_file({k: v.contiguous().cpu() for k, v in layer_stats.items()}, tmp)

@@ -2,13 +2,14 @@
 
 Puzzle (Bercovich et al. 2024), section 3: per layer, attention with the parent's KV heads halved down to 1,
 window attention, a linear replacement or no-op; FFN at fractions of the parent's width (rounded to a
-multiple the device likes), linear or no-op. Decoupled mode trains attention and FFN candidates separately
+multiple the device likes), linear or no-op; a mixture-of-experts FFN also keeps fractions of its experts
+(Puzzle for MoE: expert pruning, experts per token unchanged). Decoupled mode trains attention and FFN candidates separately
 ((m + n) units per layer); coupled mode trains every (attention, FFN) pair as a whole block (m x n).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from puzzle.arch import Architecture, AttentionConfig, BlockConfig, FFNConfig
@@ -46,9 +47,20 @@ class FFNSpace:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MoESpace:
+    # Fractions of a mixture-of-experts layer's experts to keep (rounded, at least its experts per token).
+    experts: tuple[float, ...] = (0.75, 0.5, 0.25)
+
+    def __post_init__(self) -> None:
+        if not all(0 < f <= 1 for f in self.experts):
+            raise ConfigError(f"space.moe.experts must lie in (0, 1], got {list(self.experts)}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SearchSpace:
     attention: AttentionSpace = field(default_factory=AttentionSpace)
     ffn: FFNSpace = field(default_factory=FFNSpace)
+    moe: MoESpace = field(default_factory=MoESpace)
     layers: tuple[int, ...] | None = None  # only these layers get candidates; the others keep the parent's
     mode: Literal["decoupled", "coupled"] = "decoupled"
 
@@ -129,16 +141,22 @@ def attention_variants(parent: AttentionConfig, num_heads: int, space: Attention
     return list(dict.fromkeys(variants))
 
 
-def ffn_variants(parent: FFNConfig, space: FFNSpace) -> list[FFNConfig]:
+def ffn_variants(parent: FFNConfig, space: FFNSpace, moe: MoESpace = MoESpace()) -> list[FFNConfig]:
     variants = [parent]
+    if parent.moe is not None:
+        experts, top_k = parent.moe.num_local_experts, parent.moe.num_experts_per_tok
+        for fraction in moe.experts:
+            kept = max(top_k, round(experts * fraction))
+            if kept < experts:
+                variants.append(FFNConfig(moe=replace(parent.moe, num_local_experts=kept)))
     if parent.is_gated:
         for fraction in space.fractions:
             width = max(space.multiple, round(parent.intermediate_size * fraction / space.multiple) * space.multiple)
             if fraction == 1.0 or width >= parent.intermediate_size:
                 continue  # the parent's own width is the parent variant
             variants.append(FFNConfig(intermediate_size=width))
-        if space.linear:
-            variants.append(FFNConfig(replace_with_linear=True))
+    if (parent.is_gated or parent.moe is not None) and space.linear:
+        variants.append(FFNConfig(replace_with_linear=True))
     if space.no_op:
         variants.append(FFNConfig(no_op=True))
     return list(dict.fromkeys(variants))
@@ -154,7 +172,7 @@ def build_candidates(arch: Architecture, space: SearchSpace) -> list[Candidate]:
             raise ConfigError(f"space.layers: layer {i} does not exist (the parent has {arch.num_layers} layers)")
         parent = arch.blocks[i]
         attns = attention_variants(parent.attention, heads, space.attention)
-        ffns = ffn_variants(parent.ffn, space.ffn)
+        ffns = ffn_variants(parent.ffn, space.ffn, space.moe)
         if space.mode == "decoupled":
             out += [_candidate(i, "attention", a, a == parent.attention, heads) for a in attns]
             out += [_candidate(i, "ffn", f, f == parent.ffn, heads) for f in ffns]

@@ -7,8 +7,9 @@ transformers. It must work with every transformers release from 4.56 to the newe
 vLLM reads each block as attributes (`block.attention.no_op`, `block.attention.n_heads_in_group`,
 `block.ffn.no_op`, `block.ffn.intermediate_size`) and tests `hasattr(block.ffn, "ffn_mult")` to pick the
 FFN width, so blocks become attribute objects whose unset fields stay absent, and `to_dict()` writes plain
-dicts back. Field names follow NVIDIA's Llama-Nemotron checkpoints; puzzle adds `window_length` (used) and
-`qk_norm` (Qwen3) and never changes the meaning of an existing field.
+dicts back. Field names follow NVIDIA's Llama-Nemotron checkpoints; puzzle adds `window_length` (used),
+`qk_norm` (Qwen3) and the mixture-of-experts `ffn.moe` (NVIDIA's MoEConfig names, read as `block.ffn.moe.*`;
+absent on dense layers) and never changes the meaning of an existing field.
 """
 
 import transformers

@@ -3,7 +3,8 @@
 Follows transformers' `models/llama/modeling_llama.py`. Per layer, `config.block_configs[i]` picks
   attention: softmax GQA with any number of KV heads (`n_heads_in_group`), optionally a sliding window
              (`window_length`), a linear replacement (one hidden x hidden matrix) or no-op;
-  ffn:       SwiGLU of any width (`intermediate_size`, or NVIDIA's older `ffn_mult`), a linear
+  ffn:       SwiGLU of any width (`intermediate_size`, or NVIDIA's older `ffn_mult`), a mixture of SwiGLU
+             experts (`moe`: Mixtral / Qwen3-MoE routing, any number of experts per layer), a linear
              replacement, or no-op.
 Global options cover the dense families puzzle converts: Llama-3 RoPE scaling (any transformers RoPE
 type), Qwen2 q/k/v bias, Qwen3 per-head q/k RMSNorm, Mistral/Qwen2 sliding windows, tied embeddings.
@@ -246,6 +247,48 @@ class DeciLMMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def route_tokens(router_logits, top_k, norm_topk_prob):
+    """Mixtral / Qwen3-MoE routing: softmax over the experts (in fp32), the top-k, optionally renormalised.
+
+    router_logits: (N, E). Returns weights (N, top_k) in fp32 and expert indices (N, top_k).
+    """
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float)  # (N, E)
+    weights, experts = torch.topk(probs, top_k, dim=-1)  # (N, top_k)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+class DeciLMSparseMoE(nn.Module):
+    """Mixture of gated experts (transformers' MixtralSparseMoeBlock / Qwen3MoeSparseMoeBlock).
+
+    The router (`gate`) scores this layer's experts; each token goes through its `num_experts_per_tok` best
+    experts, whose outputs are summed with the routing weights. Experts are plain `DeciLMMLP`s, one module each,
+    so a layer keeps any subset of a parent's experts (expert pruning) under ordinary per-expert weight names.
+    """
+
+    def __init__(self, config, moe):
+        super().__init__()
+        self.top_k = moe.num_experts_per_tok
+        self.norm_topk_prob = moe.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, moe.num_local_experts, bias=False)
+        self.experts = nn.ModuleList(
+            [DeciLMMLP(config, moe.expert_intermediate_dim) for _ in range(moe.num_local_experts)]
+        )
+
+    def forward(self, x):
+        bsz, seq_len, hidden = x.shape
+        x = x.reshape(-1, hidden)  # (N, C)
+        weights, chosen = route_tokens(self.gate(x), self.top_k, self.norm_topk_prob)  # (N, top_k) each
+        out = torch.zeros_like(x)
+        # Only the experts some token chose run, in ascending order as in transformers (same sums, same bits).
+        for expert in torch.unique(chosen).tolist():
+            token, slot = torch.where(chosen == expert)
+            y = self.experts[expert](x[token]) * weights[token, slot, None]  # (n, C), fp32 weights as Mixtral
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view(bsz, seq_len, hidden)
+
+
 class DeciLMLinearMLP(nn.Module):
     """FFN replaced by one linear map (Puzzle's `replace_with_linear`)."""
 
@@ -276,6 +319,8 @@ class DeciLMDecoderLayer(nn.Module):
             self.post_attention_layernorm = DeciLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             if getattr(ffn, "replace_with_linear", False):
                 self.mlp = DeciLMLinearMLP(config)
+            elif getattr(ffn, "moe", None) is not None:
+                self.mlp = DeciLMSparseMoE(config, ffn.moe)
             else:
                 self.mlp = DeciLMMLP(config, ffn_intermediate_size(ffn, config.hidden_size))
 

@@ -4,7 +4,7 @@ import pytest
 from factories import decilm_dict
 
 from puzzle.arch import Architecture
-from puzzle.blocks.space import AttentionSpace, FFNSpace, SearchSpace, build_candidates
+from puzzle.blocks.space import AttentionSpace, Candidate, FFNSpace, MoESpace, SearchSpace, build_candidates
 from puzzle.errors import ConfigError
 
 
@@ -23,6 +23,15 @@ def test_ffn_widths_are_fractions_rounded_to_the_multiple_and_deduplicated():
     names = [c.name for c in build_candidates(_arch(), space) if c.layer == 0 and c.kind == "ffn"]
     # parent 96: 0.87 -> 83.5 -> 80, 0.75 -> 72, 0.5 -> 48, 0.25 -> 24, 0.2 -> 19.2 -> 16, 0.1 -> 9.6 -> 8
     assert names == ["ffn96", "ffn80", "ffn72", "ffn48", "ffn24", "ffn16", "ffn8", "linear", "no_op"]
+
+
+def test_moe_layers_keep_fractions_of_their_experts_never_fewer_than_experts_per_token():
+    space = SearchSpace(moe=MoESpace(experts=(0.75, 0.5, 0.25, 0.1)))
+    candidates = [c for c in build_candidates(_arch([("full", "moe")]), space) if c.kind == "ffn"]
+    # 4 experts, 2 per token: 0.75 -> 3, 0.5 -> 2, 0.25 and 0.1 -> 2 (the top-k floor), deduplicated
+    assert [c.name for c in candidates] == ["moe_k4_top2", "moe_k3_top2", "moe_k2_top2", "linear", "no_op"]
+    assert [c.variant.moe.num_local_experts for c in candidates[:3]] == [4, 3, 2]
+    assert Candidate.from_dict(candidates[1].to_dict()) == candidates[1]  # the manifest round trip
 
 
 def test_parent_variant_first_and_not_trained():

@@ -27,7 +27,8 @@ _READ_AS_VLLM_DOES = textwrap.dedent("""
         blocks.append({"attention_no_op": block.attention.no_op, "n_heads_in_group": getattr(block.attention, "n_heads_in_group", None),
                        "linear": block.attention.replace_with_linear, "ffn_no_op": block.ffn.no_op,
                        "has_ffn_mult": hasattr(block.ffn, "ffn_mult"),
-                       "intermediate_size": getattr(block.ffn, "intermediate_size", None)})
+                       "intermediate_size": getattr(block.ffn, "intermediate_size", None),
+                       "experts": getattr(getattr(block.ffn, "moe", None), "num_local_experts", None)})
     major = int(transformers.__version__.split(".")[0])
     rope_theta = config.rope_parameters["rope_theta"] if major >= 5 else config.rope_theta
     print(json.dumps({"transformers": transformers.__version__, "blocks": blocks, "rope_theta": rope_theta,
@@ -39,7 +40,8 @@ PYTHONS = [sys.executable] + ([os.environ["PUZZLE_CONFIG_COMPAT_PYTHON"]] if os.
 
 @pytest.mark.parametrize("python", PYTHONS)
 def test_config_reads_as_vllm_reads_it(python, tmp_path):
-    model = decilm_model([("gqa2", "narrow"), ("no_op", "full"), ("linear", "no_op"), ("window", "linear")])
+    model = decilm_model([("gqa2", "narrow"), ("no_op", "full"), ("linear", "no_op"), ("window", "linear"),
+                          ("gqa2", "moe")])
     checkpoint.save_model(model, tmp_path / "child")
     written = json.loads((tmp_path / "child" / "config.json").read_text())
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ""}
@@ -49,13 +51,15 @@ def test_config_reads_as_vllm_reads_it(python, tmp_path):
     read = json.loads(out.stdout.strip().splitlines()[-1])
     assert read["blocks"] == [
         {"attention_no_op": False, "n_heads_in_group": 2, "linear": False, "ffn_no_op": False, "has_ffn_mult": False,
-         "intermediate_size": 40},
+         "intermediate_size": 40, "experts": None},
         {"attention_no_op": True, "n_heads_in_group": None, "linear": False, "ffn_no_op": False, "has_ffn_mult": False,
-         "intermediate_size": 96},
+         "intermediate_size": 96, "experts": None},
         {"attention_no_op": False, "n_heads_in_group": None, "linear": True, "ffn_no_op": True, "has_ffn_mult": False,
-         "intermediate_size": None},
+         "intermediate_size": None, "experts": None},
         {"attention_no_op": False, "n_heads_in_group": 2, "linear": False, "ffn_no_op": False, "has_ffn_mult": False,
-         "intermediate_size": None},
+         "intermediate_size": None, "experts": None},
+        {"attention_no_op": False, "n_heads_in_group": 2, "linear": False, "ffn_no_op": False, "has_ffn_mult": False,
+         "intermediate_size": None, "experts": 4},
     ]
     assert read["to_dict"] == written["block_configs"]
     # transformers 5 writes only `rope_parameters`; 4.x must still find its `rope_theta` there
