@@ -23,6 +23,7 @@ from typing import Literal, TypeVar
 import torch
 
 from puzzle import progress
+from puzzle.config import check_int
 from puzzle.errors import ConfigError, PuzzleError, StageError
 
 T = TypeVar("T")
@@ -275,6 +276,23 @@ class SlurmConfig:
     setup: tuple[str, ...] = ()  # shell lines run before each task, e.g. ("module load cuda/12.4",)
     max_requeue: int = 3  # requeues after a time-out or preemption
     executor: Literal["slurm", "local"] = "slurm"  # local: the same jobs as local processes (no cluster)
+    # The distill job (a `gkd:` section) is one job of nodes x distill_tasks_per_node processes, the ranks of one
+    # torch.distributed run (DDP, or FSDP2 with gkd.fsdp); each task has gpus_per_task GPUs and its rank uses
+    # cuda:LOCAL_RANK, so on a GPU cluster set gpus_per_task: 1 and distill_tasks_per_node to a node's GPUs.
+    # Only the distill job spans nodes: every other task is one process on one node, and the bld and score
+    # arrays spread over the cluster's nodes task by task.
+    nodes: int = 1
+    distill_tasks_per_node: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("cpus_per_task", "nodes", "distill_tasks_per_node"):
+            check_int(f"slurm.{name}", getattr(self, name))
+        for name in ("gpus_per_task", "max_requeue"):
+            check_int(f"slurm.{name}", getattr(self, name), minimum=0)
+        check_int("slurm.array_parallelism", self.array_parallelism, optional=True)
+        if self.executor == "local" and self.nodes > 1:
+            raise ConfigError(f"slurm.nodes is {self.nodes} but slurm.executor: local runs on this machine only; "
+                              "set slurm.nodes: 1 or slurm.executor: slurm")
 
 
 def set_threads_from_env() -> None:

@@ -498,6 +498,11 @@ def run_solve(out: Path, target: dict[str, Any] | None = None, solver: str | Non
     return stages.plans_of(search)
 
 
+# The stages each one-task job of a Slurm chain runs after merging the scores (puzzle/slurm.py)
+JOB_STAGES = {"finish": STAGES[STAGES.index("profile"):], "select": ("profile", "solve", "realize", "fuse", "prune"),
+              "report": ("report",)}
+
+
 def run_task(run: str, stage: str, rank: int, world: int, parent: str | None = None, score_world: int = 1) -> str:
     """One task of one job of a `--launcher slurm` search (puzzle/slurm.py), from the run directory."""
     set_threads_from_env()
@@ -515,24 +520,42 @@ def run_task(run: str, stage: str, rank: int, world: int, parent: str | None = N
             if search.cfg.score.compare_init and not search.paths.scores_init.exists():
                 search.score_shard(rank, world, "init")
             search.score_shard(rank, world, "bld")
-    elif stage == "finish":
+    elif stage in ("finish", "select"):
         search = open_run(Path(run))
         _run_stage(search, "bld")  # records the stage: every unit is trained by now
         if not search.is_done("score"):
             if search.cfg.score.compare_init and not search.paths.scores_init.exists():
                 merge_score_parts(search, score_world, "init")
             merge_score_parts(search, score_world, "bld")
-        run_search(Path(run))  # the rest; the stages done so far are skipped
+        for name in JOB_STAGES[stage]:
+            _run_stage(search, name)
+    elif stage == "distill":
+        distill_rank(run)
+    elif stage == "report":
+        search = open_run(Path(run))
+        if not search.is_done("distill"):  # never distilled here: the distill job has the GPUs for it
+            raise StageError(f"{search.paths.root}: the distill stage is not done; the report job runs after the "
+                             f"distill job (see `puzzle status {search.paths.root}`)")
+        _run_stage(search, "report")
     else:
-        raise ConfigError(f"unknown stage job {stage!r}; choose one of {', '.join(slurm.CHAIN)}")
+        raise ConfigError(f"unknown stage job {stage!r}; choose one of {', '.join(slurm.JOBS)}")
     return stage
+
+
+def distill_rank(run: str) -> None:
+    """One process of the distill job: GKD of every child as one rank of a torch.distributed run."""
+    slurm.export_torch_distributed()
+    search = open_run(Path(run))
+    if not search.is_done("distill"):
+        stages.distill_stage(search, keep_finished=True)
 
 
 def chain_done(search: Search) -> dict[str, bool]:
     """Which jobs of a `--launcher slurm` chain have nothing left to do, read from the run directory."""
     library = search.is_done("library")
     return {"prepare": library, "bld": library and (search.is_done("bld") or search.bld_done()),
-            "score": search.is_done("score"), "finish": search.is_done("report")}
+            "score": search.is_done("score"), "finish": search.is_done("report"), "select": search.is_done("prune"),
+            "distill": search.is_done("distill"), "report": search.is_done("report")}
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from puzzle.checkpoint import load_architecture, load_model
-from puzzle.distill.gkd import run_gkd
+from puzzle.checkpoint import fingerprint, load_architecture, load_model
+from puzzle.distill.gkd import GKDConfig, GKDResult, run_gkd
 from puzzle.errors import InfeasibleError, NothingToFuse, StageError
 from puzzle.files import read_json, write_json_atomic
 from puzzle.fusion import fuse_ffn
+from puzzle.jobs import shard_from_env
 from puzzle.mip.stage import ChildPlan, build_problem, solve_targets, sweep
 from puzzle.profiling import Profile, measure_model, predicted_timing, profile_variants, resolve_device_dtype
 from puzzle.progress import log, track
@@ -140,13 +141,16 @@ def prune_stage(search: Search) -> None:
     search.mark_done("prune")
 
 
-def distill_stage(search: Search) -> None:
+def distill_stage(search: Search, keep_finished: bool = False) -> None:
     """Global distillation of every child from the parent (config section `gkd`) into children/{child}-kd.
 
     The child itself is never rewritten, so a rerun with another `gkd` config starts again from the
-    un-distilled weights; the record lists which child each distilled one came from.
+    un-distilled weights; the record lists which child each distilled one came from. With `keep_finished`
+    (the Slurm distill job, requeued or submitted again) a child already distilled from the same weights with
+    the same settings is kept, so a job whose time limit fits one child still gets through all of them.
     """
     made = {}
+    main = shard_from_env().rank == 0  # in the Slurm distill job every rank runs this stage; rank 0 speaks for it
     if search.cfg.gkd is not None:
         cfg = search.cfg.gkd if search.cfg.device == "auto" else replace(search.cfg.gkd, device=search.cfg.device)
         for child in child_dirs(search, distilled=False):
@@ -154,11 +158,24 @@ def distill_stage(search: Search) -> None:
             # A depth-pruned child's layer i is the parent's layer kept[i] (for the hidden-state term).
             child_cfg = replace(cfg, layer_map=tuple(kept)) if kept and cfg.layer_map is None else cfg
             out = child.with_name(child.name + DISTILLED)
-            log(f"[bold]distill[/]: {child.name} from the parent ({cfg.tokens:,} tokens) -> {out}")
-            run_gkd(child, search.paths.parent, search.cfg.data, out, child_cfg, overwrite=True,
-                    info={"stage": "distill", "child": child.name})
+            student = fingerprint(child)
+            if not (keep_finished and _distilled(out, student, child_cfg)):
+                if main:
+                    log(f"[bold]distill[/]: {child.name} from the parent ({cfg.tokens:,} tokens) -> {out}")
+                run_gkd(child, search.paths.parent, search.cfg.data, out, child_cfg, overwrite=True,
+                        info={"stage": "distill", "child": child.name, "student_fingerprint": student})
             made[out.name] = child.name
-    search.mark_done("distill", {"distilled": made})
+    if main:
+        search.mark_done("distill", {"distilled": made})
+
+
+def _distilled(out: Path, student: str, cfg: GKDConfig) -> bool:
+    """Whether `out` holds the child whose content is `student`, distilled with `cfg` (gkd.json exists only in a
+    finished folder: run_gkd writes it whole)."""
+    if not (out / "gkd.json").is_file():
+        return False
+    return (read_json(out / "puzzle.json").get("student_fingerprint") == student
+            and GKDResult.load(out / "gkd.json").config == cfg)
 
 
 def report_stage(search: Search) -> Path:

@@ -61,6 +61,42 @@ def test_slurm_config_becomes_the_sbatch_options_of_every_task(tmp_path, monkeyp
         slurm.executor(RunPaths(tmp_path / "run"), SlurmConfig(time="soon"), "bld")
 
 
+def test_the_distill_job_spans_its_nodes_with_one_rank_per_gpu(tmp_path, monkeypatch):
+    from puzzle import slurm
+    from puzzle.run import RunPaths
+
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    cfg = SlurmConfig(gpus_per_task=1, nodes=2, distill_tasks_per_node=8)
+    text = slurm.executor(RunPaths(tmp_path / "run"), cfg, "distill")._make_submission_file_text("CMD", "uid")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8"):
+        assert line in text, (line, text)
+    assert slurm.ranks(cfg, "distill") == 16 and slurm.ranks(cfg, "bld") == 1
+    bld = slurm.executor(RunPaths(tmp_path / "run"), cfg, "bld")._make_submission_file_text("CMD", "uid")
+    assert "#SBATCH --nodes=1" in bld and "#SBATCH --ntasks-per-node=1" in bld and "#SBATCH --gpus-per-node=1" in bld
+    with pytest.raises(ConfigError, match="slurm.distill_tasks_per_node must be a positive integer"):
+        SlurmConfig(distill_tasks_per_node=0)
+    with pytest.raises(ConfigError, match="slurm.executor: local runs on this machine only"):
+        SlurmConfig(nodes=2, executor="local")
+
+
+def test_a_distill_task_exports_its_rank_as_torchrun_would(monkeypatch):
+    from puzzle import slurm
+
+    slurm_env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2",
+                 "SLURM_NODEID": "1", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[3-4]",
+                 "RANK": "0", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}  # RANK: left over from the submitting shell
+    for name, value in slurm_env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so that the test's exports are undone after it
+        monkeypatch.delenv(name)
+    assert slurm.export_torch_distributed() == 9
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
+    assert env == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "gpu3"}
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"  # the rank takes cuda:LOCAL_RANK of them
+    assert shard_from_env() == Shard(9, 16, 1)
+
+
 def _makespan(slices, cost, reach):
     return max(sum(cost(i) for i in s) + reach(s[-1]) for s in slices if s)
 

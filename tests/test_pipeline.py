@@ -36,9 +36,12 @@ def finished_run(tmp_path_factory):
 
 def test_every_stage_writes_its_outputs(finished_run):
     paths = finished_run.paths
-    for path in (paths.manifest, paths.scores, paths.scores_init, paths.profile, paths.solutions / "sweep.json",
+    for path in (paths.manifest, paths.scores, paths.profile, paths.solutions / "sweep.json",
                  paths.root / "report.md", paths.root / "report.json", paths.root / "pareto.png", paths.root / "layers.png"):
         assert path.exists(), path
+    # the pre-BLD scoring pass runs only when asked for, and the report says what is missing and how to get it
+    assert not paths.scores_init.exists()
+    assert "KL init: not measured" in (paths.root / "report.md").read_text()
     report = json.loads((paths.root / "report.json").read_text())
     assert [c["name"] for c in report["children"]] == ["fast", "small"]
     fast = ChildPlan.load(paths.solutions / "fast.json")
@@ -433,6 +436,40 @@ def test_a_search_as_local_jobs_names_the_failed_task_its_unit_and_log(tmp_path,
     assert cli.run(["status", str(tmp_path / "run")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "library │ done" in out and "0 of" in out and "units trained" in out, out
+
+
+@pytest.mark.slow  # the whole chain as local processes, GKD as two gloo ranks: ~90 s on 2 cores
+def test_local_jobs_distill_as_two_ranks_what_one_process_distills(tmp_path):
+    """With a `gkd:` section the chain's distill job is one job of slurm.distill_tasks_per_node processes, the
+    ranks of one torch.distributed run; slurm.executor: local starts them on this machine."""
+    from safetensors.torch import load_file
+
+    from puzzle.distill.gkd import GKDResult, run_gkd
+
+    parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=2)
+    config = write_config(tmp_path / "c.yaml", tiny_search_config(
+        corpus, solve={"targets": [{"name": "2x", "throughput": "2x"}], "sweep": [1.5]},
+        profile={"analytic": True, "batch_size": 4, "context_len": 96, "prompt_len": 32, "generate_tokens": 8},
+        report={"eval_tokens": 512, "batch_size": 4},
+        gkd={"tokens": 1024, "batch_size": 1, "lr": 1e-3, "eval_tokens": 256, "checkpoint_every": 4},
+        slurm={"executor": "local", "cpus_per_task": 1, "distill_tasks_per_node": 2}))
+    search = run_search(tmp_path / "run", parent=parent, config=config, workers=2, launcher="slurm")
+    jobs = json.loads((tmp_path / "run" / "jobs.json").read_text())["jobs"]
+    assert [(j["stage"], j["ranks"]) for j in jobs] == [("prepare", 1), ("bld", 1), ("score", 1), ("select", 1),
+                                                        ("distill", 2), ("report", 1)]
+    ranked = GKDResult.load(search.paths.children / "2x-kd" / "gkd.json")
+    alone = run_gkd(search.paths.children / "2x", search.paths.parent, search.cfg.data, tmp_path / "alone",
+                    dataclasses.replace(search.cfg.gkd, batch_size=2))  # both ranks' windows in one batch
+    assert (ranked.world_size, ranked.global_batch, ranked.steps) == (2, alone.global_batch, alone.steps)
+    a, b = load_file(search.paths.children / "2x-kd" / "model.safetensors"), load_file(tmp_path / "alone" / "model.safetensors")
+    # DDP averages the ranks' gradients, one process the whole batch's: equal up to summation order (2e-6 measured)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
+    assert open_run(tmp_path / "run").is_done("report")
+    # requeued or submitted again, the distill job keeps a child distilled from the same weights and settings
+    weights = search.paths.children / "2x-kd" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    stages.distill_stage(open_run(tmp_path / "run"), keep_finished=True)
+    assert weights.stat().st_mtime_ns == before and open_run(tmp_path / "run").is_done("distill")
 
 
 def test_a_dry_run_writes_the_chain_as_sbatch_scripts_without_a_cluster(tmp_path, monkeypatch):

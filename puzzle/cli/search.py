@@ -16,7 +16,7 @@ def _Slurm(flag: str, text: str):  # noqa: N802 (an annotation, like typer's)
 
 
 def search_command(
-    parent: Annotated[Optional[Path], typer.Argument(help="Parent model folder (HF Llama/Mistral/Qwen2/Qwen3 or DeciLM). Not needed to resume.", show_default=False)] = None,
+    parent: Annotated[Optional[Path], typer.Argument(help="Parent model folder (HF Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral or DeciLM). Not needed to resume.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", help="Run directory (created, or resumed when it exists).", show_default=False)] = ...,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML run config; flags override it.")] = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="Text / JSONL / datasets folder for calibration, BLD and scoring (repeatable).")] = None,
@@ -37,6 +37,8 @@ def search_command(
     cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", min=1, help="CPUs of each task (slurm.cpus_per_task).", show_default=False, rich_help_panel="Slurm")] = None,
     gpus_per_task: Annotated[Optional[int], typer.Option("--gpus-per-task", min=0, help="GPUs of each task (slurm.gpus_per_task).", show_default=False, rich_help_panel="Slurm")] = None,
     mem: _Slurm("--mem", "Memory of each task, e.g. 200G (slurm.mem).") = None,
+    nodes: Annotated[Optional[int], typer.Option("--nodes", min=1, help="Nodes of the distill job; the other jobs' tasks use one node each (slurm.nodes).", show_default=False, rich_help_panel="Slurm")] = None,
+    distill_tasks_per_node: Annotated[Optional[int], typer.Option("--distill-tasks-per-node", min=1, help="GKD processes per node of the distill job, one per GPU (slurm.distill_tasks_per_node).", show_default=False, rich_help_panel="Slurm")] = None,
 ) -> None:
     """Run the Puzzle search: convert, library, bld, score, profile, solve, realize, (fuse, prune, distill,) report.
 
@@ -48,7 +50,8 @@ def search_command(
       puzzle search ~/models/Llama-3.1-8B --out runs/llama8b-slurm --config search.yaml --data ~/data/fineweb --workers 4 --launcher slurm --wait
       puzzle search ~/models/Llama-3.1-8B --out runs/llama8b-sbatch --config search.yaml --data ~/data/fineweb --workers 4 --launcher slurm --dry-run
 
-    With --launcher slurm the search is a chain of Slurm jobs (prepare, bld array, score array, finish; the
+    With --launcher slurm the search is a chain of Slurm jobs (prepare, bld array, score array, finish; with a
+    `gkd:` section finish is select, distill on --nodes x --distill-tasks-per-node processes, report; the
     config's `slurm:` section sets their resources); without --wait the command returns once they are
     submitted, and `puzzle status RUN` follows them.
     """
@@ -61,7 +64,8 @@ def search_command(
     overrides = dotted({"device": device, "data.paths": [str(p) for p in data] if data else None,
                         "slurm.partition": partition, "slurm.account": account, "slurm.qos": qos,
                         "slurm.time": time_limit, "slurm.cpus_per_task": cpus_per_task,
-                        "slurm.gpus_per_task": gpus_per_task, "slurm.mem": mem,
+                        "slurm.gpus_per_task": gpus_per_task, "slurm.mem": mem, "slurm.nodes": nodes,
+                        "slurm.distill_tasks_per_node": distill_tasks_per_node,
                         "data.exclude": exclude or None,
                         "solve.targets": [target] if target else None})
     try:

@@ -19,6 +19,7 @@ def status_command(run: RunDir) -> None:
     Example:  puzzle status runs/demo
     """
     from puzzle.pipeline import run_status
+    from puzzle.slurm import describe
 
     status = run_status(run)
     table = Table(title=f"{run}", title_justify="left")
@@ -33,7 +34,7 @@ def status_command(run: RunDir) -> None:
         for column in ("job", "id", "tasks", "state"):
             jobs.add_column(column)
         for job, state in status.jobs:
-            jobs.add_row(job.stage, job.job_id, str(job.tasks), state)
+            jobs.add_row(job.stage, job.job_id, describe(job), state)
         console.print(jobs)
     for failure in status.failures:
         console.print(f"[red]failed[/]: {failure}")
@@ -41,7 +42,7 @@ def status_command(run: RunDir) -> None:
 
 def run_task_command(
     run: RunDir,
-    stage: Annotated[str, typer.Argument(help="prepare, bld, score or finish.", show_default=False)],
+    stage: Annotated[str, typer.Argument(help="prepare, bld, score, finish, select, distill or report.", show_default=False)],
     rank: Annotated[int, typer.Option("--rank", min=0, help="This task's index in the job (SLURM_ARRAY_TASK_ID).")] = 0,
     world: Annotated[int, typer.Option("--world", min=1, help="Tasks in the job.")] = 1,
     score_world: Annotated[int, typer.Option("--score-world", min=1, help="Tasks of the score job (for finish).")] = 1,

@@ -265,10 +265,12 @@ def test_slurm_flags_set_the_jobs_resources(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/nonexistent")  # --dry-run submits nothing and needs no sbatch
     code = cli.run(["search", str(parent), "--out", str(tmp_path / "run"), "--data", str(corpus), "--workers", "2",
                     "--launcher", "slurm", "--dry-run", "--partition", "p1", "--account", "acct", "--time", "01:00:00",
-                    "--gpus-per-task", "2", "--cpus-per-task", "4", "--mem", "64G"])
+                    "--gpus-per-task", "2", "--cpus-per-task", "4", "--mem", "64G", "--nodes", "2",
+                    "--distill-tasks-per-node", "4"])
     assert code == 0, capsys.readouterr().err
     assert "submit.sh" in capsys.readouterr().out
     script = (tmp_path / "run" / "slurm-scripts" / "2-bld.sbatch").read_text()
     for line in ("--partition=p1", "--account=acct", "--time=60", "--gpus-per-node=2", "--cpus-per-task=4", "--mem=64G"):
         assert f"#SBATCH {line}" in script, line
-    assert "slurm:" in (tmp_path / "run" / "config.yaml").read_text()  # the flags are the run's config from now on
+    saved = (tmp_path / "run" / "config.yaml").read_text()  # the flags are the run's config from now on
+    assert "slurm:" in saved and "nodes: 2" in saved and "distill_tasks_per_node: 4" in saved, saved
