@@ -88,7 +88,7 @@ def bld_worker(work: Path, tiny: bool, layers: int, steps: int, tag: str) -> Non
 
     from benchmarks.bld_8b_layer import RandomTokens
     from puzzle.blocks.library import unit_params
-    from puzzle.distill.bld import plan_groups, train_group, train_units, unit_path, worker_share
+    from puzzle.distill.bld import group_budget, plan_groups, train_group, train_units, unit_path, worker_share
     from puzzle.jobs import shard_from_env
     from puzzle.run import RunPaths
 
@@ -103,7 +103,7 @@ def bld_worker(work: Path, tiny: bool, layers: int, steps: int, tag: str) -> Non
     mine = worker_share(units, arch, shard)
     warm = RunPaths(work / f"{tag}-warmup-{shard.rank}")
     shutil.copytree(work / "stats", warm.root, dirs_exist_ok=True)
-    train_group(plan_groups(mine, arch, cfg.max_group_params)[0], parent, arch, warm, data,
+    train_group(plan_groups(mine, arch, group_budget(cfg, device))[0], parent, arch, warm, data,
                 type(cfg)(**{**cfg.__dict__, "tokens_per_unit": cfg.batch_size * seq_len}), device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

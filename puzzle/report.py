@@ -289,6 +289,10 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
         kl_better = f"{r['kl_improved']}/{r['units']}" if r["kl_improved"] is not None else "-"
         lines.append(f"| {r['family']} | {r['units']} | {r['mse_init']:.4f} | {r['mse_bld']:.4f} | {r['mse_improved']}/{r['units']} | "
                      f"{kl_init} | {r['kl_bld']:.5f} | {kl_better} |")
+    if bld_rows and all(r["kl_init"] is None for r in bld_rows):
+        lines += ["", "KL init: not measured; the initialised candidates are scored only when asked for, since it doubles "
+                  "the score stage (`score.compare_init: true` in the config, or `puzzle score RUN --init`, then "
+                  "`puzzle search --out RUN --stage report`)."]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     (paths.root / "report.md").write_text("\n".join(lines))
     return paths.root / "report.md"

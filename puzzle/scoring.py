@@ -3,9 +3,10 @@
 Puzzle (Bercovich et al. 2024), section 4: put one candidate into the parent, everything else unchanged,
 and measure on held-out tokens KL(parent || model) of the next-token distribution (the best signal the
 paper found), the LM loss and the top-1 agreement with the parent. The parent's own variant scores 0 KL by
-construction. Layers are scored one at a time: the parent runs to the layer once per batch and each of
-the layer's candidates runs the rest (the parent's log-probs of the batch are computed once and kept), so
-memory holds one layer's candidates and one batch.
+construction. The parent runs once per batch: its hidden state entering a layer is kept for every batch and
+moved one layer down as the layers are scored, so a candidate of layer i runs only layers i..N-1 from it, and
+its log-probs are computed once per batch for all of a layer's candidates (once per run when they fit).
+Memory holds one layer's candidates and two hidden states per scoring batch.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import torch
 from puzzle.blocks.space import Candidate
 from puzzle.blocks.subblock import SubBlock
 from puzzle.config import check_int
-from puzzle.distill.activations import logits_from_hidden, run_layers
+from puzzle.distill.activations import embed, logits_from_hidden, run_layers
 from puzzle.errors import StageError
 from puzzle.files import read_json, write_json_atomic
 from puzzle.metrics import Quality, QualitySums, Reference
-from puzzle.progress import track
+from puzzle.progress import log, track
 
 SCORES_VERSION = 1
 
@@ -34,7 +35,9 @@ class ScoreConfig:
     tokens: int = 1 << 17  # held-out tokens per candidate
     batch_size: int = 8
     logits_chunk: int = 4096  # positions whose logits are materialised at once (large vocabularies)
-    compare_init: bool = True  # also score the initialised candidates (scores_init.json): what BLD bought
+    # also score the initialised candidates (scores_init.json), for the report's "what BLD bought": a second
+    # pass over every candidate, so off unless asked for (`puzzle score RUN --init` adds it later)
+    compare_init: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "logits_chunk"):
@@ -79,7 +82,16 @@ class Scores:
         return cls(**data, entries=entries)
 
 
-TARGET_CACHE_BYTES = 1 << 30  # keep the parent's log-probs of a batch across its layer's candidates up to this size
+TARGET_CACHE_BYTES = 1 << 30  # the most memory the parent's log-probs may take (kept over batches, or per batch) ...
+TARGET_CACHE_FRACTION = 0.3  # ... or on a GPU, this share of its free memory when larger
+STATE_DEVICE_FRACTION = 0.25  # the parent's kept hidden states stay on the GPU up to this share of its free memory
+
+
+def _target_budget(device: torch.device) -> int:
+    if device.type != "cuda":
+        return TARGET_CACHE_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(TARGET_CACHE_BYTES, int(TARGET_CACHE_FRACTION * free))
 
 
 def _flat(hidden: torch.Tensor) -> torch.Tensor:
@@ -98,48 +110,110 @@ def _candidate_logits(model, hidden: torch.Tensor, chunk: int):
         yield logits_from_hidden(model, h[s:s + chunk])
 
 
+def _state_device(parent, batches: list[torch.Tensor]) -> torch.device:
+    """Where the parent's hidden states of all batches are kept (two per batch: at the current layer and at the
+    end): on the parent's device when they fit a quarter of its free memory, else in host memory (logged)."""
+    device = parent.device
+    if device.type != "cuda":
+        return device
+    need = 2 * sum(b.numel() for b in batches) * parent.config.hidden_size * parent.dtype.itemsize
+    free, _ = torch.cuda.mem_get_info(device)
+    if need <= STATE_DEVICE_FRACTION * free:
+        return device
+    log(f"score: the parent's hidden states of the scoring batches ({need / 2**30:.1f} GiB) are kept in host memory "
+        f"({free / 2**30:.1f} GiB free on {device}); fewer score.tokens keep them on the GPU")
+    return torch.device("cpu")
+
+
+class _ParentPass:
+    """The parent's side of scoring, computed once: per batch, its final hidden state (the targets) and its
+    hidden state entering the current layer, moved one layer down by `advance` as the layers are scored.
+    A candidate of layer i starts from that state and runs only layers i..N-1; the parent itself runs once."""
+
+    def __init__(self, parent, batches: list[torch.Tensor], chunk: int):
+        self.parent, self.batches, self.chunk = parent, batches, chunk
+        self.store = _state_device(parent, batches)
+        self.layer = 0
+        self.entering: list[torch.Tensor] = []
+        self.final: list[torch.Tensor] = []
+        for batch in batches:
+            batch = batch.to(parent.device)
+            x = embed(parent, batch)
+            self.entering.append(x.to(self.store))
+            self.final.append(run_layers(parent, hidden=x)[0].to(self.store))
+        positions = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+        # log-probs (fp32) of every batch kept for all layers when they fit (small vocabularies), else per batch
+        self.budget = _target_budget(parent.device)
+        self.cached = ([list(self.targets_of(k)) for k in range(len(batches))]
+                       if positions * parent.config.vocab_size * 4 <= self.budget else None)
+
+    def targets_of(self, k: int):
+        return _targets(self.parent, self.final[k].to(self.parent.device), self.batches[k].to(self.parent.device), self.chunk)
+
+    def batch_fits(self, k: int) -> bool:
+        b = self.batches[k]
+        return b.shape[0] * (b.shape[1] - 1) * self.parent.config.vocab_size * 4 <= self.budget
+
+    def targets(self, k: int):
+        """Batch k's parent log-probs (chunks of positions): kept for the run when all fit, else computed."""
+        return self.cached[k] if self.cached is not None else self.targets_of(k)
+
+    def reusable_targets(self, k: int) -> list | None:
+        """Batch k's log-probs held for all of a layer's candidates, or None when one batch's are too large
+        (then each candidate recomputes them chunk by chunk)."""
+        return list(self.targets(k)) if self.batch_fits(k) else None
+
+    def hidden(self, k: int) -> torch.Tensor:
+        """Batch k's parent hidden state entering the current layer."""
+        return self.entering[k].to(self.parent.device)
+
+    def advance(self, to_layer: int) -> None:
+        """Run the parent's layers from the current one to `to_layer` (exclusive) on every batch."""
+        if to_layer <= self.layer:
+            return
+        for k in range(len(self.batches)):
+            x, _ = run_layers(self.parent, hidden=self.hidden(k), start=self.layer, stop=to_layer)
+            self.entering[k] = x.to(self.store)
+        self.layer = to_layer
+
+
 @torch.no_grad()
 def score_candidates(parent, candidates: list[Candidate], load_block: Callable[[Candidate], SubBlock | None],
                      data, cfg: ScoreConfig, parent_fingerprint: str, weights: str = "bld") -> Scores:
     """Score every candidate; `load_block` gives a candidate's SubBlock (None for no-op and parent variants)."""
     batches = list(data.batches("held_out", cfg.batch_size, n_tokens=cfg.tokens, shuffle=False))
     device = parent.device
-    parent_sums = QualitySums(device)
     by_layer: dict[int, list[Candidate]] = {}
     for c in candidates:
         by_layer.setdefault(c.layer, []).append(c)
     entries: list[CandidateScore] = []
     with track(f"score ({weights})", len(candidates)) as bar:
+        state = _ParentPass(parent, batches, cfg.logits_chunk)
+        parent_sums = QualitySums(device)
+        for k in range(len(batches)):
+            for target, logits in zip(state.targets(k), _candidate_logits(parent, state.final[k].to(device), cfg.logits_chunk)):
+                parent_sums.add(target, logits)
         for layer, group in sorted(by_layer.items()):
+            state.advance(layer)
             scored = [c for c in group if not c.is_parent]
             # In the parent's dtype (bf16 on GPUs): the candidate is scored as the child will run it.
             blocks = {c.unit_id: None if (b := load_block(c)) is None else b.to(dtype=parent.dtype) for c in scored}
             sums = {c.unit_id: QualitySums(device) for c in scored}
-            for batch in batches:
-                batch = batch.to(device)
-                parent_hidden, io = run_layers(parent, batch, capture={layer})
-                positions = batch.shape[0] * (batch.shape[1] - 1)
-                keep = positions * parent.config.vocab_size * 8 <= TARGET_CACHE_BYTES
-                cached = list(_targets(parent, parent_hidden, batch, cfg.logits_chunk)) if keep else None
+            for k in range(len(batches)):
+                x = state.hidden(k)
+                kept = state.reusable_targets(k)
                 for c in scored:
                     block = blocks[c.unit_id]
                     replacement = block if block is not None else SubBlock(parent.config, c.kind, c.variant).to(device, parent.dtype)
-                    hidden, _ = run_layers(parent, hidden=io[layer].x, start=layer, replace={layer: {c.kind: replacement}})
-                    targets = cached if keep else _targets(parent, parent_hidden, batch, cfg.logits_chunk)
+                    hidden, _ = run_layers(parent, hidden=x, start=layer, replace={layer: {c.kind: replacement}})
+                    targets = kept if kept is not None else state.targets_of(k)
                     for target, logits in zip(targets, _candidate_logits(parent, hidden, cfg.logits_chunk)):
                         sums[c.unit_id].add(target, logits)
-                if layer == min(by_layer):
-                    targets = cached if keep else _targets(parent, parent_hidden, batch, cfg.logits_chunk)
-                    for target, logits in zip(targets, _candidate_logits(parent, parent_hidden, cfg.logits_chunk)):
-                        parent_sums.add(target, logits)
-            for c in group:
-                if c.is_parent:
-                    continue
+            for c in scored:
                 q = sums[c.unit_id].quality()
                 entries.append(CandidateScore(layer=c.layer, kind=c.kind, name=c.name, kl=q.kl, lm_loss=q.lm_loss,
                                               top1=q.top1))
-                bar.advance(1)
-            bar.advance(len(group) - len(scored))
+            bar.advance(len(group))
     parent_quality = parent_sums.quality()
     parent_loss = parent_quality.lm_loss
     for layer, group in by_layer.items():  # the parent's own variant: exactly the parent, by construction

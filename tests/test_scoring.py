@@ -84,3 +84,39 @@ def test_a_window_shorter_than_the_scored_sequences_costs_quality_and_a_longer_o
     assert scores.get(0, "attention", "w64").kl < 1e-10  # the window covers the whole sequence: no difference
     with pytest.raises(ConfigError, match=r"space.attention.windows: 64 not shorter than data.seq_len \(64\)"):
         load_search_config(None, tiny_search_config(corpus, space={"attention": {"windows": [8, 64]}}))
+
+
+def test_one_parent_pass_gives_the_scores_of_running_the_parent_to_each_layer_bitwise(tmp_path, monkeypatch):
+    """Scoring keeps the parent's hidden state entering each layer instead of running the parent again for every
+    layer: the scores are exactly those of the per-layer recomputation (a direct reference), with the parent's
+    log-probs cached for the run and recomputed per batch alike."""
+    import puzzle.scoring as scoring
+    from puzzle.blocks.subblock import SubBlock
+    from puzzle.distill.activations import logits_from_hidden, run_layers
+    from puzzle.metrics import QualitySums, Reference
+
+    parent_dir, corpus = tiny_run_inputs(tmp_path / "inputs", layers=3)
+    search = run_search(tmp_path / "run", parent=parent_dir, stage="library",
+                        config=write_config(tmp_path / "c.yaml", tiny_search_config(corpus)))
+    run_bld(search.paths.root)
+    manifest, parent, data, cfg = search.manifest(), search.parent_model(), search.data(), search.cfg.score
+    load = search._block_loader(manifest, "bld")
+    candidates = [c for c in manifest.candidates if c.layer > 0 and c.name in ("kv1", "no_op", "linear", "ffn32")]
+    batches = list(data.batches("held_out", cfg.batch_size, n_tokens=cfg.tokens, shuffle=False))
+    expected = {}
+    with torch.no_grad():
+        for c in candidates:  # the reference: the parent run from the embedding to the layer, for every candidate
+            block = load(c) or SubBlock(parent.config, c.kind, c.variant)
+            sums = QualitySums()
+            for batch in batches:
+                final, io = run_layers(parent, batch, capture={c.layer})
+                hidden, _ = run_layers(parent, hidden=io[c.layer].x, start=c.layer, replace={c.layer: {c.kind: block}})
+                p, q = final[:, :-1].flatten(0, 1), hidden[:, :-1].flatten(0, 1)
+                sums.add(Reference.from_logits(logits_from_hidden(parent, p), batch[:, 1:].flatten()), logits_from_hidden(parent, q))
+            expected[c.unit_id] = sums.quality()
+    for budget in (scoring.TARGET_CACHE_BYTES, 0):  # log-probs kept for the run / recomputed for each candidate
+        monkeypatch.setattr(scoring, "TARGET_CACHE_BYTES", budget)
+        scores = scoring.score_candidates(parent, candidates, load, data, cfg, manifest.parent_fingerprint)
+        for c in candidates:
+            entry, q = scores.get(c.layer, c.kind, c.name), expected[c.unit_id]
+            assert (entry.kl, entry.lm_loss, entry.top1) == (q.kl, q.lm_loss, q.top1), (budget, c.unit_id)

@@ -59,7 +59,10 @@ class BLDConfig:
     weight_decay: float = 0.0  # units start from the parent's weights; decay would pull them away
     seed: int = 0
     eval_tokens: int = 16384  # held-out tokens for each unit's loss before and after training
-    max_group_params: int = 400_000_000  # units trained together (sharing one parent pass), in parameters
+    # units trained together, sharing one parent forward per batch, in parameters; None: as many as half the GPU's
+    # free memory holds (a deep group re-runs the parent to its layer every step: fewer groups, less of that), or
+    # CPU_GROUP_PARAMS on the CPU
+    max_group_params: int | None = None
     checkpoint_every: int = 200  # steps between checkpoints of the running group
     linear_attention_init: Literal["least_squares", "fold"] = "least_squares"
     autocast: bool = True  # bf16 autocast for the units on CUDA (master weights stay fp32)
@@ -70,6 +73,8 @@ class BLDConfig:
 
     def __post_init__(self) -> None:
         for name in ("tokens_per_unit", "batch_size", "eval_tokens", "max_group_params", "checkpoint_every"):
+            if name == "max_group_params" and self.max_group_params is None:
+                continue
             if getattr(self, name) < 1:
                 raise ConfigError(f"bld.{name} must be positive, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.warmup_fraction < 1 or not 0 <= self.min_lr_fraction <= 1:
@@ -163,6 +168,21 @@ def unit_io(c: Candidate, io: LayerIO) -> tuple[torch.Tensor, torch.Tensor]:
     return io.x, sum(parts[1:], parts[0])
 
 
+CPU_GROUP_PARAMS = 400_000_000
+TRAINED_PARAM_BYTES = 16  # fp32 weight, gradient and AdamW's two moments
+GROUP_MEMORY_FRACTION = 0.5  # of the free GPU memory; the rest holds activations and the parent's forward
+
+
+def group_budget(cfg: BLDConfig, device: torch.device) -> int:
+    """The most unit parameters one group trains at once: bld.max_group_params, else what the device holds."""
+    if cfg.max_group_params is not None:
+        return cfg.max_group_params
+    if device.type != "cuda":
+        return CPU_GROUP_PARAMS
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int(GROUP_MEMORY_FRACTION * free / TRAINED_PARAM_BYTES))
+
+
 def plan_groups(units: list[Candidate], arch: Architecture, max_group_params: int) -> list[list[Candidate]]:
     """Consecutive units (layer order) whose parameters fit the budget train together."""
     groups, current, size = [], [], 0
@@ -222,14 +242,17 @@ class _Group:
         for k in self.closed_form:
             self.blocks[k].requires_grad_(False)
         params = params or [torch.nn.Parameter(torch.zeros(1, device=device))]  # a group of linear units only
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        # fused: one kernel for every parameter's update on CUDA (the foreach default launches several per step)
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                                           fused=device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(steps, cfg.warmup_fraction, cfg.min_lr_fraction))
         self.rotary = Rotary(parent.config).to(device)
         self.layers = sorted({u.layer for u in units})
         self.autocast = cfg.autocast and device.type == "cuda"
 
-    def step(self, batch: torch.Tensor, index: int) -> dict[str, float]:
-        """One parent forward, then each unit's forward and backward in turn; returns the units' losses.
+    def step(self, batch: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
+        """One parent forward, then each unit's forward and backward in turn; returns the units' losses (on the
+        device: reading them would make the host wait for the GPU every step).
 
         Each unit's backward runs right after its forward, while its activations are still in cache, and
         frees them before the next unit starts: the gradients are the same as one backward of the summed
@@ -238,9 +261,11 @@ class _Group:
         with torch.no_grad():
             io = self.source.layer_io("train", index, batch, self.layers)
         out = {}
+        shared, inputs = None, None  # units come in (layer, kind) order: one fp32 copy of their inputs, shared
         for u in self.units:
-            x, target = unit_io(u, io[u.layer])
-            x, target = x.float(), target.float()
+            if shared != (u.layer, u.kind):
+                shared, inputs = (u.layer, u.kind), tuple(t.float() for t in unit_io(u, io[u.layer]))
+            x, target = inputs
             if u.unit_id in self.closed_form:
                 self._accumulate(u.unit_id, x, target)
                 continue
@@ -249,7 +274,7 @@ class _Group:
             loss = normalized_mse(pred.float(), target)
             loss.backward()
             out[u.unit_id] = loss.detach()
-        return {k: v.item() for k, v in out.items()}
+        return out
 
     @torch.no_grad()
     def _accumulate(self, unit_id: str, x: torch.Tensor, target: torch.Tensor) -> None:
@@ -268,17 +293,17 @@ class _Group:
     @torch.no_grad()
     def evaluate(self, batches: list[torch.Tensor]) -> dict[str, float]:
         """Held-out normalised MSE over all batches together (sum of errors / sum of target energy)."""
-        err: dict[str, float] = {}
-        energy: dict[str, float] = {}
+        err: dict[str, torch.Tensor] = {}  # summed on the device, read once at the end
+        energy: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(batches):
             io = self.source.layer_io("held_out", index, batch, self.layers)
             for u in self.units:
                 x, target = unit_io(u, io[u.layer])
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):  # as in training
                     pred = self.blocks[u.unit_id](x.float(), self.rotary(x.float())).float()
-                err[u.unit_id] = err.get(u.unit_id, 0.0) + (pred - target.float()).pow(2).sum().item()
-                energy[u.unit_id] = energy.get(u.unit_id, 0.0) + target.float().pow(2).sum().item()
-        return {k: err[k] / max(energy[k], 1e-30) for k in err}
+                err[u.unit_id] = err.get(u.unit_id, 0.0) + (pred - target.float()).pow(2).sum().double()
+                energy[u.unit_id] = energy.get(u.unit_id, 0.0) + target.float().pow(2).sum().double()
+        return {k: err[k].item() / max(energy[k].item(), 1e-30) for k in err}
 
     def state(self, step: int, extra: dict) -> dict:
         return {"step": step, "blocks": {k: b.state_dict() for k, b in self.blocks.items()}, "sums": self.sums,
@@ -293,7 +318,7 @@ class _Group:
 
 
 # Fields that change how the work is done, not its result: checkpoints and finished units stay valid across them.
-NEUTRAL_FIELDS = ("checkpoint_every", "parent_activations", "activation_cache_gb")
+NEUTRAL_FIELDS = ("checkpoint_every", "parent_activations", "activation_cache_gb", "max_group_params")
 
 
 def _group_key(units: list[Candidate], cfg: BLDConfig, data_key: str) -> str:
@@ -321,6 +346,9 @@ def _load_progress(checkpoint: Path, device: torch.device) -> dict | None:
         log(f"[yellow]bld[/]: {checkpoint} cannot be read as plain tensors ({first[:200]}); moved to {aside.name}, "
             "the group starts over")
         return None
+
+
+LOSS_EVERY = 20  # steps between the progress bar's loss readings
 
 
 def train_steps(cfg: BLDConfig, seq_len: int) -> int:
@@ -365,8 +393,11 @@ def train_group(units: list[Candidate], parent, arch: Architecture, paths: RunPa
             if losses:
                 group.optimizer.step()
             group.scheduler.step()
-            bar.advance(1, loss=sum(losses.values()) / max(1, len(losses)))
             done = step + 1
+            if losses and (done % LOSS_EVERY == 0 or done == steps):  # the only host sync of the loop
+                bar.advance(1, loss=(sum(losses.values()) / len(losses)).item())
+            else:
+                bar.advance(1)
             if done % cfg.checkpoint_every == 0 and done < steps:
                 _save_atomic(group.state(done, {"loss_init": loss_init,
                                                 "seconds": seconds + time.perf_counter() - began}), checkpoint)
@@ -418,7 +449,13 @@ def train_units(units: list[Candidate], parent, arch: Architecture, paths: RunPa
     pending = {u.unit_id for u in unfinished(paths, units)}
     todo = [u for u in units if u.unit_id in pending]
     results = []
-    for group in plan_groups(todo, arch, cfg.max_group_params):
+    budget = group_budget(cfg, device)
+    groups = plan_groups(todo, arch, budget)
+    if todo:
+        log(f"bld: {len(todo)} units in {len(groups)} group(s) of at most {budget / 1e6:,.0f}M parameters"
+            + ("" if cfg.max_group_params is not None else f" (half the free memory of {device})" if device.type == "cuda"
+               else " (the CPU default; set bld.max_group_params to change it)"))
+    for group in groups:
         try:
             results += train_group(group, parent, arch, paths, data, cfg, device, worker, source)
         except Exception as err:  # name the units: a worker's log (or `puzzle status`) shows which failed
@@ -446,7 +483,7 @@ def plan_parent_activations(units: list[Candidate], arch: Architecture, parent, 
     seq_len = data.config.seq_len
     batches = train_steps(cfg, seq_len) + len(eval_batches(data, cfg))
     need = batches * shard_bytes(parent, cfg.batch_size * seq_len, depth)
-    groups = len(plan_groups(units, arch, cfg.max_group_params))
+    groups = len(plan_groups(units, arch, group_budget(cfg, parent.device)))
     key = cache_key(parent=parent_fingerprint, data=str(data.cache_path), seq_len=seq_len, batch_size=cfg.batch_size,
                     tokens=cfg.tokens_per_unit, eval_tokens=cfg.eval_tokens, seed=cfg.seed, depth=depth,
                     dtype=str(parent.dtype))

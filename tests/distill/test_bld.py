@@ -67,21 +67,25 @@ def test_sigkilled_bld_resumes_and_matches_an_uninterrupted_run(tmp_path, monkey
     sections = {"bld": {"tokens_per_unit": 16384, "max_group_params": 30000, "checkpoint_every": 8}}
     reference = _library(tmp_path, "reference", **sections)
     run_bld(reference.paths.root)
-    killed = _library(tmp_path, "killed", **sections)
-    proc = subprocess.Popen([sys.executable, "-m", "puzzle", "bld", str(killed.paths.root)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    units = killed.manifest().units
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once some units are written and a later group has a checkpoint
+    for attempt in range(3):  # on a loaded machine the worker can move on between the look and the kill: retry
+        killed = _library(tmp_path, f"killed{attempt}", **sections)
+        proc = subprocess.Popen([sys.executable, "-m", "puzzle", "bld", str(killed.paths.root)], env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        units = killed.manifest().units
+        deadline = time.time() + 300
+        while time.time() < deadline:  # kill once some units are written and a later group has a checkpoint
+            done = [u for u in units if unit_path(killed.paths, u).exists()]
+            if done and list(killed.paths.progress.glob("*.pt")) and len(done) < len(units):
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
         done = [u for u in units if unit_path(killed.paths, u).exists()]
-        if done and list(killed.paths.progress.glob("*.pt")) and len(done) < len(units):
+        if 0 < len(done) < len(units) and list(killed.paths.progress.glob("*.pt")):
             break
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     before = {u.unit_id: unit_path(killed.paths, u).stat().st_mtime_ns for u in done}
-    assert 0 < len(before) < len(units)
+    assert 0 < len(before) < len(units) and list(killed.paths.progress.glob("*.pt"))
     monkeypatch.delenv("PUZZLE_QUIET", raising=False)
     capsys.readouterr()
     run_bld(killed.paths.root)
@@ -179,13 +183,13 @@ class _RunsCode:
 
 
 def test_a_progress_checkpoint_is_read_as_tensors_only_never_unpickled_as_code(tmp_path):
-    from puzzle.distill.bld import _group_key, plan_groups
+    from puzzle.distill.bld import _group_key, group_budget, plan_groups
 
     search = _library(tmp_path, "run", bld={"tokens_per_unit": 4096})
     cfg, arch = search.cfg.bld, load_architecture(search.paths.parent)
     marker = tmp_path / "code-ran"
     search.paths.progress.mkdir(parents=True, exist_ok=True)
-    for group in plan_groups(search.manifest().units, arch, cfg.max_group_params):
+    for group in plan_groups(search.manifest().units, arch, group_budget(cfg, torch.device("cpu"))):
         torch.save({"step": 1, "payload": _RunsCode(marker)},
                    search.paths.progress / f"{_group_key(group, cfg, str(search.data().cache_path))}.pt")
     run_bld(search.paths.root)
