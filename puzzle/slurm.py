@@ -221,6 +221,11 @@ def submit_search(search, work: Callable[..., Any], workers: int, parent: Path |
     returns its jobs (written to RUN/jobs.json). A local executor always waits, each job before the next."""
     cfg, paths = search.cfg.slurm, search.paths
     local = cfg.executor == "local"
+    if search.cfg.gkd is None and (cfg.nodes > 1 or cfg.distill_tasks_per_node > 1):
+        from puzzle.progress import log
+
+        log(f"[yellow]slurm[/]: nodes {cfg.nodes} x distill_tasks_per_node {cfg.distill_tasks_per_node} size the distill "
+            "job, and this search has no `gkd:` section: every job runs as one process on one node")
     jobs: list[StageJob] = []
     for stage in chain(search.cfg.gkd is not None):
         ex = executor(paths, cfg, stage)

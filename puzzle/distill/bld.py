@@ -390,9 +390,9 @@ def train_group(units: list[Candidate], parent, arch: Architecture, paths: RunPa
         for step, batch in enumerate(batches, start=start):
             group.optimizer.zero_grad(set_to_none=True)
             losses = group.step(batch.to(device), step)
-            if losses:
+            if losses:  # a group of least-squares units only has nothing to step
                 group.optimizer.step()
-            group.scheduler.step()
+                group.scheduler.step()
             done = step + 1
             if losses and (done % LOSS_EVERY == 0 or done == steps):  # the only host sync of the loop
                 bar.advance(1, loss=(sum(losses.values()) / len(losses)).item())

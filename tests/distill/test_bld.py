@@ -135,6 +135,24 @@ def test_units_trained_on_disk_activations_equal_units_trained_on_recomputed_one
         assert (result.loss_init, result.loss_final) == (other_result.loss_init, other_result.loss_final)
 
 
+def test_a_unit_trained_in_a_large_group_equals_the_unit_trained_alone(tmp_path):
+    """The default group size follows the GPU's free memory, so grouping must not change any unit's result:
+    every unit's optimiser state and loss are its own, the schedule and batches are the same."""
+    from puzzle.distill.bld import plan_groups
+
+    alone = _library(tmp_path, "alone", bld={"max_group_params": 1})
+    together = _library(tmp_path, "together", bld={"max_group_params": 10**12})
+    units = alone.manifest().units
+    arch = load_architecture(alone.paths.parent)
+    assert len(plan_groups(units, arch, 1)) == len(units) and len(plan_groups(units, arch, 10**12)) == 1
+    a = _train_with(alone, RecomputedActivations, units)
+    b = _train_with(together, RecomputedActivations, units)
+    for unit_id, (weights, result) in a.items():
+        other, other_result = b[unit_id]
+        assert all(torch.equal(weights[k], other[k]) for k in weights), unit_id
+        assert (result.loss_init, result.loss_final) == (other_result.loss_init, other_result.loss_final), unit_id
+
+
 def test_a_missing_shard_is_computed_by_whoever_needs_it(tmp_path):
     """A worker that died before writing its shards delays nobody: the reader computes and writes them."""
     search = _library(tmp_path, "run")
