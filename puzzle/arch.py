@@ -5,7 +5,10 @@ fields of config.json) plus one `BlockConfig` per layer. JSON follows the DeciLM
 convention that vLLM reads (`no_op`, `replace_with_linear`, `n_heads_in_group`, `intermediate_size`;
 NVIDIA's older `ffn_mult` is read and converted); puzzle adds `window_length`. A mixture-of-experts FFN is
 `ffn.moe` (NVIDIA's `MoEConfig` names: `num_local_experts`, `num_experts_per_tok`, `expert_intermediate_dim`),
-plus `norm_topk_prob`, the router rule that makes Mixtral and Qwen3-MoE parents exact.
+plus `norm_topk_prob`, the router rule that makes Mixtral and Qwen3-MoE parents exact, and the optional fields
+gpt-oss needs (`routing`, `router_bias`, `expert_bias`, `expert_activation` with `swiglu_alpha` / `swiglu_limit`),
+written only where they differ from the Mixtral defaults. gpt-oss's learned per-head attention sinks are the global
+`attention_sinks`.
 
 The accounting here (parameters, KV-cache bytes) is computed from the description alone and is tested to
 equal counting the real tensors of `puzzle/modeling/modeling_decilm.py`.
@@ -123,19 +126,42 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+# Routing rules: "softmax_topk" (Mixtral, Qwen3-MoE: softmax over all experts in fp32, then the top-k) and
+# "topk_softmax" (gpt-oss: the top-k router logits, then a softmax over those k in the logits' dtype).
+MOE_ROUTINGS = ("softmax_topk", "topk_softmax")
+# Expert activations: "swiglu" (down(silu(gate) * up)) and gpt-oss's "clamped_swiglu"
+# (gate clamped above and up on both sides at swiglu_limit; down((up + 1) * gate * sigmoid(swiglu_alpha * gate))).
+MOE_EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
+# The optional MoE fields and their values when absent from JSON (Mixtral / Qwen3-MoE experts).
+_MOE_DEFAULTS = {"routing": "softmax_topk", "router_bias": False, "expert_bias": False,
+                 "expert_activation": "swiglu", "swiglu_alpha": None, "swiglu_limit": None}
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig:
-    """One layer's mixture of experts: a softmax router over `num_local_experts` gated experts, each token sent to
-    its `num_experts_per_tok` most probable experts and their outputs summed with the router weights.
+    """One layer's mixture of experts: a router over `num_local_experts` gated experts, each token sent to its
+    `num_experts_per_tok` best experts and their outputs summed with the router weights.
 
     `norm_topk_prob`: the top-k probabilities are rescaled to sum to 1 (Mixtral always; Qwen3-MoE when its config
-    says so); otherwise they stay the softmax over all experts of the layer.
+    says so); otherwise they stay the softmax over all experts of the layer. `routing="topk_softmax"` (gpt-oss) takes
+    the softmax over the top-k logits instead, which is the renormalised rule computed in another order, so it
+    requires `norm_topk_prob`. `router_bias` / `expert_bias`: the router and every expert projection have biases.
     """
 
     num_local_experts: int
     num_experts_per_tok: int
     expert_intermediate_dim: int
     norm_topk_prob: bool
+    routing: str = "softmax_topk"
+    router_bias: bool = False
+    expert_bias: bool = False
+    expert_activation: str = "swiglu"
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_local_experts", "num_experts_per_tok", "expert_intermediate_dim"):
@@ -144,25 +170,45 @@ class MoEConfig:
         if self.num_experts_per_tok > self.num_local_experts:
             raise ConfigError(f"ffn.moe.num_experts_per_tok={self.num_experts_per_tok} exceeds "
                               f"num_local_experts={self.num_local_experts}; a token cannot use more experts than exist")
-        if not isinstance(self.norm_topk_prob, bool):
-            raise ConfigError(f"ffn.moe.norm_topk_prob must be true or false, got {self.norm_topk_prob!r}")
+        for name in ("norm_topk_prob", "router_bias", "expert_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ffn.moe.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.routing not in MOE_ROUTINGS:
+            raise ConfigError(f"ffn.moe.routing {self.routing!r} is not known; use one of {', '.join(MOE_ROUTINGS)}")
+        if self.routing == "topk_softmax" and not self.norm_topk_prob:
+            raise ConfigError("ffn.moe.routing 'topk_softmax' renormalises over the top-k by construction; "
+                              "set norm_topk_prob to true")
+        self._check_activation()
+
+    def _check_activation(self) -> None:
+        if self.expert_activation not in MOE_EXPERT_ACTIVATIONS:
+            raise ConfigError(f"ffn.moe.expert_activation {self.expert_activation!r} is not known; "
+                              f"use one of {', '.join(MOE_EXPERT_ACTIVATIONS)}")
+        clamped = self.expert_activation == "clamped_swiglu"
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, name)
+            if clamped and not _positive_number(value):
+                raise ConfigError(f"ffn.moe.{name} must be a positive number for clamped_swiglu experts, got {value!r}")
+            if not clamped and value is not None:
+                raise ConfigError(f"ffn.moe.{name} applies only to expert_activation 'clamped_swiglu'; remove it")
 
     def label(self) -> str:
         """moe_k8_top2: experts kept, experts per token."""
         return f"moe_k{self.num_local_experts}_top{self.num_experts_per_tok}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Optional fields are written only when set, so Mixtral / Qwen3-MoE checkpoints keep their four fields.
+        return {k: v for k, v in asdict(self).items() if k not in _MOE_DEFAULTS or v != _MOE_DEFAULTS[k]}
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "ffn.moe") -> MoEConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{where} must be an object with {', '.join(cls.__dataclass_fields__)}")
         _check_fields(data, set(cls.__dataclass_fields__), _INERT_MOE_FIELDS, where)
-        missing = [k for k in cls.__dataclass_fields__ if k not in data]
+        missing = [k for k in cls.__dataclass_fields__ if k not in data and k not in _MOE_DEFAULTS]
         if missing:
             raise ConfigError(f"{where}: missing field {missing[0]!r}")
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,6 +313,7 @@ class ModelShape:
     o_proj_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    attention_sinks: bool = False  # gpt-oss: one learned sink logit per query head in every softmax attention
     hidden_act: str = "silu"
 
     @classmethod
@@ -288,6 +335,7 @@ class ModelShape:
             o_proj_bias=attention_bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
             qk_norm=bool(config.get("qk_norm", False)),
+            attention_sinks=bool(config.get("attention_sinks", False)),
             hidden_act=config.get("hidden_act", "silu"),
         )
 
@@ -311,12 +359,14 @@ def attention_params(shape: ModelShape, attention: AttentionConfig) -> int:
         params += h
     if shape.qk_norm:
         params += 2 * d
+    if shape.attention_sinks:
+        params += shape.num_attention_heads
     return params
 
 
-def _gated_params(shape: ModelShape, width: int) -> int:
-    """One SwiGLU (gate, up, down) of `width` channels, with biases when the model has them."""
-    return 3 * shape.hidden_size * width + ((2 * width + shape.hidden_size) if shape.mlp_bias else 0)
+def _gated_params(shape: ModelShape, width: int, bias: bool) -> int:
+    """One SwiGLU (gate, up, down) of `width` channels, with or without biases."""
+    return 3 * shape.hidden_size * width + ((2 * width + shape.hidden_size) if bias else 0)
 
 
 def ffn_params(shape: ModelShape, ffn: FFNConfig) -> int:
@@ -327,9 +377,12 @@ def ffn_params(shape: ModelShape, ffn: FFNConfig) -> int:
     if ffn.replace_with_linear:
         return h * h + h
     if ffn.moe is not None:
-        experts = ffn.moe.num_local_experts
-        return h + experts * h + experts * _gated_params(shape, ffn.moe.expert_intermediate_dim)
-    return h + _gated_params(shape, ffn.intermediate_size)
+        moe, experts = ffn.moe, ffn.moe.num_local_experts
+        router = experts * h + (experts if moe.router_bias else 0)
+        # Expert biases: gpt-oss's own flag; Mixtral / Qwen3-MoE experts follow the global mlp_bias (false there).
+        expert = _gated_params(shape, moe.expert_intermediate_dim, moe.expert_bias or shape.mlp_bias)
+        return h + router + experts * expert
+    return h + _gated_params(shape, ffn.intermediate_size, shape.mlp_bias)
 
 
 
@@ -422,6 +475,8 @@ class Architecture:
         reasons = []
         if self.shape.qk_norm:
             reasons.append("q/k RMSNorm (Qwen3) is not in vLLM's DeciLM model")
+        if self.shape.attention_sinks:
+            reasons.append("attention sinks (gpt-oss) are not in vLLM's DeciLM model")
         for i, block in enumerate(self.blocks):
             reasons += [f"layer {i}: {reason}" for reason in block.vllm_unsupported]
         return reasons

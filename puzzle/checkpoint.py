@@ -6,9 +6,11 @@ docs/checkpoint-format.md. A puzzle checkpoint is an HF folder: config.json (`mo
 with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` where puzzle is not installed.
 
 Loading accepts puzzle checkpoints, NVIDIA's Llama-Nemotron checkpoints (`ffn_mult`, extra inert fields)
-and the plain HF parents puzzle converts (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral). All but Mixtral
-store their tensors under the DeciLM names, so their conversion is a new config.json plus the parent's
-safetensors files; Mixtral's expert tensors are renamed (`WEIGHT_RENAMES`) on conversion and on loading.
+and the plain HF parents puzzle converts (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral, gpt-oss). All but
+Mixtral and gpt-oss store their tensors under the DeciLM names, so their conversion is a new config.json plus the
+parent's safetensors files; Mixtral's expert tensors are renamed (`WEIGHT_RENAMES`) on conversion and on loading;
+gpt-oss's fused expert tensors are split into one Linear per expert (`split_gpt_oss_tensor`) on conversion and
+on loading.
 Every write goes to a temporary folder that is renamed into place only when complete.
 """
 
@@ -21,7 +23,7 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ TOKENIZER_FILES = (
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
 DECILM_MODEL_TYPE = "nemotron-nas"
-PARENT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+PARENT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt_oss")
 # Parent tensor names that differ from DeciLM's (regex -> replacement, applied to every name). DeciLM's MoE layer
 # uses the Qwen3-MoE names (`mlp.gate`, `mlp.experts.{e}.{gate,up,down}_proj`), which most HF MoE families share.
 WEIGHT_RENAMES = {
@@ -58,7 +60,11 @@ WEIGHT_RENAMES = {
         r"\.block_sparse_moe\.experts\.(\d+)\.w3\.": r".mlp.experts.\1.up_proj.",
         r"\.block_sparse_moe\.experts\.(\d+)\.w2\.": r".mlp.experts.\1.down_proj.",
     },
+    "gpt_oss": {r"\.mlp\.router\.": ".mlp.gate."},  # its fused experts are split too (split_gpt_oss_tensor)
 }
+# Families whose tensors need more than a rename (values re-laid out): converted in memory when loaded.
+SPLIT_FAMILIES = ("gpt_oss",)
+_GPT_OSS_EXPERTS = re.compile(r"^(.*\.mlp\.experts\.)(gate_up_proj|gate_up_proj_bias|down_proj|down_proj_bias)$")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
@@ -90,20 +96,27 @@ def _hf_config_object(path: Path, config: dict):
 
 
 def decilm_config_from_parent(path: Path, config: dict) -> dict[str, Any]:
-    """A DeciLM config.json dict equal to a Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral parent, layer
-    for layer."""
+    """A DeciLM config.json dict equal to a Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral / gpt-oss
+    parent, layer for layer."""
     family = config.get("model_type")
     if family not in PARENT_FAMILIES:
         raise UnsupportedModelError(
             f"{path / 'config.json'}: model_type {family!r} is not supported; puzzle converts "
             f"{', '.join(PARENT_FAMILIES)} models and reads {DECILM_MODEL_TYPE} (Llama-Nemotron) checkpoints"
         )
+    quantization = config.get("quantization_config")
+    if quantization is not None:  # e.g. gpt-oss as published: MXFP4 expert blocks and scales
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise UnsupportedModelError(
+            f"{path / 'config.json'}: quantized weights ({method}) are not supported; load the model dequantized in "
+            "transformers (for MXFP4: quantization_config=Mxfp4Config(dequantize=True)) and save_pretrained it"
+        )
     hf = _hf_config_object(path, config)
     layers, heads = hf.num_hidden_layers, hf.num_attention_heads
     kv_heads = getattr(hf, "num_key_value_heads", None) or heads
     if family in ("mistral", "mixtral", "qwen3_moe"):  # one window for every layer (None: full attention)
         windows = [hf.sliding_window] * layers
-    elif family in ("qwen2", "qwen3"):
+    elif family in ("qwen2", "qwen3", "gpt_oss"):
         windows = [hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
     else:
         windows = [None] * layers
@@ -113,6 +126,7 @@ def decilm_config_from_parent(path: Path, config: dict) -> dict[str, Any]:
     rope = dict(hf.rope_parameters)
     if rope.get("rope_type") == "dynamic":
         raise UnsupportedModelError(f"{path / 'config.json'}: dynamic RoPE scaling is not supported")
+    sinks = {"attention_sinks": True} if family == "gpt_oss" else {}  # absent elsewhere: config.json unchanged
     return {
         "architectures": ["DeciLMForCausalLM"],
         "model_type": DECILM_MODEL_TYPE,
@@ -135,6 +149,7 @@ def decilm_config_from_parent(path: Path, config: dict) -> dict[str, Any]:
         "qkv_bias": qkv_bias,
         "mlp_bias": bool(getattr(hf, "mlp_bias", False)),
         "qk_norm": family in ("qwen3", "qwen3_moe"),
+        **sinks,
         "bos_token_id": hf.bos_token_id,
         "eos_token_id": hf.eos_token_id,
         "pad_token_id": hf.pad_token_id,
@@ -162,11 +177,22 @@ def _parent_ffn(family: str, hf, layer: int) -> dict[str, Any]:
         if not sparse:
             return dense
         width, renormalise = hf.moe_intermediate_size, bool(hf.norm_topk_prob)
+    elif family == "gpt_oss":
+        width, renormalise = hf.intermediate_size, True
     else:
         return dense
     moe = {"num_local_experts": hf.num_local_experts, "num_experts_per_tok": hf.num_experts_per_tok,
            "expert_intermediate_dim": width, "norm_topk_prob": renormalise}
+    if family == "gpt_oss":  # GptOssTopKRouter / GptOssExperts: biased router and experts, clamped SwiGLU
+        moe |= {"routing": "topk_softmax", "router_bias": True, "expert_bias": True,
+                "expert_activation": "clamped_swiglu", "swiglu_alpha": float(_gpt_oss_swiglu_alpha(hf)),
+                "swiglu_limit": float(hf.swiglu_limit)}
     return {"no_op": False, "replace_with_linear": False, "intermediate_size": None, "moe": moe}
+
+
+def _gpt_oss_swiglu_alpha(hf) -> float:
+    # transformers releases before `swiglu_alpha` became a config field hard-code GptOssExperts.alpha = 1.702.
+    return hf.swiglu_alpha if hasattr(hf, "swiglu_alpha") else 1.702
 
 
 def _dtype_name(dtype) -> str | None:
@@ -226,6 +252,44 @@ def renamed(name: str, renames: dict[str, str]) -> str:
     return name
 
 
+def split_gpt_oss_tensor(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One gpt-oss tensor under DeciLM names: a fused expert tensor becomes one tensor per expert, others pass.
+
+    gpt-oss computes x @ gate_up_proj[e] (E, C, 2I) with gate and up interleaved along the last axis (gate the
+    even columns, up the odd ones, GptOssExperts._apply_gate), and x @ down_proj[e] (E, I, C); DeciLM's experts
+    are Linear layers, weight (out, in), so the slices are transposed.
+    """
+    match = _GPT_OSS_EXPERTS.match(name)
+    if match is None:
+        return {name: tensor}
+    prefix, kind = match.groups()
+    out = {}
+    for e in range(tensor.shape[0]):
+        if kind == "gate_up_proj":  # (C, 2I)
+            out[f"{prefix}{e}.gate_proj.weight"] = tensor[e, :, 0::2].T.contiguous()
+            out[f"{prefix}{e}.up_proj.weight"] = tensor[e, :, 1::2].T.contiguous()
+        elif kind == "gate_up_proj_bias":  # (2I,)
+            out[f"{prefix}{e}.gate_proj.bias"] = tensor[e, 0::2].contiguous()
+            out[f"{prefix}{e}.up_proj.bias"] = tensor[e, 1::2].contiguous()
+        elif kind == "down_proj":  # (I, C)
+            out[f"{prefix}{e}.down_proj.weight"] = tensor[e].T.contiguous()
+        else:  # down_proj_bias (C,)
+            out[f"{prefix}{e}.down_proj.bias"] = tensor[e].clone()
+    return out
+
+
+def decilm_tensors(path: Path) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The folder's tensor (name, value) -> {DeciLM name: value}: a rename, plus the expert split for gpt-oss."""
+    renames = weight_renames(path)
+    split = read_config(path).get("model_type") in SPLIT_FAMILIES
+
+    def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        name = renamed(name, renames)
+        return split_gpt_oss_tensor(name, tensor) if split else {name: tensor}
+
+    return convert
+
+
 def weight_files(path: Path) -> dict[str, list[str]]:
     """{safetensors file name: tensor names} of a model folder, checking every file's header."""
     path = Path(path)
@@ -280,12 +344,14 @@ def check_weights(path: Path, config: DeciLMConfig) -> dict[str, list[str]]:
     shapes."""
     files = weight_files(path)
     expected = expected_tensors(config)
-    renames = weight_renames(path)
+    to_decilm = decilm_tensors(path)
     found: dict[str, tuple[int, ...]] = {}
     for name, keys in files.items():
         with safe_open(Path(path) / name, framework="pt") as st:
             for key in keys:
-                found[renamed(key, renames)] = tuple(st.get_slice(key).get_shape())
+                # Converted on the meta device: the names and shapes `convert` writes, without reading any values.
+                meta = torch.empty(st.get_slice(key).get_shape(), device="meta")
+                found |= {k: tuple(v.shape) for k, v in to_decilm(key, meta).items()}
     missing = sorted(set(expected) - set(found))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -375,6 +441,8 @@ def load_model(path: Path, dtype: torch.dtype | None = torch.float32, device: st
     path = Path(path)
     config = decilm_config(normalized_config(path))
     check_weights(path, config)
+    if read_config(path).get("model_type") in SPLIT_FAMILIES:
+        return _load_converted_in_memory(path, config, dtype).to(device).eval()
     model, info = DeciLMForCausalLM.from_pretrained(
         path, config=config, dtype=dtype if dtype is not None else "auto", output_loading_info=True,
         key_mapping=weight_renames(path) or None,
@@ -389,15 +457,37 @@ def load_model(path: Path, dtype: torch.dtype | None = torch.float32, device: st
     return model.to(device).eval()
 
 
+def _load_converted_in_memory(path: Path, config: DeciLMConfig, dtype: torch.dtype | None) -> DeciLMForCausalLM:
+    """A folder whose tensors need re-laying out (gpt-oss), read as `convert` would write it: each file's tensors
+    converted in memory, then assigned to a model built without weights (check_weights has matched the names)."""
+    to_decilm = decilm_tensors(path)
+    state = {}
+    for name in weight_files(path):
+        for key, tensor in load_file(Path(path) / name).items():
+            state |= {k: v if dtype is None else v.to(dtype) for k, v in to_decilm(key, tensor).items()}
+    with torch.device("meta"):
+        model = DeciLMForCausalLM(config)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # one tensor under both names, as tied
+    model.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (the RoPE frequencies) are not in the files: compute them on a real device.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model
+
+
 def build_model(config: DeciLMConfig, dtype: torch.dtype = torch.float32) -> DeciLMForCausalLM:
     """A randomly initialised model of `config` (tests, demos, candidates before their weights are set)."""
     return DeciLMForCausalLM(config).to(dtype).eval()
 
 
-def _write_renamed(source: Path, dest: Path, renames: dict[str, str]) -> None:
-    """One safetensors file with its tensors renamed to the DeciLM names (one shard in memory at a time)."""
-    tensors = load_file(source)
-    save_file({renamed(k, renames): v for k, v in tensors.items()}, dest, metadata={"format": "pt"})
+def _write_converted(source: Path, dest: Path, to_decilm) -> list[str]:
+    """One safetensors file with its tensors under the DeciLM names and layout (one shard in memory at a time);
+    returns the names written."""
+    tensors = {}
+    for name, tensor in load_file(source).items():
+        tensors |= to_decilm(name, tensor)
+    save_file(tensors, dest, metadata={"format": "pt"})
+    return list(tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -461,26 +551,28 @@ def save_model(
 
 
 def convert(hf_dir: Path, out: Path, *, overwrite: bool = False, info: dict[str, Any] | None = None) -> Path:
-    """Convert a Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral parent (or a Llama-Nemotron checkpoint) to
-    puzzle's format.
+    """Convert a Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral / gpt-oss parent (or a Llama-Nemotron
+    checkpoint) to puzzle's format.
 
     The weights are copied file by file, byte for byte where their names are already the DeciLM names (Mixtral's
-    expert tensors are renamed, values untouched), so the converted model computes exactly what the parent
-    computes.
+    expert tensors are renamed, values untouched; gpt-oss's fused experts are split per expert, values untouched),
+    so the converted model computes exactly what the parent computes.
     """
     hf_dir, out = Path(hf_dir), Path(out)
     config = normalized_config(hf_dir)
     files = check_weights(hf_dir, decilm_config(config))
-    renames = weight_renames(hf_dir)
+    rewrite = bool(weight_renames(hf_dir)) or config.get("puzzle_parent_family") in SPLIT_FAMILIES
+    to_decilm = decilm_tensors(hf_dir)
     with atomic_output_dir(out, overwrite) as tmp:
+        written = {}
         for name in files:
-            if renames:
-                _write_renamed(hf_dir / name, tmp / name, renames)
+            if rewrite:
+                written |= {key: name for key in _write_converted(hf_dir / name, tmp / name, to_decilm)}
             else:
                 shutil.copy2(hf_dir / name, tmp / name)
-        if (hf_dir / SAFETENSORS_INDEX).exists() and renames:
+        if (hf_dir / SAFETENSORS_INDEX).exists() and rewrite:
             index = read_json(hf_dir / SAFETENSORS_INDEX, SAFETENSORS_INDEX)
-            index["weight_map"] = {renamed(k, renames): v for k, v in index["weight_map"].items()}
+            index["weight_map"] = dict(sorted(written.items()))
             write_json_atomic(tmp / SAFETENSORS_INDEX, index)
         elif (hf_dir / SAFETENSORS_INDEX).exists():
             shutil.copy2(hf_dir / SAFETENSORS_INDEX, tmp / SAFETENSORS_INDEX)

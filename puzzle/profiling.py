@@ -12,8 +12,16 @@ Method: sub-blocks run as in the model (pre-norm, residual add) on random inputs
 step is captured in a CUDA graph and replayed (median of `repeats` samples, each the mean of `inner`
 replays, timed with CUDA events); on CPU the same code runs eagerly and the numbers are labelled CPU.
 The KV cache used for timing has a fixed length and is overwritten in place, so every step has the same
-shapes (graph-capturable) and no time goes to growing a cache. `analytic=True` instead estimates each
-time from bytes moved / memory bandwidth and flops / peak rate for a given hardware spec.
+shapes (graph-capturable) and no time goes to growing a cache. Mixture-of-experts FFNs are the exception:
+`DeciLMSparseMoE` sends each expert the tokens that chose it (data-dependent shapes, a host sync per layer), which
+a CUDA graph cannot capture, so MoE variants and whole models with MoE layers are timed eagerly; each variant
+records its `method`. `analytic=True` instead estimates each time from bytes moved / memory bandwidth and flops
+/ peak rate for a given hardware spec; a decode step of an MoE FFN reads the experts that at least one token of
+the batch chose (`expected_active_experts`, uniform routing) and computes k experts per token.
+
+KV bytes (per token, in the memory targets, and read by the analytic decode step) are at `profile.kv_dtype`
+(default: the deployment dtype `param_dtype`; fp8 halves them). Measured timings read the KV cache at the timing
+dtype: there is no fp8 attention kernel to time here.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +43,7 @@ from puzzle.arch import (
     BlockConfig,
     FFNConfig,
     ModelShape,
+    MoEConfig,
     attention_kv_bytes_per_token,
     attention_params,
     ffn_params,
@@ -59,7 +68,9 @@ from puzzle.progress import track
 # on a loaded machine samples differ several-fold (a report once said 7.40x measured for 2.41x predicted).
 NOISY = 0.5
 MEASURE_ATTEMPTS = 3  # whole-model timings are repeated up to this often while they are noisy
-PROFILE_VERSION = 2  # 2: parameter bytes at the deployment dtype (param_dtype), not the profiling dtype
+# 2: parameter bytes at the deployment dtype (param_dtype), not the profiling dtype; 3: each variant's timing
+# `method` (MoE variants are timed without CUDA graphs)
+PROFILE_VERSION = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,10 +89,12 @@ class ProfileConfig:
     prompt_len: int = 2048  # tokens of the prefill
     prefill_batch: int = 1  # sequences prefilled together
     generate_tokens: int = 256  # decode steps after the prefill (latency = prefill + this x decode step)
-    kv_dtype: str = "bf16"  # KV-cache dtype for byte counts (bf16, fp16, fp8, fp32)
     # The dtype the child's weights are deployed in: memory targets count parameters at this, whatever dtype
     # the timing ran in (a CPU profile times fp32 layers of a child that will serve in bf16).
     param_dtype: str = "bf16"
+    # KV-cache dtype (bf16, fp8, fp16, fp32) of the byte counts, the memory targets and the analytic KV reads;
+    # unset: param_dtype, as a server stores KV in the model's dtype unless told to quantise it.
+    kv_dtype: str | None = None
     repeats: int = 30  # timed samples; the median is reported
     inner: int = 10  # calls per sample (their mean is one sample)
     warmup: int = 5
@@ -97,8 +110,10 @@ class ProfileConfig:
                      "inner", "stack"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"profile.{name} must be positive, got {getattr(self, name)}")
-        kv_dtype_bytes(self.kv_dtype)
         kv_dtype_bytes(self.param_dtype)
+        if self.kv_dtype is None:
+            object.__setattr__(self, "kv_dtype", self.param_dtype)
+        kv_dtype_bytes(self.kv_dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +126,8 @@ class VariantCost:
     param_bytes: int
     kv_bytes_per_token: int  # at the profile's kv_dtype
     kv_window: int | None
+    # how the times were taken: "cuda" for MoE variants in a "cuda_graphs" profile (not capturable), else the profile's
+    method: Literal["cuda_graphs", "cuda", "cpu", "analytic"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,10 +291,29 @@ def _allocate(cache: TimingCache, config: DeciLMConfig, blocks: list[BlockConfig
         cache.allocate(i, batch, kv, config.head_dim, device, dtype)
 
 
+def graph_capturable(blocks: list[BlockConfig]) -> bool:
+    """Whether a CUDA graph can capture these layers' forward: not with experts, whose dispatch has data-dependent
+    shapes (`DeciLMSparseMoE.forward`; docs/methods.md says why no capturable form is used)."""
+    return all(b.ffn.moe is None for b in blocks)
+
+
+def timing_method(cfg: ProfileConfig, device: torch.device, blocks: list[BlockConfig]) -> str:
+    """How `blocks` are timed on `device`: "cuda_graphs", "cuda" (eager) or "cpu"."""
+    if device.type != "cuda":
+        return device.type
+    return "cuda_graphs" if cfg.cuda_graphs and graph_capturable(blocks) else "cuda"
+
+
+def _timing_cfg(cfg: ProfileConfig, blocks: list[BlockConfig]) -> ProfileConfig:
+    """`cfg` with CUDA graphs off where the layers cannot be captured (said in each variant's `method`)."""
+    return cfg if graph_capturable(blocks) else replace(cfg, cuda_graphs=False)
+
+
 def time_layers(parent: DeciLMConfig, block: BlockConfig, cfg: ProfileConfig, device, dtype) -> Timing:
     """Decode and prefill time of one layer `block`, measured as `cfg.stack` stacked copies."""
     if block.attention.no_op and block.ffn.no_op:
         return Timing(decode_time_s=0.0, prefill_time_s=0.0)
+    cfg = _timing_cfg(cfg, [block])
     n = cfg.stack
     config, layers = _stacked_layers(parent, block, n, device, dtype)
     rotary = DeciLMRotaryEmbedding(config).to(device)
@@ -313,8 +349,6 @@ def time_layers(parent: DeciLMConfig, block: BlockConfig, cfg: ProfileConfig, de
 
 def _prefill_cfg(cfg: ProfileConfig) -> ProfileConfig:
     """Prefill calls are long: fewer inner calls per sample."""
-    from dataclasses import replace
-
     return replace(cfg, inner=max(1, cfg.inner // 5), repeats=max(5, cfg.repeats // 2))
 
 
@@ -337,6 +371,7 @@ def measure_model(model: DeciLMForCausalLM, cfg: ProfileConfig) -> Timing:
     config = model.config
 
     blocks = list(Architecture.from_config(config.to_dict()).blocks)
+    cfg = _timing_cfg(cfg, blocks)
     cache = TimingCache(_cache_lengths(blocks, cfg.context_len), cfg.context_len - 1)
     _allocate(cache, config, blocks, cfg.batch_size, device, dtype)
     ids = torch.randint(0, config.vocab_size, (cfg.batch_size, 1), device=device)
@@ -358,20 +393,57 @@ def measure_model(model: DeciLMForCausalLM, cfg: ProfileConfig) -> Timing:
 # Analytic estimate
 
 
+def expected_active_experts(experts: int, per_token: int, tokens: int) -> float:
+    """Expected number of distinct experts that `tokens` tokens choose, `per_token` each, under uniform routing.
+
+    A token picks `per_token` distinct experts of `experts`, so it misses a given one with probability
+    1 - k/E, and all `tokens` (routed independently) miss it with (1 - k/E)^tokens: E (1 - (1 - k/E)^B).
+    One token reads k experts; a large batch reads nearly all E. Uniform, not the router's measured frequencies:
+    a profile entry is per variant, shared by every layer it appears in, and pruning changes the kept experts' shares.
+    """
+    return experts * (1.0 - (1.0 - per_token / experts) ** tokens)
+
+
+def moe_param_split(shape: ModelShape, moe: MoEConfig) -> tuple[int, int]:
+    """(parameters every token uses: the norm and the router; parameters of one expert) of an MoE FFN.
+
+    Taken from `ffn_params` itself (what one more expert adds, less its router row) so the two never disagree.
+    """
+    total = ffn_params(shape, FFNConfig(moe=moe))
+    router_row = shape.hidden_size + (1 if moe.router_bias else 0)
+    one_more = ffn_params(shape, FFNConfig(moe=replace(moe, num_local_experts=moe.num_local_experts + 1)))
+    expert = one_more - total - router_row
+    return total - moe.num_local_experts * expert, expert
+
+
+def _weights_read_and_computed(shape: ModelShape, kind: str, variant, tokens: int) -> tuple[float, float]:
+    """(parameters read from memory, parameters each token multiplies by) for one call over `tokens` tokens.
+
+    A dense sub-block reads and uses all its parameters. An MoE FFN reads the experts some token chose
+    (expected, uniform routing) and each token computes through its k experts; all E stay in memory (param_bytes).
+    """
+    if kind == "ffn" and variant.moe is not None:
+        moe = variant.moe
+        shared, expert = moe_param_split(shape, moe)
+        active = expected_active_experts(moe.num_local_experts, moe.num_experts_per_tok, tokens)
+        return shared + active * expert, shared + moe.num_experts_per_tok * expert
+    params = attention_params(shape, variant) if kind == "attention" else ffn_params(shape, variant)
+    return params, params
+
+
 def analytic_timing(shape: ModelShape, kind: str, variant, cfg: ProfileConfig, dtype_bytes: int) -> Timing:
-    """max(bytes / bandwidth, flops / peak) for one sub-block: weights read once, KV read per sequence."""
+    """max(bytes / bandwidth, flops / peak) for one sub-block: weights read once per call (for experts: those the
+    batch routes to), activations at `dtype_bytes`, the KV cache read per sequence at `cfg.kv_dtype`."""
     hw = cfg.hardware
     if variant.no_op:
         return Timing(decode_time_s=0.0, prefill_time_s=0.0)
-    params = attention_params(shape, variant) if kind == "attention" else ffn_params(shape, variant)
-    weights = params * dtype_bytes
 
     def estimate(tokens: int, kv_tokens: int, batch: int) -> float:
-        flops = 2 * params * tokens
-        moved = weights + 2 * tokens * shape.hidden_size * dtype_bytes
+        read, used = _weights_read_and_computed(shape, kind, variant, tokens)
+        flops = 2 * used * tokens
+        moved = read * dtype_bytes + 2 * tokens * shape.hidden_size * dtype_bytes
         if kind == "attention" and variant.has_softmax:
-            per_token = attention_kv_bytes_per_token(shape, variant, "bf16") // 2 * dtype_bytes
-            moved += batch * kv_tokens * per_token
+            moved += batch * kv_tokens * attention_kv_bytes_per_token(shape, variant, cfg.kv_dtype)
             flops += 4 * tokens * kv_tokens * shape.num_attention_heads * shape.head_dim
         return max(moved / hw.memory_bandwidth, flops / hw.flops)
 
@@ -429,15 +501,17 @@ def profile_variants(parent: DeciLMConfig, variants: list[tuple[str, AttentionCo
             params = attention_params(shape, variant) if kind == "attention" else ffn_params(shape, variant)
             kv = attention_kv_bytes_per_token(shape, variant, cfg.kv_dtype) if kind == "attention" else 0
             name = (names or {}).get((kind, variant)) or (variant.label(shape.num_attention_heads) if kind == "attention" else variant.label())
+            method = "analytic" if cfg.analytic else timing_method(cfg, device, [block])
             costs.append(VariantCost(kind=kind, name=name, variant=variant.to_dict(), decode_time_s=timing.decode_time_s,
                                      prefill_time_s=timing.prefill_time_s, param_bytes=params * param_bytes,
-                                     kv_bytes_per_token=kv, kv_window=getattr(variant, "window_length", None)))
+                                     kv_bytes_per_token=kv, kv_window=getattr(variant, "window_length", None),
+                                     method=method))
             bar.advance(1)
     embed_params = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
+    method = "analytic" if cfg.analytic else timing_method(cfg, device, [])
     fixed = VariantCost(kind="ffn", name="embeddings+head", variant={}, decode_time_s=fixed_timing.decode_time_s,
                         prefill_time_s=fixed_timing.prefill_time_s, param_bytes=embed_params * param_bytes,
-                        kv_bytes_per_token=0, kv_window=None)
-    method = "analytic" if cfg.analytic else ("cuda_graphs" if device.type == "cuda" and cfg.cuda_graphs else device.type)
+                        kv_bytes_per_token=0, kv_window=None, method=method)
     return Profile(device=cfg.hardware.name if cfg.analytic else _device_name(device), method=method,
                    dtype=str(dtype).removeprefix("torch."), config=_config_dict(cfg), fixed=fixed,
                    variants=tuple(costs), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -445,6 +519,11 @@ def profile_variants(parent: DeciLMConfig, variants: list[tuple[str, AttentionCo
 
 def _config_dict(cfg: ProfileConfig) -> dict[str, Any]:
     return to_mapping(cfg)
+
+
+def eager_variants(profile: Profile) -> list[str]:
+    """Names of the variants timed without CUDA graphs in a CUDA-graphs profile (experts: not capturable)."""
+    return [v.name for v in profile.variants if profile.method == "cuda_graphs" and v.method == "cuda"]
 
 
 def predicted_timing(profile: Profile, blocks: list[BlockConfig]) -> Timing:

@@ -27,7 +27,7 @@ from puzzle.distill.bld import read_unit_result, unit_path
 from puzzle.evaluation import EvalConfig, evaluate_many
 from puzzle.files import write_json_atomic
 from puzzle.mip.stage import ChildPlan
-from puzzle.profiling import MEASURE_ATTEMPTS, NOISY, Profile, ProfileConfig, measure_model
+from puzzle.profiling import MEASURE_ATTEMPTS, NOISY, Profile, ProfileConfig, eager_variants, measure_model
 from puzzle.run import RunPaths
 from puzzle.scoring import Scores, model_quality
 
@@ -228,15 +228,21 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     env = {"puzzle": puzzle.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
            "python": platform.python_version(), "date": when}
+    eager = eager_variants(profile)
     data = {"environment": env, "profile": {"device": profile.device, "method": profile.method, "dtype": profile.dtype,
+                                             "eager_variants": eager, "kv_dtype": profile.config["kv_dtype"],
                                              **{k: profile.config[k] for k in ("batch_size", "context_len", "prompt_len")}},
             "parent": asdict(parent), "children": [asdict(c) for c in children], "bld": bld_rows, "sweep": sweep,
             "infeasible": failures, "plots": plots, "tasks": tasks or {}, "held_out": held_out}
     write_json_atomic(paths.root / "report.json", data)
     cpu_note = " (CPU numbers: a small model on this machine's cores, not a GPU prediction)" if profile.method == "cpu" else ""
+    # Experts dispatch tokens with data-dependent shapes, which a CUDA graph cannot capture (profiling.graph_capturable).
+    eager_note = (f"; without CUDA graphs (expert dispatch is not capturable): {', '.join(eager)} and whole models "
+                  "with experts") if eager else ""
     lines = [
         "# puzzle search report", "",
-        f"Parent: `{paths.parent}`  ", f"Device: {profile.device}, method {profile.method}, {profile.dtype}{cpu_note}  ",
+        f"Parent: `{paths.parent}`  ", f"Device: {profile.device}, method {profile.method}, {profile.dtype}{cpu_note}{eager_note}; "
+        f"KV cache at {profile.config['kv_dtype']}  ",
         f"Decode at batch {profile.config['batch_size']}, context {profile.config['context_len']}; "
         f"prefill {profile.config['prefill_batch']} x {profile.config['prompt_len']} tokens  ",
         f"Versions: puzzle {env['puzzle']}, torch {env['torch']}, transformers {env['transformers']}; {when}", "",

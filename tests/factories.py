@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -46,8 +48,16 @@ FAMILIES = {
     "qwen3_moe": lambda: (Qwen3MoeForCausalLM, Qwen3MoeConfig(**COMMON, head_dim=32, num_experts=4,
                                                               num_experts_per_tok=2, moe_intermediate_size=32,
                                                               norm_topk_prob=False, mlp_only_layers=[1])),
+    # Attention sinks, q/k/v/o biases, sliding (window 6) and full layers alternating, YaRN RoPE; 4 biased experts
+    # of width 96, top-2 of a biased router; a SwiGLU limit low enough that the clamps cut (|gate_up| reaches ~0.5).
+    "gpt_oss": lambda: (GptOssForCausalLM, GptOssConfig(**COMMON, head_dim=32, num_local_experts=4,
+                                                        num_experts_per_tok=2, sliding_window=6, swiglu_limit=0.2,
+                                                        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0,
+                                                                         "factor": 4.0, "beta_fast": 32.0,
+                                                                         "beta_slow": 1.0, "truncate": False,
+                                                                         "original_max_position_embeddings": 64})),
 }
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -55,7 +65,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+            if "norm" in name or name.endswith(("bias", "sinks")):
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
     return model
 
@@ -79,14 +89,23 @@ ATTENTION_VARIANTS = {
     "no_op": {"no_op": True},
 }
 MOE = {"num_local_experts": 4, "num_experts_per_tok": 2, "expert_intermediate_dim": 24, "norm_topk_prob": True}
+# gpt-oss experts: top-k then softmax, biased router and experts, clamped SwiGLU (a limit the random weights reach).
+GPT_OSS_MOE = {**MOE, "routing": "topk_softmax", "router_bias": True, "expert_bias": True,
+               "expert_activation": "clamped_swiglu", "swiglu_alpha": 1.702, "swiglu_limit": 0.2}
 FFN_VARIANTS = {
     "full": {"intermediate_size": 96},
     "narrow": {"intermediate_size": 40},
     "moe": {"moe": MOE},
+    "gpt_oss_moe": {"moe": GPT_OSS_MOE},
     "linear": {"replace_with_linear": True},
     "no_op": {"no_op": True},
 }
 VARIANT_COMBINATIONS = list(itertools.product(ATTENTION_VARIANTS, FFN_VARIANTS))
+
+
+def globals_for(ffn: str) -> dict:
+    """Global config fields a variant's family implies: gpt-oss experts come with attention sinks in every layer."""
+    return {"attention_sinks": True} if ffn == "gpt_oss_moe" else {}
 
 
 def decilm_dict(blocks: list[tuple[str, str]], **overrides) -> dict:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from factories import ATTENTION_VARIANTS, MOE, VARIANT_COMBINATIONS, decilm_dict, decilm_model
+from factories import ATTENTION_VARIANTS, GPT_OSS_MOE, MOE, VARIANT_COMBINATIONS, decilm_dict, decilm_model
 
 from puzzle.arch import Architecture, AttentionConfig, FFNConfig, MoEConfig, ffn_mult_to_intermediate_size
 from puzzle.errors import ConfigError
@@ -42,7 +42,14 @@ def test_nvidia_llama_nemotron_block_configs_are_read_and_normalised():
      "missing field 'norm_topk_prob'"),
     ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "shared_expert_intermediate_dim": 64}}},
      "shared_expert_intermediate_dim"),
-    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "router_bias": True}}}, "unknown field 'router_bias'"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "router_z_loss": 1}}}, "unknown field 'router_z_loss'"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "routing": "sigmoid"}}}, "routing 'sigmoid' is not known"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**GPT_OSS_MOE, "norm_topk_prob": False}}},
+     "set norm_topk_prob to true"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {k: v for k, v in GPT_OSS_MOE.items() if k != "swiglu_limit"}}},
+     "swiglu_limit must be a positive number"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "swiglu_alpha": 1.7}}}, "applies only to"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "router_bias": 1}}}, "router_bias must be true or false"),
     ({"attention": {"n_heads_in_group": 2}, "ffn": {"intermediate_size": 8, "moe": MOE}}, "has no intermediate_size"),
     ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "num_local_experts": 0}}}, "num_local_experts must be"),
 ])
@@ -61,7 +68,7 @@ def test_layer_count_must_match():
 
 @pytest.mark.parametrize("attention,ffn", VARIANT_COMBINATIONS)
 @pytest.mark.parametrize("globals_", [{}, {"tie_word_embeddings": True, "qkv_bias": True, "qk_norm": True},
-                                      {"attention_bias": True, "mlp_bias": True}])
+                                      {"attention_bias": True, "mlp_bias": True}, {"attention_sinks": True}])
 def test_parameter_accounting_equals_the_real_tensors(attention, ffn, globals_):
     config = decilm_dict([(attention, ffn), ("gqa2", "narrow")], **globals_)
     model = decilm_model([(attention, ffn), ("gqa2", "narrow")], **globals_)
@@ -105,6 +112,9 @@ def test_vllm_native_only_for_variants_vllm_implements():
         "q/k RMSNorm (Qwen3) is not in vLLM's DeciLM model", "layer 0: window attention",
         "layer 1: linear attention", "layer 1: linear FFN", "layer 2: mixture-of-experts FFN",
     ]
+    gpt_oss = Architecture.from_config(decilm_dict([("full", "gpt_oss_moe")], attention_sinks=True))
+    assert gpt_oss.vllm_unsupported() == ["attention sinks (gpt-oss) are not in vLLM's DeciLM model",
+                                          "layer 0: mixture-of-experts FFN"]
 
 
 def test_labels_and_frozen_equality():
@@ -126,3 +136,11 @@ def test_moe_blocks_round_trip_and_dense_blocks_keep_nvidias_three_ffn_fields():
     assert list(arch.blocks[1].ffn.to_dict()) == ["no_op", "replace_with_linear", "intermediate_size"]
     assert Architecture.from_config({**config, "block_configs": arch.block_configs()}) == arch
     assert FFNConfig(**moe.to_dict()) == moe  # saved candidates and solutions are read back this way
+
+
+def test_gpt_oss_moe_fields_are_written_only_where_set():
+    arch = Architecture.from_config(decilm_dict([("full", "gpt_oss_moe"), ("full", "moe")], attention_sinks=True))
+    assert arch.shape.attention_sinks
+    assert arch.blocks[0].ffn.to_dict()["moe"] == GPT_OSS_MOE and arch.blocks[1].ffn.to_dict()["moe"] == MOE
+    assert arch.blocks[0].ffn.moe == MoEConfig(**GPT_OSS_MOE) != MoEConfig(**MOE)
+    assert FFNConfig(**arch.blocks[0].ffn.to_dict()) == arch.blocks[0].ffn

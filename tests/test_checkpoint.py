@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import FAMILIES, VARIANT_COMBINATIONS, decilm_model, hf_parent
+from factories import FAMILIES, VARIANT_COMBINATIONS, decilm_model, globals_for, hf_parent
 from safetensors.torch import save_file
 
 from puzzle import checkpoint
@@ -29,6 +29,10 @@ def test_convert_matches_transformers_to_1e5(family, tmp_path):
         parent.generate(prompt, max_new_tokens=10, do_sample=False).tolist()
     arch = checkpoint.load_architecture(tmp_path / "child")
     assert arch.total_params() == sum(p.numel() for p in parent.parameters())
+    with torch.no_grad():  # the unconverted folder loads too (renamed or, for gpt-oss, split in memory); 1e-6:
+        # expert matmuls may round differently with differently aligned weights (see the round-trip test)
+        torch.testing.assert_close(checkpoint.load_model(tmp_path / "parent")(ids).logits, child(ids).logits,
+                                   atol=1e-6, rtol=0)
 
 
 def test_converted_folder_has_the_checkpoint_format(tmp_path):
@@ -41,6 +45,7 @@ def test_converted_folder_has_the_checkpoint_format(tmp_path):
     config = json.loads((tmp_path / "child" / "config.json").read_text())
     assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_decilm.DeciLMForCausalLM"
+    assert "attention_sinks" not in config  # written only for gpt-oss
     info = json.loads((tmp_path / "child" / "puzzle.json").read_text())
     assert info["stage"] == "convert" and info["command"] == "puzzle convert a b" and info["vllm_native"] is False
 
@@ -66,7 +71,7 @@ def test_every_variant_round_trips_through_a_process_without_puzzle(tmp_path):
     folders, expected = [], {}
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
     for k, (attention, ffn) in enumerate(VARIANT_COMBINATIONS):
-        model = decilm_model([(attention, ffn), ("gqa2", "full"), (attention, ffn)], seed=k)
+        model = decilm_model([(attention, ffn), ("gqa2", "full"), (attention, ffn)], seed=k, **globals_for(ffn))
         folder = tmp_path / f"{attention}-{ffn}"
         checkpoint.save_model(model, folder)
         torch.save(ids, folder / "ids.pt")
@@ -76,7 +81,7 @@ def test_every_variant_round_trips_through_a_process_without_puzzle(tmp_path):
         reloaded = checkpoint.load_model(folder)  # and puzzle's own loader agrees
         # Bit for bit, except experts: their few-row matmuls take CPU kernels that depend on the weights' memory
         # alignment, and weights loaded from safetensors are less aligned than fresh ones (last-bit differences).
-        atol = 1e-6 if ffn == "moe" else 0
+        atol = 1e-6 if ffn in ("moe", "gpt_oss_moe") else 0
         torch.testing.assert_close(reloaded(ids).logits, expected[str(folder)][0], atol=atol, rtol=0)
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ""}
     out = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_PUZZLE, json.dumps(folders)], cwd=tmp_path,
@@ -165,6 +170,13 @@ def test_unknown_model_type(tmp_path):
     (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported; puzzle converts llama, mistral, qwen2, qwen3"):
         checkpoint.convert(tmp_path / "gpt2", tmp_path / "out")
+
+
+def test_quantized_parent_is_refused_with_the_dequantizing_fix(tmp_path):
+    (tmp_path / "mxfp4").mkdir()
+    (tmp_path / "mxfp4" / "config.json").write_text('{"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}')
+    with pytest.raises(UnsupportedModelError, match=r"quantized weights \(mxfp4\).*Mxfp4Config\(dequantize=True\)"):
+        checkpoint.convert(tmp_path / "mxfp4", tmp_path / "out")
 
 
 def test_weights_that_do_not_match_the_config(tmp_path):

@@ -233,6 +233,11 @@ def test_vllm_native_target_drops_exactly_the_variants_vllm_does_not_serve(finis
     assert plan.target["vllm_native"] is True
     assert not dataclasses.replace(arch, blocks=plan.blocks).vllm_unsupported()
     assert cli.run(["solve", str(run), "--vllm-native"]) == 2  # a restriction without a target
+    # parents whose every attention layer vLLM's DeciLM lacks are refused up front, naming the reason
+    for field, reason in (("qk_norm", "q/k RMSNorm"), ("attention_sinks", "attention sinks")):
+        other = dataclasses.replace(arch, shape=dataclasses.replace(arch.shape, **{field: True}))
+        with pytest.raises(ConfigError, match=f"target t: vllm_native is impossible for this parent: {reason}"):
+            vllm_native_problem(problem, manifest, other, "t")
 
 
 def test_bf16_parent_runs_every_stage(tmp_path):

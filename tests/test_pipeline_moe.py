@@ -35,3 +35,6 @@ def test_tiny_mixtral_search_prunes_experts(tmp_path):
     load_model(child)  # its weights are exactly what its config describes
     report = json.loads((search.paths.root / "report.json").read_text())
     assert [c["name"] for c in report["children"]] == ["small"] and 0 <= report["children"][0]["kl"] < 10
+    # CPU timings of experts say so; KV bytes at the deployment dtype unless profile.kv_dtype says otherwise
+    assert {v["method"] for v in profile["variants"]} == {"cpu"} and profile["config"]["kv_dtype"] == "bf16"
+    assert report["profile"]["eager_variants"] == [] and report["profile"]["kv_dtype"] == "bf16"

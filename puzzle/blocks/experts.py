@@ -5,8 +5,10 @@ Experts are ranked on calibration tokens (`collect_layer_stats` calls `ExpertSta
   gets before the top-k cut;
 - `contribution`: each expert's mean weighted output norm, routing weight x ||expert(x)|| over the tokens
   routed to it (0 elsewhere), the share of the layer's output it actually writes.
-The kept experts keep their relative order and the router keeps their rows, so the pruned layer routes among
-them by the family's own rule (softmax over the kept experts, top-k, renormalised when `norm_topk_prob`).
+The kept experts keep their relative order and the router keeps their rows (and bias entries, gpt-oss), so the
+pruned layer routes among them by the family's own rule (softmax over the kept experts, top-k, renormalised when
+`norm_topk_prob`; gpt-oss: top-k of the kept experts' logits, softmax over those). Expert biases go with their
+experts.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class ExpertStats:
             score = F.softmax(logits, dim=-1, dtype=torch.float).sum(0)
         else:
             score = torch.zeros(logits.shape[-1], dtype=torch.float, device=x.device)
-            weights, chosen = route_tokens(logits, module.top_k, module.norm_topk_prob)  # (N, top_k) each
+            weights, chosen = route_tokens(logits, module.top_k, module.norm_topk_prob, module.routing)  # (N, top_k) each
             for expert in torch.unique(chosen).tolist():
                 token, slot = torch.where(chosen == expert)
                 norms = module.experts[expert](x[token]).float().norm(dim=-1)  # (n,)
@@ -78,6 +80,8 @@ def keep_experts(parent: dict[str, torch.Tensor], variant: MoEConfig,
     else:
         keep = score.topk(k).indices.sort().values
     out = {"mlp.gate.weight": router[keep.to(router.device)].clone()}
+    if "mlp.gate.bias" in parent:  # gpt-oss's router bias: one entry per expert, sliced as the rows
+        out["mlp.gate.bias"] = parent["mlp.gate.bias"][keep.to(router.device)].clone()
     for new, old in enumerate(keep.tolist()):
         for tensor in _EXPERT_TENSORS:
             for suffix in ("weight", "bias"):

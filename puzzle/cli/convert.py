@@ -10,7 +10,7 @@ from puzzle.cli.output import done
 
 
 def convert_command(hf_dir: ModelDir, out: OutDir, overwrite: Overwrite = False) -> None:
-    """Convert an HF parent (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral) or a Llama-Nemotron checkpoint to puzzle's format.
+    """Convert an HF parent (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral, gpt-oss) or a Llama-Nemotron checkpoint to puzzle's format.
 
     The result computes exactly what the parent computes (same weights, every layer equal to the
     parent's) and loads with transformers (trust_remote_code=True), and in vLLM unless it has experts.

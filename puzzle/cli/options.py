@@ -10,7 +10,7 @@ import typer
 Overwrite = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace OUT if it exists (it is swapped out only once the new one is complete).")]
 KvDtype = Annotated[str, typer.Option("--kv-dtype", help="KV-cache dtype for byte counts: bf16, fp16, fp8, fp32.")]
 JsonOutput = Annotated[bool, typer.Option("--json", metavar="", help="Print machine-readable JSON instead of a table.")]
-ModelDir = Annotated[Path, typer.Argument(help="Model folder: a puzzle checkpoint, a Llama-Nemotron checkpoint, or a Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral HF folder.", show_default=False)]
+ModelDir = Annotated[Path, typer.Argument(help="Model folder: a puzzle checkpoint, a Llama-Nemotron checkpoint, or a Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral/gpt-oss HF folder.", show_default=False)]
 OutDir = Annotated[Path, typer.Argument(help="Output folder (must not exist unless --overwrite).", show_default=False)]
 Workers = Annotated[int, typer.Option("--workers", min=1, help="Parallel workers for BLD (processes, GPUs or Slurm tasks).")]
 Launcher = Annotated[str, typer.Option("--launcher", help="How workers start: local, torchrun or slurm.")]

@@ -16,7 +16,7 @@ def _Slurm(flag: str, text: str):  # noqa: N802 (an annotation, like typer's)
 
 
 def search_command(
-    parent: Annotated[Optional[Path], typer.Argument(help="Parent model folder (HF Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral or DeciLM). Not needed to resume.", show_default=False)] = None,
+    parent: Annotated[Optional[Path], typer.Argument(help="Parent model folder (HF Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral/gpt-oss or DeciLM). Not needed to resume.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", help="Run directory (created, or resumed when it exists).", show_default=False)] = ...,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML run config; flags override it.")] = None,
     data: Annotated[Optional[list[Path]], typer.Option("--data", help="Text / JSONL / datasets folder for calibration, BLD and scoring (repeatable).")] = None,

@@ -161,9 +161,10 @@ def _costs(profile: Profile, attention: AttentionConfig | None, ffn: FFNConfig |
 
 def vllm_native_problem(problem: Problem, manifest: Manifest, arch: Architecture, target: str) -> Problem:
     """The problem without the variants vLLM does not serve (the library keeps them for other targets)."""
-    if arch.shape.qk_norm:
-        raise ConfigError(f"target {target}: vllm_native is impossible for this parent: q/k RMSNorm (Qwen3) is not in "
-                          "vLLM's DeciLM model; drop vllm_native")
+    for present, what in ((arch.shape.qk_norm, "q/k RMSNorm (Qwen3)"), (arch.shape.attention_sinks, "attention sinks (gpt-oss)")):
+        if present:
+            raise ConfigError(f"target {target}: vllm_native is impossible for this parent: {what} is not in "
+                              "vLLM's DeciLM model; drop vllm_native")
     layers = []
     for i, (layer, parent) in enumerate(zip(problem.layers, arch.blocks)):
         served = {}

@@ -8,8 +8,9 @@ vLLM reads each block as attributes (`block.attention.no_op`, `block.attention.n
 `block.ffn.no_op`, `block.ffn.intermediate_size`) and tests `hasattr(block.ffn, "ffn_mult")` to pick the
 FFN width, so blocks become attribute objects whose unset fields stay absent, and `to_dict()` writes plain
 dicts back. Field names follow NVIDIA's Llama-Nemotron checkpoints; puzzle adds `window_length` (used),
-`qk_norm` (Qwen3) and the mixture-of-experts `ffn.moe` (NVIDIA's MoEConfig names, read as `block.ffn.moe.*`;
-absent on dense layers) and never changes the meaning of an existing field.
+`qk_norm` (Qwen3), `attention_sinks` (gpt-oss; written only when true) and the mixture-of-experts `ffn.moe`
+(NVIDIA's MoEConfig names plus gpt-oss's routing / bias / activation fields, read as `block.ffn.moe.*`; absent on
+dense layers) and never changes the meaning of an existing field.
 """
 
 import transformers
@@ -90,6 +91,7 @@ class DeciLMConfig(PretrainedConfig):
         attention_dropout=0.0,
         mlp_bias=False,
         qk_norm=False,
+        attention_sinks=False,
         block_configs=None,
         **kwargs,
     ):
@@ -131,6 +133,8 @@ class DeciLMConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.mlp_bias = mlp_bias
         self.qk_norm = qk_norm
+        if attention_sinks:  # only gpt-oss children carry the field, so other config.json files stay as they were
+            self.attention_sinks = True
         self.pretraining_tp = 1
 
         rope = _standard_rope(rope_parameters, rope_scaling, rope_theta)

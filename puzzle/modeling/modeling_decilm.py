@@ -3,11 +3,11 @@
 Follows transformers' `models/llama/modeling_llama.py`. Per layer, `config.block_configs[i]` picks
   attention: softmax GQA with any number of KV heads (`n_heads_in_group`), optionally a sliding window
              (`window_length`), a linear replacement (one hidden x hidden matrix) or no-op;
-  ffn:       SwiGLU of any width (`intermediate_size`, or NVIDIA's older `ffn_mult`), a mixture of SwiGLU
-             experts (`moe`: Mixtral / Qwen3-MoE routing, any number of experts per layer), a linear
-             replacement, or no-op.
-Global options cover the dense families puzzle converts: Llama-3 RoPE scaling (any transformers RoPE
-type), Qwen2 q/k/v bias, Qwen3 per-head q/k RMSNorm, Mistral/Qwen2 sliding windows, tied embeddings.
+  ffn:       SwiGLU of any width (`intermediate_size`, or NVIDIA's older `ffn_mult`), a mixture of gated
+             experts (`moe`: Mixtral / Qwen3-MoE / gpt-oss routing and activations, any number of experts per
+             layer), a linear replacement, or no-op.
+Global options cover the families puzzle converts: Llama-3 RoPE scaling (any transformers RoPE type), Qwen2
+q/k/v bias, Qwen3 per-head q/k RMSNorm, Mistral/Qwen2 sliding windows, gpt-oss attention sinks, tied embeddings.
 
 This file is copied into every puzzle checkpoint and loaded with `trust_remote_code=True` where puzzle is
 not installed, so it imports only torch and public transformers APIs (transformers >= 5.17).
@@ -172,8 +172,29 @@ class MaskProvider:
         return self._masks[key]
 
 
+def attention_with_sinks(q, k, v, mask, sinks, scaling):
+    """gpt-oss attention (transformers' GptOss eager_attention_forward): each head's softmax has one more logit,
+    the head's learned sink, whose probability is dropped, so a head may give its keys less than full weight.
+
+    q: (B, H, T, D), k/v: (B, KV, S, D), mask: "causal", None or bool (B|1, 1, T, S) with True = attend,
+    sinks: (H,). Returns (B, H, T, D).
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
+    logits = torch.matmul(q, k.transpose(2, 3)) * scaling  # (B, H, T, S)
+    if isinstance(mask, str):  # "causal": the T queries are the last T of the S keys
+        mask = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+    if mask is not None:
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    sink = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1).to(logits.dtype)  # (B, H, T, 1)
+    combined = torch.cat([logits, sink], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values  # as transformers: no overflow in bf16
+    probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]  # the sink's share is dropped
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 class DeciLMAttention(nn.Module):
-    """Softmax attention with this layer's number of KV heads and optional sliding window."""
+    """Softmax attention with this layer's number of KV heads, optional sliding window and optional sinks."""
 
     def __init__(self, config, layer_idx, attention):
         super().__init__()
@@ -194,6 +215,8 @@ class DeciLMAttention(nn.Module):
             self.k_norm = DeciLMRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        # gpt-oss: one learned sink logit per query head (0 until loaded: the sink then weighs as one key of logit 0).
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if getattr(config, "attention_sinks", False) else None
 
     def forward(self, hidden_states, position_embeddings, masks, past_key_values=None):
         bsz, q_len, _ = hidden_states.shape
@@ -209,6 +232,9 @@ class DeciLMAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         mask = masks(k.shape[2], self.window)
+        if self.sinks is not None:  # SDPA has no sink logit; the eager form is transformers' own
+            out = attention_with_sinks(q, k, v, mask, self.sinks, self.scaling)  # (B, H, T, D)
+            return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
         is_causal = isinstance(mask, str)  # "causal": no mask tensor needed, SDPA's own causal path
         out = F.scaled_dot_product_attention(
             q, k, v,
@@ -235,9 +261,9 @@ class DeciLMLinearAttention(nn.Module):
 class DeciLMMLP(nn.Module):
     """Gated FFN (SwiGLU for Llama): down(act(gate(x)) * up(x))."""
 
-    def __init__(self, config, intermediate_size):
+    def __init__(self, config, intermediate_size, bias=None):
         super().__init__()
-        bias = getattr(config, "mlp_bias", False)
+        bias = getattr(config, "mlp_bias", False) if bias is None else bias
         self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=bias)
@@ -247,11 +273,36 @@ class DeciLMMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def route_tokens(router_logits, top_k, norm_topk_prob):
-    """Mixtral / Qwen3-MoE routing: softmax over the experts (in fp32), the top-k, optionally renormalised.
+def clamped_swiglu(gate, up, alpha, limit):
+    """gpt-oss's expert activation (transformers' GptOssExperts._apply_gate): the gate clamped above and the up
+    projection on both sides at `limit`, then (up + 1) * gate * sigmoid(alpha * gate)."""
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    glu = gate * torch.sigmoid(gate * alpha)
+    return (up + 1) * glu
 
-    router_logits: (N, E). Returns weights (N, top_k) in fp32 and expert indices (N, top_k).
+
+class DeciLMClampedMLP(DeciLMMLP):
+    """A gpt-oss expert: gate / up / down projections with biases and the clamped SwiGLU. gpt-oss stores gate and
+    up interleaved in one tensor; puzzle splits them on conversion, so the names are the Llama names."""
+
+    def __init__(self, config, intermediate_size, bias, alpha, limit):
+        super().__init__(config, intermediate_size, bias)
+        self.alpha, self.limit = alpha, limit
+
+    def forward(self, x):
+        return self.down_proj(clamped_swiglu(self.gate_proj(x), self.up_proj(x), self.alpha, self.limit))
+
+
+def route_tokens(router_logits, top_k, norm_topk_prob, routing="softmax_topk"):
+    """Routing weights (N, top_k) and expert indices (N, top_k) from router_logits (N, E).
+
+    "softmax_topk" (Mixtral / Qwen3-MoE): softmax over the experts in fp32, the top-k, optionally renormalised.
+    "topk_softmax" (gpt-oss): the top-k logits, then a softmax over those k in the logits' dtype.
     """
+    if routing == "topk_softmax":
+        top, experts = torch.topk(router_logits, top_k, dim=-1)  # (N, top_k)
+        return F.softmax(top, dim=-1, dtype=top.dtype), experts
     probs = F.softmax(router_logits, dim=-1, dtype=torch.float)  # (N, E)
     weights, experts = torch.topk(probs, top_k, dim=-1)  # (N, top_k)
     if norm_topk_prob:
@@ -259,8 +310,24 @@ def route_tokens(router_logits, top_k, norm_topk_prob):
     return weights, experts
 
 
+_ROUTINGS = ("softmax_topk", "topk_softmax")
+_EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
+
+
+def _expert(config, moe):
+    """One expert module of an MoE layer: a plain SwiGLU, or gpt-oss's clamped one."""
+    activation = getattr(moe, "expert_activation", "swiglu")
+    if activation not in _EXPERT_ACTIVATIONS:  # a checkpoint newer than this file: refuse, do not guess
+        raise ValueError(f"config.json: ffn.moe.expert_activation {activation!r} is not known to this modeling file "
+                         f"(known: {', '.join(_EXPERT_ACTIVATIONS)}); use the modeling_decilm.py of a newer puzzle")
+    bias = getattr(moe, "expert_bias", False) or None  # None: the global mlp_bias, as Mixtral / Qwen3-MoE experts
+    if activation == "clamped_swiglu":
+        return DeciLMClampedMLP(config, moe.expert_intermediate_dim, bias, moe.swiglu_alpha, moe.swiglu_limit)
+    return DeciLMMLP(config, moe.expert_intermediate_dim, bias)
+
+
 class DeciLMSparseMoE(nn.Module):
-    """Mixture of gated experts (transformers' MixtralSparseMoeBlock / Qwen3MoeSparseMoeBlock).
+    """Mixture of gated experts (transformers' MixtralSparseMoeBlock / Qwen3MoeSparseMoeBlock / GptOssMLP).
 
     The router (`gate`) scores this layer's experts; each token goes through its `num_experts_per_tok` best
     experts, whose outputs are summed with the routing weights. Experts are plain `DeciLMMLP`s, one module each,
@@ -271,15 +338,17 @@ class DeciLMSparseMoE(nn.Module):
         super().__init__()
         self.top_k = moe.num_experts_per_tok
         self.norm_topk_prob = moe.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, moe.num_local_experts, bias=False)
-        self.experts = nn.ModuleList(
-            [DeciLMMLP(config, moe.expert_intermediate_dim) for _ in range(moe.num_local_experts)]
-        )
+        self.routing = getattr(moe, "routing", "softmax_topk")
+        if self.routing not in _ROUTINGS:
+            raise ValueError(f"config.json: ffn.moe.routing {self.routing!r} is not known to this modeling file "
+                             f"(known: {', '.join(_ROUTINGS)}); use the modeling_decilm.py of a newer puzzle")
+        self.gate = nn.Linear(config.hidden_size, moe.num_local_experts, bias=getattr(moe, "router_bias", False))
+        self.experts = nn.ModuleList([_expert(config, moe) for _ in range(moe.num_local_experts)])
 
     def forward(self, x):
         bsz, seq_len, hidden = x.shape
         x = x.reshape(-1, hidden)  # (N, C)
-        weights, chosen = route_tokens(self.gate(x), self.top_k, self.norm_topk_prob)  # (N, top_k) each
+        weights, chosen = route_tokens(self.gate(x), self.top_k, self.norm_topk_prob, self.routing)  # (N, top_k) each
         out = torch.zeros_like(x)
         # Only the experts some token chose run, in ascending order as in transformers (same sums, same bits).
         for expert in torch.unique(chosen).tolist():

@@ -1,5 +1,7 @@
 """Expert pruning: a pruned MoE layer is the parent's layer sliced by hand, and the rankings are what they say."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,17 +32,34 @@ def _moe_inputs(hf, ids):
     return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])  # (N, C)
 
 
+def _router(block):
+    """transformers' router module of an MoE block (gpt-oss calls it `router`, the others `gate`)."""
+    return block.router if hasattr(block, "router") else block.gate
+
+
+def _router_logits(hf, x):
+    router = _router(hf.model.layers[LAYER].mlp)
+    return F.linear(x, router.weight, getattr(router, "bias", None))  # (N, E), gpt-oss's router has a bias
+
+
 def _hand_sliced_reference(hf, keep):
-    """transformers' own MoE block of layer LAYER with only the `keep` experts: router rows and fused expert
-    tensors sliced by hand from the parent's."""
+    """transformers' own MoE block of layer LAYER with only the `keep` experts: router rows (and bias), fused expert
+    tensors (and gpt-oss's expert biases) sliced by hand from the parent's."""
     parent_block = hf.model.layers[LAYER].mlp
     config = hf.config.__class__(**{**hf.config.to_dict(), "num_local_experts": len(keep), "num_experts": len(keep)})
     block = type(parent_block)(config).eval()
     with torch.no_grad():
-        block.gate.weight.copy_(parent_block.gate.weight[keep])
-        block.experts.gate_up_proj.copy_(parent_block.experts.gate_up_proj[keep])
-        block.experts.down_proj.copy_(parent_block.experts.down_proj[keep])
+        for name, tensor in [*_router(block).named_parameters(prefix="router"),
+                             *block.experts.named_parameters(prefix="experts")]:
+            source = dict([*_router(parent_block).named_parameters(prefix="router"),
+                           *parent_block.experts.named_parameters(prefix="experts")])[name]
+            tensor.copy_(source[keep])  # every router and expert tensor has the experts on its first axis
     return block
+
+
+def _moe_output(block, x):
+    out = block(x)
+    return out[0] if isinstance(out, tuple) else out  # GptOssMLP also returns its router scores
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -49,14 +68,12 @@ def test_expert_pruned_layer_equals_the_hand_sliced_reference(family, tmp_path):
     ids = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(0))
     stats = collect_layer_stats(model, [ids], [LAYER], linear=False)
     parent_moe = arch.blocks[LAYER].ffn.moe
-    variant = FFNConfig(moe=MoEConfig(num_local_experts=3, num_experts_per_tok=parent_moe.num_experts_per_tok,
-                                      expert_intermediate_dim=parent_moe.expert_intermediate_dim,
-                                      norm_topk_prob=parent_moe.norm_topk_prob))
+    variant = FFNConfig(moe=replace(parent_moe, num_local_experts=3))  # as the search space builds it
     candidate = Candidate(layer=LAYER, kind="ffn", name=variant.label(), variant=variant, is_parent=False)
     pruned = init_candidate(candidate, model, arch, stats[LAYER])
 
     x = _moe_inputs(hf, ids)
-    mass = F.softmax(x @ hf.model.layers[LAYER].mlp.gate.weight.T, dim=-1).mean(0)  # (E,) router probability mass
+    mass = F.softmax(_router_logits(hf, x), dim=-1).mean(0)  # (E,) router probability mass
     keep = mass.topk(3).indices.sort().values
     assert keep.tolist() != [0, 1, 2]  # the test would not see a wrong slice otherwise (seeded)
     reference = _hand_sliced_reference(hf, keep)
@@ -64,7 +81,7 @@ def test_expert_pruned_layer_equals_the_hand_sliced_reference(family, tmp_path):
     h = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(1))
     norm = hf.model.layers[LAYER].post_attention_layernorm
     with torch.no_grad():
-        torch.testing.assert_close(pruned(h), reference(norm(h)), atol=1e-6, rtol=0)
+        torch.testing.assert_close(pruned(h), _moe_output(reference, norm(h)), atol=1e-6, rtol=0)
 
 
 def test_contribution_ranking_is_the_mean_weighted_expert_output_norm(tmp_path):

@@ -28,11 +28,13 @@ _READ_AS_VLLM_DOES = textwrap.dedent("""
                        "linear": block.attention.replace_with_linear, "ffn_no_op": block.ffn.no_op,
                        "has_ffn_mult": hasattr(block.ffn, "ffn_mult"),
                        "intermediate_size": getattr(block.ffn, "intermediate_size", None),
-                       "experts": getattr(getattr(block.ffn, "moe", None), "num_local_experts", None)})
+                       "experts": getattr(getattr(block.ffn, "moe", None), "num_local_experts", None),
+                       "routing": getattr(getattr(block.ffn, "moe", None), "routing", None)})
     major = int(transformers.__version__.split(".")[0])
     rope_theta = config.rope_parameters["rope_theta"] if major >= 5 else config.rope_theta
     print(json.dumps({"transformers": transformers.__version__, "blocks": blocks, "rope_theta": rope_theta,
-                      "head_dim": config.head_dim, "to_dict": config.to_dict()["block_configs"]}))
+                      "head_dim": config.head_dim, "to_dict": config.to_dict()["block_configs"],
+                      "attention_sinks": getattr(config, "attention_sinks", None)}))
 """)
 
 PYTHONS = [sys.executable] + ([os.environ["PUZZLE_CONFIG_COMPAT_PYTHON"]] if os.environ.get("PUZZLE_CONFIG_COMPAT_PYTHON") else [])
@@ -41,7 +43,7 @@ PYTHONS = [sys.executable] + ([os.environ["PUZZLE_CONFIG_COMPAT_PYTHON"]] if os.
 @pytest.mark.parametrize("python", PYTHONS)
 def test_config_reads_as_vllm_reads_it(python, tmp_path):
     model = decilm_model([("gqa2", "narrow"), ("no_op", "full"), ("linear", "no_op"), ("window", "linear"),
-                          ("gqa2", "moe")])
+                          ("gqa2", "moe"), ("window", "gpt_oss_moe")], attention_sinks=True)
     checkpoint.save_model(model, tmp_path / "child")
     written = json.loads((tmp_path / "child" / "config.json").read_text())
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ""}
@@ -49,6 +51,8 @@ def test_config_reads_as_vllm_reads_it(python, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     read = json.loads(out.stdout.strip().splitlines()[-1])
+    # gpt-oss's extra MoE field is there only where written; the others read as absent
+    assert [b.pop("routing") for b in read["blocks"]][-2:] == [None, "topk_softmax"]
     assert read["blocks"] == [
         {"attention_no_op": False, "n_heads_in_group": 2, "linear": False, "ffn_no_op": False, "has_ffn_mult": False,
          "intermediate_size": 40, "experts": None},
@@ -60,7 +64,10 @@ def test_config_reads_as_vllm_reads_it(python, tmp_path):
          "intermediate_size": None, "experts": None},
         {"attention_no_op": False, "n_heads_in_group": 2, "linear": False, "ffn_no_op": False, "has_ffn_mult": False,
          "intermediate_size": None, "experts": 4},
+        {"attention_no_op": False, "n_heads_in_group": 2, "linear": False, "ffn_no_op": False, "has_ffn_mult": False,
+         "intermediate_size": None, "experts": 4},
     ]
+    assert read["attention_sinks"] is True and written["attention_sinks"] is True
     assert read["to_dict"] == written["block_configs"]
     # transformers 5 writes only `rope_parameters`; 4.x must still find its `rope_theta` there
     assert read["rope_theta"] == written["rope_parameters"]["rope_theta"] and read["head_dim"] == 16

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from factories import VARIANT_COMBINATIONS, decilm_model
+from factories import VARIANT_COMBINATIONS, decilm_dict, decilm_model, globals_for
 
+from puzzle.checkpoint import build_model, decilm_config
 from puzzle.modeling.modeling_decilm import DeciLMCache
 
 
@@ -21,7 +22,7 @@ def _incremental_logits(model, ids, prefill):
 @pytest.mark.parametrize("attention,ffn", VARIANT_COMBINATIONS)
 def test_cached_decoding_equals_full_forward_for_every_variant(attention, ffn):
     # The variant sits in layer 0 (so a cache-less first layer is exercised) and layer 2, around a GQA layer.
-    model = decilm_model([(attention, ffn), ("gqa2", "full"), (attention, ffn)])
+    model = decilm_model([(attention, ffn), ("gqa2", "full"), (attention, ffn)], **globals_for(ffn))
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
@@ -31,7 +32,7 @@ def test_cached_decoding_equals_full_forward_for_every_variant(attention, ffn):
 
 @pytest.mark.parametrize("attention,ffn", VARIANT_COMBINATIONS)
 def test_generate_with_cache_equals_recomputation(attention, ffn):
-    model = decilm_model([(attention, ffn), ("gqa2", "full"), (attention, ffn)], seed=3)
+    model = decilm_model([(attention, ffn), ("gqa2", "full"), (attention, ffn)], seed=3, **globals_for(ffn))
     prompt = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(2))
     cached = model.generate(prompt, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(prompt))
     recomputed = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False,
@@ -118,3 +119,11 @@ def test_ffn_mult_width_follows_vllms_rule():
     model = build_model(decilm_config(config))
     # int(2 * 2.625 * 64 / 3) = 112, rounded up to a multiple of 256.
     assert model.model.layers[0].mlp.gate_proj.out_features == 256
+
+
+@pytest.mark.parametrize("field", ["routing", "expert_activation"])
+def test_unknown_moe_rule_is_refused_not_guessed(field):
+    config = decilm_config(decilm_dict([("full", "moe")]))
+    setattr(config.block_configs[0].ffn.moe, field, "sparsemixer")  # as a newer puzzle might write
+    with pytest.raises(ValueError, match=f"ffn.moe.{field} 'sparsemixer' is not known"):
+        build_model(config)
