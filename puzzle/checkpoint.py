@@ -185,14 +185,15 @@ def _parent_ffn(family: str, hf, layer: int) -> dict[str, Any]:
            "expert_intermediate_dim": width, "norm_topk_prob": renormalise}
     if family == "gpt_oss":  # GptOssTopKRouter / GptOssExperts: biased router and experts, clamped SwiGLU
         moe |= {"routing": "topk_softmax", "router_bias": True, "expert_bias": True,
-                "expert_activation": "clamped_swiglu", "swiglu_alpha": float(_gpt_oss_swiglu_alpha(hf)),
-                "swiglu_limit": float(hf.swiglu_limit)}
+                "expert_activation": "clamped_swiglu", "swiglu_alpha": float(_gpt_oss_swiglu(hf, "swiglu_alpha", 1.702)),
+                "swiglu_limit": float(_gpt_oss_swiglu(hf, "swiglu_limit", 7.0))}
     return {"no_op": False, "replace_with_linear": False, "intermediate_size": None, "moe": moe}
 
 
-def _gpt_oss_swiglu_alpha(hf) -> float:
-    # transformers releases before `swiglu_alpha` became a config field hard-code GptOssExperts.alpha = 1.702.
-    return hf.swiglu_alpha if hasattr(hf, "swiglu_alpha") else 1.702
+def _gpt_oss_swiglu(hf, name: str, hard_coded: float) -> float:
+    # transformers releases before `swiglu_alpha` / `swiglu_limit` became config fields (5.17 has neither)
+    # hard-code GptOssExperts.alpha = 1.702 and .limit = 7.0 (the values every published config.json states)
+    return getattr(hf, name, hard_coded)
 
 
 def _dtype_name(dtype) -> str | None:
