@@ -61,8 +61,9 @@ def world(tmp_path_factory):
     demo = yaml.safe_load((ROOT / "puzzle" / "configs" / "demo.yaml").read_text())
     config = tiny_search_config(
         home / "data" / "fineweb", space={"ffn": {"fractions": [1.0, 0.75, 0.5, 0.25], "multiple": 64}},
+        # analytic: the examples that build on the search's children (fuse-ffn) must not hinge on CPU timing noise
         profile={"batch_size": 4, "context_len": 96, "prompt_len": 32, "repeats": 3, "inner": 2, "warmup": 1,
-                 "generate_tokens": 8},
+                 "generate_tokens": 8, "analytic": True},
         solve={"targets": demo["solve"]["targets"]}, report={"eval_tokens": 512, "batch_size": 4},
         slurm={"executor": "local", "cpus_per_task": 1})  # --launcher slurm runs the same jobs here as local processes
     work.mkdir()
