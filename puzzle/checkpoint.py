@@ -44,6 +44,7 @@ MODELING_FILES = ("configuration_decilm.py", "modeling_decilm.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_decilm.DeciLMConfig",
     "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
+    "AutoModel": "modeling_decilm.DeciLMModel",  # vLLM's Transformers backend builds the base model through it
 }
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -530,6 +531,7 @@ def finish_checkpoint_dir(folder: Path, config: dict[str, Any], source: Path | N
     info.setdefault("architecture", arch.block_configs())
     info.setdefault("total_params", arch.total_params())
     info.setdefault("vllm_native", not arch.vllm_unsupported())
+    info.setdefault("vllm_serving", arch.vllm_serving())
     write_json_atomic(folder / "puzzle.json", provenance(**info))
 
 

@@ -1,4 +1,4 @@
-"""The embedded demo parent (README, "make demo"): a small Llama trained here, on CPU, in a few minutes.
+"""The embedded demo parent (README, "make demo"): a small Llama (or Mixtral) trained here, on CPU, in minutes.
 
 No pretrained weights can be downloaded, so the demo makes its own parent from a corpus every machine has:
 the Python standard library's own source files (test suites excluded). A byte-level BPE tokenizer is
@@ -8,6 +8,7 @@ cosine decay. Train and held-out files are split by `puzzle.data` with the confi
 describes, so later stages see the same held-out files, never trained on.
 
     parent = build_demo_parent()          # ~/.cache/puzzle/demo/parent (or $PUZZLE_DEMO_DIR/parent)
+    moe = build_demo_parent(moe_demo_config(), out=demo_dir() / "parent-moe")   # `puzzle demo --moe`
     parent.metrics.held_out_loss, parent.metrics.unigram_loss
 
 The result is an ordinary HF Llama folder (config.json, model.safetensors, generation_config.json, tokenizer)
@@ -43,6 +44,7 @@ from puzzle.progress import log, quiet, track
 DEMO_VERSION = 1  # bump when the build recipe changes, so cached parents are rebuilt
 DEMO_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 _NOT_IN_FINGERPRINT = ("threads", "device", "max_shard_size", "save_dtype")  # how it is built and stored
+_MOE_FIELDS = ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef")  # fingerprinted for MoE parents only
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +74,11 @@ class DemoConfig:
     intermediate_size: int = 768  # 3x hidden: the SwiGLU ratio of Llama, rounded to a multiple of 256
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
+    # > 0: a Mixtral with this many experts per layer, each a SwiGLU of `intermediate_size` (`puzzle demo --moe`),
+    # instead of the Llama. Its load-balancing loss keeps every expert in use, so expert pruning has a real choice.
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.02
     initializer_range: float = 0.02  # embeddings and LM head (HF's default)
     # Matrices inside the blocks start at 0.02 / sqrt(2 * layers) (GPT-2's residual scaling, applied to all
     # of them): at this budget it gave 0.3-0.5 nats lower held-out loss than 0.02 (3 seeds), because the
@@ -120,6 +127,9 @@ class DemoConfig:
         if self.seq_len > self.max_position_embeddings:
             raise ConfigError(f"DemoConfig.seq_len ({self.seq_len}) exceeds max_position_embeddings")
         check_int("DemoConfig.threads", self.threads, optional=True)
+        if self.num_local_experts < 0 or (self.num_local_experts and not 1 <= self.num_experts_per_tok <= self.num_local_experts):
+            raise ConfigError(f"DemoConfig: need num_local_experts >= 0 and 1 <= num_experts_per_tok <= num_local_experts, "
+                              f"got {self.num_local_experts} and {self.num_experts_per_tok}")
         if self.save_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"DemoConfig.save_dtype must be float32 or bfloat16, got {self.save_dtype!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -205,7 +215,9 @@ def build_demo_parent(cfg: DemoConfig = DemoConfig(), force: bool = False, out: 
     """
     out = Path(out) if out is not None else demo_dir() / "parent"
     data_cfg = demo_data_config(cfg)
-    recipe = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+    # A dense parent's fingerprint leaves out the MoE fields, so adding them did not invalidate cached parents.
+    moe_free = _MOE_FIELDS if not cfg.num_local_experts else ()
+    recipe = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_FINGERPRINT + moe_free}
     fingerprint = source_fingerprint(
         data_cfg, extra={"demo_version": DEMO_VERSION, "config": recipe, "stdlib": data_cfg.paths[0]}
     )
@@ -341,10 +353,21 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
     write_json_atomic(config_path, config)
 
 
-def _new_model(cfg: DemoConfig, special_id: int) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def moe_demo_config() -> DemoConfig:
+    """The MoE demo parent (`puzzle demo --moe`): a 4-layer Mixtral, 8 experts of width 256, 2 per token."""
+    return DemoConfig(num_hidden_layers=4, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2)
 
-    config = LlamaConfig(
+
+def _new_model(cfg: DemoConfig, special_id: int) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    config_class, model_class, moe = LlamaConfig, LlamaForCausalLM, {}
+    if cfg.num_local_experts:
+        config_class, model_class = MixtralConfig, MixtralForCausalLM
+        moe = dict(num_local_experts=cfg.num_local_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                   output_router_logits=True, router_aux_loss_coef=cfg.router_aux_loss_coef, sliding_window=None)
+    config = config_class(
+        **moe,
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -362,11 +385,11 @@ def _new_model(cfg: DemoConfig, special_id: int) -> Any:
     )
     with torch.random.fork_rng():  # seeded init without disturbing the caller's RNG
         torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(config).float()
+        model = model_class(config).float()
         with torch.no_grad():
             for layer in model.model.layers:
                 for param in layer.parameters():
-                    if param.dim() == 2:  # q/k/v/o, gate/up/down; norms stay at 1
+                    if param.dim() >= 2:  # q/k/v/o, gate/up/down (Mixtral: router, stacked experts); norms stay at 1
                         param.normal_(0.0, cfg.block_init_std)
     return model
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from puzzle.config import read_yaml, to_mapping
-from puzzle.demo import DemoConfig, build_demo_parent, demo_data_config
+from puzzle.demo import DemoConfig, build_demo_parent, demo_data_config, demo_dir, moe_demo_config
 from puzzle.pipeline import Search, run_search
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+MOE_DEMO_CONFIG = Path(__file__).parent / "configs" / "demo_moe.yaml"
 
 
-def demo_search_base(demo: DemoConfig) -> dict:
+def demo_search_base(demo: DemoConfig, config: Path = DEMO_CONFIG) -> dict:
     """The demo's search config as data: the shipped YAML plus the demo parent's data split."""
-    base = read_yaml(DEMO_CONFIG)
+    base = read_yaml(config)
     base["data"] = to_mapping(demo_data_config(demo))
     return base
 
@@ -26,3 +27,14 @@ def run_demo(out: Path, workers: int = 1, demo: DemoConfig | None = None) -> Sea
     demo = demo or DemoConfig()
     parent = build_demo_parent(demo)
     return run_search(out, parent=parent.path, base=demo_search_base(demo), workers=workers)
+
+
+def moe_demo_parent(force: bool = False):
+    """The MoE demo parent (a small Mixtral), cached next to the dense one."""
+    return build_demo_parent(moe_demo_config(), force=force, out=demo_dir() / "parent-moe")
+
+
+def run_moe_demo(out: Path, workers: int = 1) -> Search:
+    """`puzzle demo --moe`: the MoE parent searched with expert pruning, fewer experts per token and windows."""
+    parent = moe_demo_parent()
+    return run_search(out, parent=parent.path, base=demo_search_base(parent.config, MOE_DEMO_CONFIG), workers=workers)

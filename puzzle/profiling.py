@@ -12,10 +12,10 @@ Method: sub-blocks run as in the model (pre-norm, residual add) on random inputs
 step is captured in a CUDA graph and replayed (median of `repeats` samples, each the mean of `inner`
 replays, timed with CUDA events); on CPU the same code runs eagerly and the numbers are labelled CPU.
 The KV cache used for timing has a fixed length and is overwritten in place, so every step has the same
-shapes (graph-capturable) and no time goes to growing a cache. Mixture-of-experts FFNs are the exception:
-`DeciLMSparseMoE` sends each expert the tokens that chose it (data-dependent shapes, a host sync per layer), which
-a CUDA graph cannot capture, so MoE variants and whole models with MoE layers are timed eagerly; each variant
-records its `method`. `analytic=True` instead estimates each time from bytes moved / memory bandwidth and flops
+shapes (graph-capturable) and no time goes to growing a cache. Mixture-of-experts FFNs are timed on CUDA in
+their grouped-GEMM form (`puzzle.grouped_moe`: the same computation with static shapes, reading only the routed
+experts, as a fused-MoE server runs it), so they are captured too; each variant records its `method`.
+`analytic=True` instead estimates each time from bytes moved / memory bandwidth and flops
 / peak rate for a given hardware spec; a decode step of an MoE FFN reads the experts that at least one token of
 the batch chose (`expected_active_experts`, uniform routing) and computes k experts per token.
 
@@ -26,6 +26,7 @@ dtype: there is no fp8 attention kernel to time here.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import platform
 import statistics
@@ -53,6 +54,7 @@ from puzzle.checkpoint import decilm_config
 from puzzle.config import to_mapping
 from puzzle.errors import ConfigError, StageError
 from puzzle.files import read_json, write_json_atomic
+from puzzle.grouped_moe import grouped_experts
 from puzzle.modeling.configuration_decilm import DeciLMConfig
 from puzzle.modeling.modeling_decilm import (
     DeciLMDecoderLayer,
@@ -291,31 +293,31 @@ def _allocate(cache: TimingCache, config: DeciLMConfig, blocks: list[BlockConfig
         cache.allocate(i, batch, kv, config.head_dim, device, dtype)
 
 
-def graph_capturable(blocks: list[BlockConfig]) -> bool:
-    """Whether a CUDA graph can capture these layers' forward: not with experts, whose dispatch has data-dependent
-    shapes (`DeciLMSparseMoE.forward`; docs/methods.md says why no capturable form is used)."""
-    return all(b.ffn.moe is None for b in blocks)
-
-
-def timing_method(cfg: ProfileConfig, device: torch.device, blocks: list[BlockConfig]) -> str:
-    """How `blocks` are timed on `device`: "cuda_graphs", "cuda" (eager) or "cpu"."""
+def timing_method(cfg: ProfileConfig, device: torch.device) -> str:
+    """How layers are timed on `device`: "cuda_graphs", "cuda" (eager) or "cpu"."""
     if device.type != "cuda":
         return device.type
-    return "cuda_graphs" if cfg.cuda_graphs and graph_capturable(blocks) else "cuda"
+    return "cuda_graphs" if cfg.cuda_graphs else "cuda"
 
 
-def _timing_cfg(cfg: ProfileConfig, blocks: list[BlockConfig]) -> ProfileConfig:
-    """`cfg` with CUDA graphs off where the layers cannot be captured (said in each variant's `method`)."""
-    return cfg if graph_capturable(blocks) else replace(cfg, cuda_graphs=False)
+def _timing_form(module: torch.nn.Module, device: torch.device):
+    """Experts as they are timed: on CUDA the grouped-GEMM form (capturable, what a fused-MoE server pays); on the
+    CPU puzzle's own per-expert dispatch, the code the CPU runs anyway."""
+    return grouped_experts(module) if device.type == "cuda" else contextlib.nullcontext(module)
 
 
 def time_layers(parent: DeciLMConfig, block: BlockConfig, cfg: ProfileConfig, device, dtype) -> Timing:
     """Decode and prefill time of one layer `block`, measured as `cfg.stack` stacked copies."""
     if block.attention.no_op and block.ffn.no_op:
         return Timing(decode_time_s=0.0, prefill_time_s=0.0)
-    cfg = _timing_cfg(cfg, [block])
     n = cfg.stack
     config, layers = _stacked_layers(parent, block, n, device, dtype)
+    with _timing_form(layers, device):
+        return _time_stacked_layers(config, layers, block, cfg, device, dtype)
+
+
+def _time_stacked_layers(config: DeciLMConfig, layers, block: BlockConfig, cfg: ProfileConfig, device, dtype) -> Timing:
+    n = len(layers)
     rotary = DeciLMRotaryEmbedding(config).to(device)
     c = config.hidden_size
     # decode: one new token per sequence at position context-1
@@ -367,11 +369,14 @@ def time_fixed(parent: DeciLMConfig, cfg: ProfileConfig, device, dtype) -> Timin
 
 def measure_model(model: DeciLMForCausalLM, cfg: ProfileConfig) -> Timing:
     """A whole model's decode step and prefill, timed by the same method as the variants."""
-    device, dtype = model.device, model.dtype
-    config = model.config
+    device = model.device
+    blocks = list(Architecture.from_config(model.config.to_dict()).blocks)
+    with _timing_form(model, device):
+        return _measure_model(model, blocks, cfg)
 
-    blocks = list(Architecture.from_config(config.to_dict()).blocks)
-    cfg = _timing_cfg(cfg, blocks)
+
+def _measure_model(model: DeciLMForCausalLM, blocks: list[BlockConfig], cfg: ProfileConfig) -> Timing:
+    device, dtype, config = model.device, model.dtype, model.config
     cache = TimingCache(_cache_lengths(blocks, cfg.context_len), cfg.context_len - 1)
     _allocate(cache, config, blocks, cfg.batch_size, device, dtype)
     ids = torch.randint(0, config.vocab_size, (cfg.batch_size, 1), device=device)
@@ -501,14 +506,14 @@ def profile_variants(parent: DeciLMConfig, variants: list[tuple[str, AttentionCo
             params = attention_params(shape, variant) if kind == "attention" else ffn_params(shape, variant)
             kv = attention_kv_bytes_per_token(shape, variant, cfg.kv_dtype) if kind == "attention" else 0
             name = (names or {}).get((kind, variant)) or (variant.label(shape.num_attention_heads) if kind == "attention" else variant.label())
-            method = "analytic" if cfg.analytic else timing_method(cfg, device, [block])
+            method = "analytic" if cfg.analytic else timing_method(cfg, device)
             costs.append(VariantCost(kind=kind, name=name, variant=variant.to_dict(), decode_time_s=timing.decode_time_s,
                                      prefill_time_s=timing.prefill_time_s, param_bytes=params * param_bytes,
                                      kv_bytes_per_token=kv, kv_window=getattr(variant, "window_length", None),
                                      method=method))
             bar.advance(1)
     embed_params = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
-    method = "analytic" if cfg.analytic else timing_method(cfg, device, [])
+    method = "analytic" if cfg.analytic else timing_method(cfg, device)
     fixed = VariantCost(kind="ffn", name="embeddings+head", variant={}, decode_time_s=fixed_timing.decode_time_s,
                         prefill_time_s=fixed_timing.prefill_time_s, param_bytes=embed_params * param_bytes,
                         kv_bytes_per_token=0, kv_window=None, method=method)
@@ -522,7 +527,8 @@ def _config_dict(cfg: ProfileConfig) -> dict[str, Any]:
 
 
 def eager_variants(profile: Profile) -> list[str]:
-    """Names of the variants timed without CUDA graphs in a CUDA-graphs profile (experts: not capturable)."""
+    """Names of the variants timed without CUDA graphs in a CUDA-graphs profile (experts, in profiles written
+    before their grouped-GEMM timing form)."""
     return [v.name for v in profile.variants if profile.method == "cuda_graphs" and v.method == "cuda"]
 
 

@@ -65,7 +65,12 @@ class ModelReport:
     predicted_speedup: float | None = 1.0
     summed_score: float | None = 0.0  # the MIP objective; None for derived children
     vllm_native: bool = True
+    vllm_serving: str = "native"  # Architecture.vllm_serving: native, transformers (its Transformers backend), none
     layers: list[str] = field(default_factory=list)
+
+
+# How the report names Architecture.vllm_serving; the note under the table says what "Transformers backend" takes.
+VLLM_SERVING = {"native": "native", "transformers": "Transformers backend", "none": "no"}
 
 
 def family(name: str, kind: str, parent_width: int | None) -> str:
@@ -83,19 +88,23 @@ def bld_table(manifest: Manifest, paths: RunPaths, arch: Architecture, scores: S
     for c in manifest.units:
         width = arch.blocks[c.layer].ffn.intermediate_size
         key = f"{c.kind}: {family(c.name, c.kind, width)}"
-        row = rows.setdefault(key, {"mse_init": [], "mse_bld": [], "kl_init": [], "kl_bld": []})
+        row = rows.setdefault(key, {"mse_init": [], "mse_bld": [], "kl_init": [], "kl_bld": [], "kept_init": []})
         result = read_unit_result(unit_path(paths, c))
         row["mse_init"].append(result.loss_init)
-        row["mse_bld"].append(result.loss_final)
+        # what the unit file holds: a unit that BLD made worse keeps its initialisation (UnitResult.kept)
+        row["mse_bld"].append(result.loss_init if result.kept == "init" else result.loss_final)
+        row["kept_init"].append(result.kept == "init")
         row["kl_bld"].append(scores.get(c.layer, c.kind, c.name).kl)
         if scores_init is not None:
             row["kl_init"].append(scores_init.get(c.layer, c.kind, c.name).kl)
     out = []
     for key, r in sorted(rows.items()):
+        kept_init = sum(r.pop("kept_init"))
         mean = {k: (sum(v) / len(v) if v else None) for k, v in r.items()}
         better_mse = sum(b < a for a, b in zip(r["mse_init"], r["mse_bld"]))
         better_kl = sum(b < a for a, b in zip(r["kl_init"], r["kl_bld"])) if r["kl_init"] else None
-        out.append({"family": key, "units": len(r["mse_init"]), **mean, "mse_improved": better_mse, "kl_improved": better_kl})
+        out.append({"family": key, "units": len(r["mse_init"]), **mean, "mse_improved": better_mse, "kl_improved": better_kl,
+                    "kept_init": kept_init})
     return out
 
 
@@ -201,7 +210,7 @@ def measure(name: str, path: Path, model, parent, batches, profile_cfg: ProfileC
         name=name, path=str(path), params=arch.total_params(), kv_bytes_per_token=arch.kv_bytes_per_token(kv_dtype),
         kl=quality.kl, lm_loss=quality.lm_loss, top1=quality.top1,
         measured_decode_s=timing.decode_time_s if timing else None, measured_prefill_s=timing.prefill_time_s if timing else None,
-        predicted_decode_s=0.0, vllm_native=not arch.vllm_unsupported(), measured_noisy=bool(timing and timing.noisy),
+        predicted_decode_s=0.0, vllm_native=not arch.vllm_unsupported(), vllm_serving=arch.vllm_serving(), measured_noisy=bool(timing and timing.noisy),
         layers=[f"{b.attention.label(heads)} | {b.ffn.label()}" for b in arch.blocks],
     ), timing
 
@@ -236,8 +245,8 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
             "infeasible": failures, "plots": plots, "tasks": tasks or {}, "held_out": held_out}
     write_json_atomic(paths.root / "report.json", data)
     cpu_note = " (CPU numbers: a small model on this machine's cores, not a GPU prediction)" if profile.method == "cpu" else ""
-    # Experts dispatch tokens with data-dependent shapes, which a CUDA graph cannot capture (profiling.graph_capturable).
-    eager_note = (f"; without CUDA graphs (expert dispatch is not capturable): {', '.join(eager)} and whole models "
+    # Profiles before the grouped-GEMM expert timing (puzzle.grouped_moe) timed experts without CUDA graphs.
+    eager_note = (f"; without CUDA graphs (per-expert dispatch): {', '.join(eager)} and whole models "
                   "with experts") if eager else ""
     lines = [
         "# puzzle search report", "",
@@ -249,7 +258,7 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
         "## Children", "",
         f"KL, LM loss and top-1 on {held_out['report_positions']:,} held-out positions, disjoint from the "
         f"{held_out['scoring_positions']:,} that scoring used to choose the children.", "",
-        "| model | params | KV B/token | predicted speed-up | measured speed-up | error | KL to parent | LM loss | top-1 | summed KL | vLLM-native |",
+        "| model | params | KV B/token | predicted speed-up | measured speed-up | error | KL to parent | LM loss | top-1 | summed KL | vLLM |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for m in [parent, *children]:
@@ -259,7 +268,11 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
             if m.measured_speedup and m.predicted_speedup and m is not parent else "-"
         summed = f"{m.summed_score:.4f}" if m.summed_score is not None else "-"
         lines.append(f"| {m.name} | {m.params / 1e6:.2f}M | {m.kv_bytes_per_token} | {predicted} | {measured} | "
-                     f"{err} | {m.kl:.4f} | {m.lm_loss:.4f} | {m.top1:.3f} | {summed} | {'yes' if m.vllm_native else 'no'} |")
+                     f"{err} | {m.kl:.4f} | {m.lm_loss:.4f} | {m.top1:.3f} | {summed} | {VLLM_SERVING[m.vllm_serving]} |")
+    if any(m.vllm_serving == "transformers" for m in children):
+        lines += ["", "vLLM: \"native\" children run in vLLM's DeciLMForCausalLM; \"Transformers backend\" ones (experts, "
+                  "sinks or q/k norms it lacks) run their own modeling code in vLLM: `LLM(path, model_impl=\"transformers\", "
+                  "trust_remote_code=True, enforce_eager=True)`; \"no\": transformers only (`puzzle inspect` says why)."]
     if failures:
         lines += ["", "Infeasible targets:", *[f"- {f}" for f in failures]]
     if tasks:
@@ -288,13 +301,16 @@ def write_report(paths: RunPaths, *, parent: ModelReport, parent_arch: Architect
         lines += [f"### {c.name}", "", "| layer | attention | FFN |", "|---:|---|---|"]
         lines += [f"| {i} | {l.split(' | ')[0]} | {l.split(' | ')[1]} |" for i, l in enumerate(c.layers)]
         lines.append("")
-    lines += ["## What BLD bought", "", "| family | units | MSE init | MSE after BLD | improved | KL init | KL after BLD | improved |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["## What BLD bought", "", "| family | units | MSE init | MSE after BLD | improved | init kept | KL init | KL after BLD | improved |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in bld_rows:
         kl_init = f"{r['kl_init']:.5f}" if r["kl_init"] is not None else "-"
         kl_better = f"{r['kl_improved']}/{r['units']}" if r["kl_improved"] is not None else "-"
         lines.append(f"| {r['family']} | {r['units']} | {r['mse_init']:.4f} | {r['mse_bld']:.4f} | {r['mse_improved']}/{r['units']} | "
-                     f"{kl_init} | {r['kl_bld']:.5f} | {kl_better} |")
+                     f"{r.get('kept_init', 0)} | {kl_init} | {r['kl_bld']:.5f} | {kl_better} |")
+    if any(r.get("kept_init") for r in bld_rows):
+        lines += ["", "Init kept: units whose trained weights were worse on BLD's held-out batches than their initialisation "
+                  "keep the initialisation (their MSE after BLD is the init's)."]
     if bld_rows and all(r["kl_init"] is None for r in bld_rows):
         lines += ["", "KL init: not measured; the initialised candidates are scored only when asked for, since it doubles "
                   "the score stage (`score.compare_init: true` in the config, or `puzzle score RUN --init`, then "

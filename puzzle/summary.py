@@ -39,11 +39,19 @@ class ModelSummary:
     total_params: int
     kv_bytes_per_token: int
     vllm_unsupported: tuple[str, ...]
+    vllm_transformers_unsupported: tuple[str, ...]  # why vLLM's Transformers backend cannot serve it either
     provenance: dict[str, Any] | None
 
     @property
     def vllm_native(self) -> bool:
         return not self.vllm_unsupported
+
+    @property
+    def vllm_serving(self) -> str:
+        """"native", "transformers" (vLLM's Transformers backend) or "none" (Architecture.vllm_serving)."""
+        if self.vllm_native:
+            return "native"
+        return "none" if self.vllm_transformers_unsupported else "transformers"
 
 
 def summarize(path: Path, kv_dtype: str = "bf16") -> ModelSummary:
@@ -79,5 +87,6 @@ def summarize(path: Path, kv_dtype: str = "bf16") -> ModelSummary:
         total_params=arch.total_params(),
         kv_bytes_per_token=arch.kv_bytes_per_token(kv_dtype),
         vllm_unsupported=tuple(arch.vllm_unsupported()),
+        vllm_transformers_unsupported=tuple(arch.vllm_transformers_unsupported()),
         provenance=info,
     )

@@ -7,7 +7,8 @@ Usage:
 
     VLLM_CPU_KVCACHE_SPACE=1 /work/vllm-venv/bin/python scripts/vllm_greedy.py \
         --model /path/to/hf_model_dir --prompts-json prompts.json \
-        --max-tokens 24 [--dtype float32|bfloat16] [--ignore-eos] --out result.json
+        --max-tokens 24 [--dtype float32|bfloat16] [--ignore-eos] \
+        [--model-impl auto|vllm|transformers] --out result.json
 
 prompts.json is a JSON list of lists of token ids, e.g. [[1, 17, 42], [1, 300]].
 Prompts are fed as TokensPrompt(prompt_token_ids=...) with skip_tokenizer_init=True,
@@ -61,6 +62,9 @@ def main() -> int:
                     help="always generate --max-tokens tokens")
     ap.add_argument("--max-model-len", type=int, default=0,
                     help="default: longest prompt + max-tokens, rounded up to 16")
+    ap.add_argument("--model-impl", default="auto", choices=["auto", "vllm", "transformers"],
+                    help="vLLM's model_impl: 'transformers' forces its Transformers backend "
+                         "(the model's own modeling code, e.g. DeciLM layers with experts)")
     ap.add_argument("--out", required=True, help="output JSON file")
     args = ap.parse_args()
 
@@ -84,6 +88,7 @@ def main() -> int:
     llm = LLM(
         model=args.model,
         trust_remote_code=True,
+        model_impl=args.model_impl,
         dtype=args.dtype,
         enforce_eager=True,
         max_model_len=max_len,
@@ -124,6 +129,7 @@ def main() -> int:
     result = {
         "model": os.path.abspath(args.model),
         "dtype": args.dtype,
+        "model_impl": args.model_impl,
         "max_tokens": args.max_tokens,
         "ignore_eos": args.ignore_eos,
         "stop_token_ids": stop_ids,

@@ -159,15 +159,15 @@ def tiny_tokenizer(corpus: Path, vocab_size: int = 320):
 
 def tiny_parent_with_tokenizer(root: Path, layers: int = 4, seed: int = 0, hidden_size: int = 64,
                                intermediate_size: int = 128, max_position_embeddings: int = 256,
-                               family: str = "llama") -> tuple[Path, Path]:
+                               family: str = "llama", experts: int = 4) -> tuple[Path, Path]:
     """(parent folder, corpus folder): a random tiny Llama (4 heads, 4 KV heads) with a BPE tokenizer; or, with
-    family="mixtral", a tiny Mixtral of the same shape with 4 experts of that width, 2 per token."""
+    family="mixtral", a tiny Mixtral of the same shape with `experts` experts of that width, 2 per token."""
     corpus = tiny_corpus(root / "corpus")
     tokenizer = tiny_tokenizer(corpus)
     torch.manual_seed(seed)
     cls, config_cls, extra = {"llama": (LlamaForCausalLM, LlamaConfig, {}),
                               "mixtral": (MixtralForCausalLM, MixtralConfig,
-                                          {"num_local_experts": 4, "num_experts_per_tok": 2})}[family]
+                                          {"num_local_experts": experts, "num_experts_per_tok": 2})}[family]
     config = config_cls(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                         max_position_embeddings=max_position_embeddings,

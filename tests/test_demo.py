@@ -112,6 +112,48 @@ def test_corrupt_folder_rebuilds(parent, monkeypatch):
     assert build_demo_parent(TINY).cached
 
 
+def test_moe_demo_parent_is_a_mixtral_whose_experts_all_learn(demo_root):
+    from transformers import AutoModelForCausalLM
+
+    moe = build_demo_parent(replace(TINY, num_local_experts=4, num_experts_per_tok=2), out=demo_root / "parent-moe")
+    model = AutoModelForCausalLM.from_pretrained(moe.path)
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 4
+    assert moe.metrics.held_out_loss < moe.metrics.unigram_loss - 0.3
+    # The load-balancing loss keeps every expert in use: each gets a real share of the routing on held-out text.
+    ids = torch.randint(0, TINY.vocab_size, (4, 64))
+    with torch.no_grad():
+        logits = model(ids, output_router_logits=True).router_logits[0]  # layer 0, (tokens, experts)
+    share = torch.bincount(logits.topk(2, dim=-1).indices.flatten(), minlength=4) / logits.shape[0] / 2
+    assert share.min() > 0.05, share
+
+
+def test_moe_fields_do_not_change_a_dense_parents_fingerprint(parent, monkeypatch):
+    """Cached dense demo parents stay valid: the MoE fields count only when the parent has experts."""
+    monkeypatch.setattr(demo, "_build", _stub_build)
+    assert build_demo_parent(replace(TINY, num_experts_per_tok=1, router_aux_loss_coef=0.5)).cached
+
+
+@pytest.mark.slow
+def test_moe_demo_searches_expert_counts_and_windows(tmp_path, monkeypatch):
+    """`puzzle demo --moe` end to end: its children keep fewer experts (or route to fewer) where that fits the
+    targets, and the report compares predicted and measured speed."""
+    from puzzle.checkpoint import load_architecture
+    from puzzle.demo_search import run_moe_demo
+
+    monkeypatch.setenv("PUZZLE_DEMO_DIR", str(tmp_path / "cache"))
+    search = run_moe_demo(tmp_path / "run")
+    names = {c["name"] for c in json.loads((search.paths.manifest).read_text())["candidates"]}
+    assert {"moe_k6_top2", "moe_k4_top2", "moe_k2_top2", "moe_k8_top1", "kv4_w64"} <= names
+    report = json.loads((search.paths.root / "report.json").read_text())
+    children = {c["name"]: c for c in report["children"]}
+    assert set(children) == {"half-memory", "1.3x", "1.2x-vllm"}
+    assert children["1.2x-vllm"]["vllm_serving"] == "transformers"
+    half = load_architecture(search.paths.root / "children" / "half-memory")
+    assert sum(b.ffn.moe.num_local_experts for b in half.blocks if b.ffn.moe) < 8 * len(half.blocks)
+    for child in children.values():
+        assert child["predicted_speedup"] and child["measured_speedup"] and math.isfinite(child["kl"])
+
+
 def test_demo_data_config_describes_the_stdlib_corpus():
     import sysconfig
 

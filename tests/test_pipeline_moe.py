@@ -11,7 +11,8 @@ from puzzle.pipeline import run_search
 
 FAST = dict(profile={"batch_size": 4, "context_len": 96, "prompt_len": 32, "repeats": 3, "inner": 2, "warmup": 1,
                      "generate_tokens": 8},
-            solve={"targets": [{"name": "small", "memory": "0.6x"}], "sweep": [1.2]},
+            solve={"targets": [{"name": "small", "memory": "0.6x"},
+                               {"name": "served", "memory": "0.75x", "vllm_transformers": True}], "sweep": [1.2]},
             report={"eval_tokens": 512, "batch_size": 4})
 
 
@@ -33,8 +34,15 @@ def test_tiny_mixtral_search_prunes_experts(tmp_path):
     assert [b.ffn.moe.num_local_experts for b in arch.blocks] == [2, 2]
     assert arch.vllm_unsupported() and not json.loads((child / "puzzle.json").read_text())["vllm_native"]
     load_model(child)  # its weights are exactly what its config describes
+    # A target for vLLM's Transformers backend keeps the parent's attention everywhere and prunes experts only.
+    served = load_architecture(search.paths.root / "children" / "served")
+    parent_arch = load_architecture(search.paths.parent)
+    assert [b.attention for b in served.blocks] == [b.attention for b in parent_arch.blocks]
+    assert served.vllm_serving() == "transformers" and arch.vllm_serving() == "none"
+    assert any(b.ffn.moe.num_local_experts < 4 for b in served.blocks)
     report = json.loads((search.paths.root / "report.json").read_text())
-    assert [c["name"] for c in report["children"]] == ["small"] and 0 <= report["children"][0]["kl"] < 10
+    assert [c["name"] for c in report["children"]] == ["small", "served"] and 0 <= report["children"][0]["kl"] < 10
+    assert [c["vllm_serving"] for c in report["children"]] == ["none", "transformers"]
     # CPU timings of experts say so; KV bytes at the deployment dtype unless profile.kv_dtype says otherwise
     assert {v["method"] for v in profile["variants"]} == {"cpu"} and profile["config"]["kv_dtype"] == "bf16"
     assert report["profile"]["eager_variants"] == [] and report["profile"]["kv_dtype"] == "bf16"

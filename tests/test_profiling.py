@@ -8,7 +8,7 @@ import pytest
 import torch
 from factories import GPT_OSS_MOE, decilm_model
 
-from puzzle.arch import Architecture, BlockConfig, FFNConfig, ModelShape, MoEConfig, ffn_params
+from puzzle.arch import Architecture, FFNConfig, ModelShape, MoEConfig, ffn_params
 from puzzle.errors import ConfigError
 from puzzle.profiling import (
     Hardware,
@@ -17,7 +17,6 @@ from puzzle.profiling import (
     analytic_timing,
     eager_variants,
     expected_active_experts,
-    graph_capturable,
     moe_param_split,
     profile_variants,
     timing_method,
@@ -126,21 +125,19 @@ def test_moe_parameter_bytes_hold_every_kept_expert_and_pruning_lowers_decode_at
     assert {v.method for v in profile.variants} == {"analytic"}
 
 
-def test_moe_variants_are_timed_on_cpu_and_would_be_timed_without_graphs_on_cuda(tmp_path):
+def test_moe_variants_are_timed_on_cpu_and_in_cuda_graphs_on_cuda(tmp_path):
     model = decilm_model([("gqa2", "moe")])
     arch = Architecture.from_config(model.config.to_dict())
     profile = profile_variants(model.config, _variants(arch), ProfileConfig(**TINY))
     assert all(v.decode_time_s > 0 and v.method == "cpu" for v in profile.variants)
     profile.save(tmp_path / "profile.json")
     assert Profile.load(tmp_path / "profile.json") == profile
-    cuda, cfg = torch.device("cuda"), ProfileConfig()
-    assert timing_method(cfg, cuda, [arch.blocks[0]]) == "cuda"  # experts: not capturable
-    dense = BlockConfig(attention=arch.blocks[0].attention, ffn=FFNConfig(intermediate_size=64))
-    assert timing_method(cfg, cuda, [dense]) == "cuda_graphs"
-    assert not graph_capturable(list(arch.blocks))
+    # experts are captured in their grouped-GEMM form (puzzle.grouped_moe) like every other layer
+    assert timing_method(ProfileConfig(), torch.device("cuda")) == "cuda_graphs"
+    assert timing_method(ProfileConfig(cuda_graphs=False), torch.device("cuda")) == "cuda"
 
 
-def test_eager_variants_lists_moe_variants_of_a_cuda_graphs_profile():
+def test_eager_variants_lists_moe_variants_of_an_older_cuda_graphs_profile():
     model = decilm_model([("gqa2", "moe")])
     arch = Architecture.from_config(model.config.to_dict())
     profile = profile_variants(model.config, _variants(arch), ProfileConfig(**TINY))

@@ -1,4 +1,5 @@
-"""vLLM's native DeciLMForCausalLM serves puzzle checkpoints with the same greedy tokens as transformers.
+"""vLLM's native DeciLMForCausalLM serves puzzle checkpoints with the same greedy tokens as transformers; children
+with experts (which the native model cannot run) serve through vLLM's Transformers backend, with the same tokens.
 
 Needs a vLLM install in its own virtual environment (see scripts/vllm_greedy.py); set PUZZLE_VLLM_PYTHON to
 its python to run this test, e.g. PUZZLE_VLLM_PYTHON=/work/vllm-venv/bin/python make test-vllm.
@@ -12,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from factories import decilm_model, randomize_
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from puzzle import checkpoint
-from puzzle.arch import Architecture
+from puzzle.arch import Architecture, MoEConfig
+from puzzle.blocks.experts import keep_experts
 
 VLLM_PYTHON = os.environ.get("PUZZLE_VLLM_PYTHON")
 pytestmark = [
@@ -42,20 +44,64 @@ def _children(tmp_path: Path) -> list[Path]:
     return [tmp_path / "hetero", tmp_path / "qwen2-decilm"]
 
 
+PROMPTS = [[3, 17, 42], [5, 9, 100, 200, 7], [11] * 9]
+
+
+def _vllm_tokens_equal_transformers(folder: Path, tmp_path: Path, *options: str) -> dict:
+    """Greedy tokens of `folder` from vLLM (scripts/vllm_greedy.py, float32) equal transformers' own `generate`;
+    returns the script's result."""
+    (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
+    out = tmp_path / f"{folder.name}.json"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""}
+    run = subprocess.run([VLLM_PYTHON, str(SCRIPT), "--model", str(folder), "--prompts-json",
+                          str(tmp_path / "prompts.json"), "--max-tokens", "16", "--dtype", "float32",
+                          "--ignore-eos", *options, "--out", str(out)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    model = checkpoint.load_model(folder)
+    for prompt, vllm_tokens in zip(PROMPTS, result["tokens"]):
+        ids = torch.tensor([prompt])
+        expected = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)[0, len(prompt):]
+        assert vllm_tokens == expected.tolist(), folder.name
+    return result
+
+
 def test_vllm_greedy_tokens_equal_transformers(tmp_path):
-    prompts = [[3, 17, 42], [5, 9, 100, 200, 7], [11] * 9]
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     for folder in _children(tmp_path):
-        out = tmp_path / f"{folder.name}.json"
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""}
-        run = subprocess.run([VLLM_PYTHON, str(SCRIPT), "--model", str(folder), "--prompts-json",
-                              str(tmp_path / "prompts.json"), "--max-tokens", "16", "--dtype", "float32",
-                              "--ignore-eos", "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
-        assert run.returncode == 0, run.stderr[-4000:]
-        result = json.loads(out.read_text())
+        result = _vllm_tokens_equal_transformers(folder, tmp_path)
         assert "nemotron_nas" in str(result["vllm_model_class"]), result  # native DeciLM, not a fallback
-        model = checkpoint.load_model(folder)
-        for prompt, vllm_tokens in zip(prompts, result["tokens"]):
-            ids = torch.tensor([prompt])
-            expected = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)[0, len(prompt):]
-            assert vllm_tokens == expected.tolist(), folder.name
+
+
+def _expert_pruned_mixtral_child(tmp_path: Path) -> Path:
+    """A converted Mixtral (4 experts, top-2) whose layer 0 keeps experts 1 and 3 of 4; layer 1 keeps all 4."""
+    torch.manual_seed(9)
+    mixtral = randomize_(MixtralForCausalLM(MixtralConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)).eval(), 9)
+    mixtral.save_pretrained(tmp_path / "mixtral")
+    parent_dir = checkpoint.convert(tmp_path / "mixtral", tmp_path / "mixtral-decilm")
+    state = checkpoint.load_model(parent_dir).state_dict()
+    config = checkpoint.read_config(parent_dir)
+    moe = config["block_configs"][0]["ffn"]["moe"]
+    moe["num_local_experts"] = 2
+    layer0 = {name.removeprefix("model.layers.0."): t for name, t in state.items()
+              if name.startswith("model.layers.0.mlp.")}
+    kept = keep_experts(layer0, MoEConfig(**moe), score=torch.tensor([0.0, 3.0, 1.0, 2.0]))  # experts 1 and 3
+    state = {name: t for name, t in state.items() if not name.startswith("model.layers.0.mlp.")}
+    state |= {f"model.layers.0.{name}": t for name, t in kept.items()}
+    child = checkpoint.build_model(checkpoint.decilm_config(config))
+    child.load_state_dict(state, strict=True)
+    folder = checkpoint.save_model(child, tmp_path / "experts-child")
+    # vLLM's Transformers backend builds the decoder with AutoModel.from_config (vllm/model_executor/models/
+    # transformers/base.py), which a remote-code model answers only through auto_map["AutoModel"].
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_decilm.DeciLMModel"
+    return folder
+
+
+def test_vllm_transformers_backend_serves_expert_pruned_child(tmp_path):
+    folder = _expert_pruned_mixtral_child(tmp_path)
+    assert [b.ffn.moe.num_local_experts for b in checkpoint.load_architecture(folder).blocks] == [2, 4]
+    result = _vllm_tokens_equal_transformers(folder, tmp_path, "--model-impl", "transformers")
+    # vLLM's Transformers backend running puzzle's own modeling_decilm.py, not its native DeciLM
+    assert result["vllm_model_class"] == "vllm.model_executor.models.transformers.TransformersForCausalLM", result

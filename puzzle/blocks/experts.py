@@ -59,14 +59,35 @@ class ExpertStats:
         return (self.total / self.tokens).float()
 
 
+def best_experts(score: torch.Tensor, k: int) -> tuple[int, ...]:
+    """The k best-scored experts, in their parent order (ties: the lower index)."""
+    order = torch.sort(score.detach().float().cpu(), descending=True, stable=True).indices
+    return tuple(sorted(order[:k].tolist()))
+
+
+def slice_experts(parent: dict[str, torch.Tensor], keep: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The layer-relative router (rows, and bias entries) and expert tensors of the `keep` experts, renumbered
+    0..k-1 in that order. Router rows are copies; expert tensors are the parent's (callers clone)."""
+    index = torch.tensor(keep, dtype=torch.long, device=parent["mlp.gate.weight"].device)
+    out = {"mlp.gate.weight": parent["mlp.gate.weight"][index]}
+    if "mlp.gate.bias" in parent:  # gpt-oss's router bias: one entry per expert, sliced as the rows
+        out["mlp.gate.bias"] = parent["mlp.gate.bias"][index]
+    for new, old in enumerate(keep):
+        for tensor in _EXPERT_TENSORS:
+            for suffix in ("weight", "bias"):
+                name = f"mlp.experts.{old}.{tensor}.{suffix}"
+                if name in parent:
+                    out[f"mlp.experts.{new}.{tensor}.{suffix}"] = parent[name]
+    return out
+
+
 def keep_experts(parent: dict[str, torch.Tensor], variant: MoEConfig,
                  score: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Layer-relative MoE weights of `variant` from the parent layer's: the router rows and experts of the
     `variant.num_local_experts` best-scored experts, renumbered 0..k-1 in their parent order."""
     if "mlp.gate.weight" not in parent:
         raise ValueError("an expert-pruned FFN needs a mixture-of-experts parent layer (mlp.gate.weight)")
-    router = parent["mlp.gate.weight"]  # (E, C)
-    experts, k = router.shape[0], variant.num_local_experts
+    experts, k = parent["mlp.gate.weight"].shape[0], variant.num_local_experts
     parent_width = parent["mlp.experts.0.down_proj.weight"].shape[1]
     if variant.expert_intermediate_dim != parent_width:
         raise ValueError(f"expert width {variant.expert_intermediate_dim} differs from the parent's {parent_width}; "
@@ -74,18 +95,9 @@ def keep_experts(parent: dict[str, torch.Tensor], variant: MoEConfig,
     if k > experts:
         raise ValueError(f"cannot keep {k} experts of a layer that has {experts}")
     if k == experts:
-        keep = torch.arange(experts)
+        keep = tuple(range(experts))
     elif score is None:
         raise ValueError("expert pruning needs calibration statistics (expert_score)")
     else:
-        keep = score.topk(k).indices.sort().values
-    out = {"mlp.gate.weight": router[keep.to(router.device)].clone()}
-    if "mlp.gate.bias" in parent:  # gpt-oss's router bias: one entry per expert, sliced as the rows
-        out["mlp.gate.bias"] = parent["mlp.gate.bias"][keep.to(router.device)].clone()
-    for new, old in enumerate(keep.tolist()):
-        for tensor in _EXPERT_TENSORS:
-            for suffix in ("weight", "bias"):
-                name = f"mlp.experts.{old}.{tensor}.{suffix}"
-                if name in parent:
-                    out[f"mlp.experts.{new}.{tensor}.{suffix}"] = parent[name].clone()
-    return out
+        keep = best_experts(score, k)
+    return {name: t.clone() for name, t in slice_experts(parent, keep).items()}

@@ -3,7 +3,7 @@
 Puzzle (Bercovich et al. 2024), section 3: per layer, attention with the parent's KV heads halved down to 1,
 window attention, a linear replacement or no-op; FFN at fractions of the parent's width (rounded to a
 multiple the device likes), linear or no-op; a mixture-of-experts FFN also keeps fractions of its experts
-(Puzzle for MoE: expert pruning, experts per token unchanged). Decoupled mode trains attention and FFN candidates separately
+(Puzzle for MoE: expert pruning; optionally fewer experts per token). Decoupled mode trains attention and FFN candidates separately
 ((m + n) units per layer); coupled mode trains every (attention, FFN) pair as a whole block (m x n).
 """
 
@@ -50,10 +50,15 @@ class FFNSpace:
 class MoESpace:
     # Fractions of a mixture-of-experts layer's experts to keep (rounded, at least its experts per token).
     experts: tuple[float, ...] = (0.75, 0.5, 0.25)
+    # Fewer experts per token than the parent's (e.g. [1] for a top-2 parent), with every expert count above: a
+    # decode step then computes fewer experts per token and, at small batches, reads fewer. Off by default.
+    experts_per_token: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not all(0 < f <= 1 for f in self.experts):
             raise ConfigError(f"space.moe.experts must lie in (0, 1], got {list(self.experts)}")
+        if not all(isinstance(k, int) and k >= 1 for k in self.experts_per_token):
+            raise ConfigError(f"space.moe.experts_per_token must be positive integers, got {list(self.experts_per_token)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,10 +150,11 @@ def ffn_variants(parent: FFNConfig, space: FFNSpace, moe: MoESpace = MoESpace())
     variants = [parent]
     if parent.moe is not None:
         experts, top_k = parent.moe.num_local_experts, parent.moe.num_experts_per_tok
-        for fraction in moe.experts:
-            kept = max(top_k, round(experts * fraction))
-            if kept < experts:
-                variants.append(FFNConfig(moe=replace(parent.moe, num_local_experts=kept)))
+        counts = [experts] + [max(top_k, round(experts * fraction)) for fraction in moe.experts]
+        for kept in dict.fromkeys(counts):
+            for per_token in (top_k, *sorted({k for k in moe.experts_per_token if k < top_k}, reverse=True)):
+                if (kept, per_token) != (experts, top_k):
+                    variants.append(FFNConfig(moe=replace(parent.moe, num_local_experts=kept, num_experts_per_tok=per_token)))
     if parent.is_gated:
         for fraction in space.fractions:
             width = max(space.multiple, round(parent.intermediate_size * fraction / space.multiple) * space.multiple)

@@ -22,7 +22,7 @@ def inspect_command(ckpt: ModelDir, kv_dtype: KvDtype = "bf16", as_json: JsonOut
 
     s = summarize(ckpt, kv_dtype)
     if as_json:
-        console.print_json(json.dumps(dataclasses.asdict(s) | {"vllm_native": s.vllm_native}))
+        console.print_json(json.dumps(dataclasses.asdict(s) | {"vllm_native": s.vllm_native, "vllm_serving": s.vllm_serving}))
         return
     table = Table(title=f"{s.path}  ({s.model_type})", show_footer=True)
     table.add_column("layer", "total", justify="right")
@@ -48,3 +48,9 @@ def inspect_command(ckpt: ModelDir, kv_dtype: KvDtype = "bf16", as_json: JsonOut
         console.print("[green]vLLM-native[/]: every layer is one vLLM's DeciLMForCausalLM implements")
     else:
         console.print("[yellow]not vLLM-native[/]: " + "; ".join(s.vllm_unsupported))
+        if s.vllm_serving == "transformers":
+            console.print(f"[green]vLLM serves it through its Transformers backend[/]: LLM({s.path!r}, "
+                          "model_impl='transformers', trust_remote_code=True, enforce_eager=True)")
+        else:
+            console.print("nor through vLLM's Transformers backend: " + "; ".join(s.vllm_transformers_unsupported)
+                          + "; transformers loads it (trust_remote_code=True)")

@@ -32,6 +32,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+_VLLM = {"native": "yes", "transformers": "backend", "none": "no"}  # short: the table fits 80 columns
+
+
 def print_run_summary(run: Path, title: str = "children") -> None:
     """The children table of a finished search (from its report.json) and where the children and report are."""
     import json
@@ -52,7 +55,7 @@ def print_run_summary(run: Path, title: str = "children") -> None:
             if row["measured_speedup"] else "-"
         predicted = f"{row['predicted_speedup']:.2f}x" if row["predicted_speedup"] else "-"
         table.add_row(row["name"], f"{row['params'] / 1e6:.2f}M", predicted, measured, f"{row['kl']:.4f}",
-                      f"{row['lm_loss']:.3f}", f"{row['top1']:.3f}", "yes" if row["vllm_native"] else "no")
+                      f"{row['lm_loss']:.3f}", f"{row['top1']:.3f}", _VLLM.get(row.get("vllm_serving"), "yes" if row["vllm_native"] else "no"))
     console.print(table)
     if any(row.get("measured_noisy") for row in [report["parent"], *report["children"]]):
         from puzzle.profiling import NOISY

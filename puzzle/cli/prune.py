@@ -23,6 +23,9 @@ def prune_command(
     ffn_size: Annotated[Optional[str], typer.Option("--ffn-size", help="FFN width of every layer, or one per layer: 512,512,-,384 (- keeps a layer).", show_default=False)] = None,
     heads: _Int("--heads", "Attention (query) heads of the child.") = None,
     kv_heads: _Int("--kv-heads", "KV heads of every attention layer (default: kept where --heads allows).") = None,
+    experts: _Int("--experts", "Experts kept in every mixture-of-experts layer (at least its experts per token).") = None,
+    expert_ffn_size: _Int("--expert-ffn-size", "Width of every kept expert (neurons ranked on the tokens routed to it).") = None,
+    expert_ranking: Annotated[str, typer.Option("--expert-ranking", help="How --experts ranks experts: contribution (mean routing weight x expert output norm) or router_mass (mean router probability).")] = "contribution",
     drop_layers: Annotated[int, typer.Option("--drop-layers", min=0, help="Layers to remove (depth pruning).")] = 0,
     metric: Annotated[str, typer.Option("--metric", help="Layer ranking: cos (1 - cos(input, output), ShortGPT's block importance) or loss (LM-loss increase when removed).")] = "cos",
     contiguous: Annotated[bool, typer.Option("--contiguous", metavar="", help="Drop one block of consecutive layers instead of any layers.")] = False,
@@ -36,16 +39,17 @@ def prune_command(
     exclude: Exclude = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Prune a model's width (hidden size, FFN neurons, heads) and / or depth (layers), Minitron style.
+    """Prune a model's width (hidden size, FFN neurons, heads, experts) and / or depth (layers), Minitron style.
 
-    Channels, neurons and heads are ranked by their activations on calibration text, layers by block
-    importance. ShortGPT's baseline is --drop-layers N alone; Minitron's width pruning is --hidden-size /
+    Channels, neurons and heads are ranked by their activations on calibration text, experts by their
+    contribution to the MoE output, layers by block importance. ShortGPT's baseline is --drop-layers N alone; Minitron's width pruning is --hidden-size /
     --ffn-size [--heads] with --distill-tokens.
 
     Examples:
       puzzle prune runs/demo/parent children/width --data ~/data/fineweb --hidden-size 192 --ffn-size 512 --distill-tokens 65536
       puzzle prune runs/demo/parent children/shortgpt --data ~/data/fineweb --drop-layers 2
       puzzle prune runs/demo/parent children/depth --data ~/data/fineweb --drop-layers 2 --contiguous --metric loss --decilm
+      puzzle prune ~/models/Mixtral-8x7B children/moe --data ~/data/fineweb --experts 6 --expert-ffn-size 192
     """
     from puzzle.corpus import DataConfig
     from puzzle.prune import PruneConfig, minitron_kd, prune
@@ -53,6 +57,7 @@ def prune_command(
     optional = dict(calibration_tokens=calibration_tokens, eval_tokens=eval_tokens)
     cfg = PruneConfig(
         hidden_size=hidden_size, ffn_size=_ffn_size(ffn_size), heads=heads, kv_heads=kv_heads,
+        experts=experts, expert_ffn_size=expert_ffn_size, expert_ranking=expert_ranking,
         drop_layers=drop_layers, metric=metric, contiguous=contiguous,
         data=DataConfig(paths=tuple(str(p) for p in data), exclude=tuple(exclude or ())) if data else None,
         distill=minitron_kd(distill_tokens, device=device or "auto") if distill_tokens else None,
@@ -74,13 +79,10 @@ def _ffn_size(text: str | None) -> int | tuple[int | None, ...] | None:
     return sizes[0] if len(sizes) == 1 and sizes[0] is not None else sizes
 
 
-def _sizes(values: tuple[int, ...]) -> str:
-    kept = sorted({v for v in values if v})
-    return "-" if not kept else str(kept[0]) if len(kept) == 1 else f"{kept[0]}..{kept[-1]}"
-
-
 def print_result(result) -> None:
     """Before / after sizes, the layer ranking when layers were dropped, and quality against the parent."""
+    from puzzle.prune.config import size_range as _sizes
+
     b, a = result.before, result.after
     table = Table(title=f"prune {result.source}")
     for column in ("", "parent", "child"):
@@ -90,8 +92,14 @@ def print_result(result) -> None:
     table.add_row("attention heads", str(b.num_attention_heads), str(a.num_attention_heads))
     table.add_row("KV heads / layer", _sizes(b.kv_heads), _sizes(a.kv_heads))
     table.add_row("FFN width", _sizes(b.ffn_sizes), _sizes(a.ffn_sizes))
+    if b.experts:
+        table.add_row("experts / MoE layer", _sizes(b.experts), _sizes(a.experts))
+        table.add_row("expert width", _sizes(b.expert_ffn_sizes), _sizes(a.expert_ffn_sizes))
     table.add_row("parameters", human_count(b.params), f"{human_count(a.params)} ({a.params / b.params:.1%})")
     console.print(table)
+    if result.unrouted_experts:
+        console.print(f"experts no calibration token reached (neurons kept by weight norm): "
+                      f"{', '.join(result.unrouted_experts)}")
     if result.metric is not None:
         console.print(f"layer importance ({result.metric}): "
                       + ", ".join(f"L{i} {s:.4g}" for i, s in enumerate(result.layer_scores)))

@@ -24,6 +24,7 @@ def search_command(
     target_throughput: Annotated[Optional[str], typer.Option("--target-throughput", help="One target instead of the config's: e.g. 2x or tokens/s.")] = None,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Parameters + KV cache of the child, e.g. 40GiB or 0.6x.")] = None,
     vllm_native: Annotated[bool, typer.Option("--vllm-native", metavar="", help="With --target-throughput / --max-memory: only variants vLLM serves natively.")] = False,
+    vllm_transformers: Annotated[bool, typer.Option("--vllm-transformers", metavar="", help="With --target-throughput / --max-memory: only children vLLM's Transformers backend serves.")] = False,
     workers: Workers = 1,
     launcher: Launcher = "local",
     wait: Annotated[bool, typer.Option("--wait", metavar="", help="With --launcher slurm: wait for the jobs, showing their state, and print the children.")] = False,
@@ -60,7 +61,8 @@ def search_command(
     from puzzle.mip.stage import target_from_flags
     from puzzle.pipeline import run_search
 
-    target = target_from_flags(throughput=target_throughput, memory=max_memory, vllm_native=vllm_native)
+    target = target_from_flags(throughput=target_throughput, memory=max_memory, vllm_native=vllm_native,
+                               vllm_transformers=vllm_transformers)
     overrides = dotted({"device": device, "data.paths": [str(p) for p in data] if data else None,
                         "slurm.partition": partition, "slurm.account": account, "slurm.qos": qos,
                         "slurm.time": time_limit, "slurm.cpus_per_task": cpus_per_task,

@@ -83,6 +83,7 @@ def solve_command(
     name: Annotated[Optional[str], typer.Option("--name", help="Name of the child (default: from the target); an existing target of that name is replaced.")] = None,
     solver: Annotated[Optional[str], typer.Option("--solver", help="pulp (CBC, default) or ortools.")] = None,
     vllm_native: Annotated[bool, typer.Option("--vllm-native", metavar="", help="Only variants vLLM's native DeciLM model serves.")] = False,
+    vllm_transformers: Annotated[bool, typer.Option("--vllm-transformers", metavar="", help="Only children vLLM's Transformers backend serves (the parent's attention in every layer; for MoE parents).")] = False,
     realize: Annotated[bool, typer.Option("--realize", metavar="", help="Also build the children (children/{name}/).")] = False,
     rerank: Annotated[Optional[int], typer.Option("--rerank", min=1, help="Assemble this many diverse solutions per target and keep the child with the lowest measured KL (solve.rerank; 1: the MIP optimum).", show_default=False)] = None,
 ) -> None:
@@ -100,7 +101,8 @@ def solve_command(
 
     target = target_from_flags(name, throughput=target_throughput, memory=max_memory, latency=max_latency,
                                kv_bytes_per_token=max_kv_bytes_per_token, min_attention_layers=min_attention_layers,
-                               max_attention_layers=max_attention_layers, vllm_native=vllm_native)
+                               max_attention_layers=max_attention_layers, vllm_native=vllm_native,
+                               vllm_transformers=vllm_transformers)
     plans = run_solve(run, target, solver=solver, realize=realize, rerank=rerank)
     shown = [p for p in plans if target is None or p.name == target["name"]]
     for plan in shown:

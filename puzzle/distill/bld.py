@@ -96,6 +96,9 @@ class UnitResult:
     steps: int
     seconds: float
     worker: str = "0/1"  # rank/world_size of the worker that trained it
+    # "bld": the trained weights; "init": training ended worse on held-out data than the initialisation, so the
+    # unit file holds the initialisation (loss_final still says what BLD reached)
+    kept: str = "bld"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,11 +234,8 @@ class _Group:
 
     def __init__(self, units, parent, arch, paths, cfg, steps, device, source):
         self.units, self.parent, self.cfg, self.steps, self.source = units, parent, cfg, steps, source
-        self.blocks = {
-            u.unit_id: init_candidate(u, parent, arch, to_device_stats(load_stats(paths, u.layer), device),
-                                      cfg.linear_attention_init)
-            for u in units
-        }
+        self.arch, self.paths, self.device = arch, paths, device
+        self.blocks = {u.unit_id: self.initial_block(u) for u in units}
         self.closed_form = {u.unit_id for u in units if is_closed_form(u)}
         self.sums: dict[str, dict[str, torch.Tensor]] = {}  # least-squares sums x x^T, x y^T per closed-form unit
         params = [p for k, b in self.blocks.items() if k not in self.closed_form for p in b.parameters()]
@@ -249,6 +249,11 @@ class _Group:
         self.rotary = Rotary(parent.config).to(device)
         self.layers = sorted({u.layer for u in units})
         self.autocast = cfg.autocast and device.type == "cuda"
+
+    def initial_block(self, u: Candidate):
+        """The unit's initialisation from the parent (deterministic: the same weights every call)."""
+        stats = to_device_stats(load_stats(self.paths, u.layer), self.device)
+        return init_candidate(u, self.parent, self.arch, stats, self.cfg.linear_attention_init)
 
     def step(self, batch: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
         """One parent forward, then each unit's forward and backward in turn; returns the units' losses (on the
@@ -404,11 +409,20 @@ def train_group(units: list[Candidate], parent, arch: Architecture, paths: RunPa
     group.solve_closed_form()
     loss_final = group.evaluate(held_out)
     seconds += time.perf_counter() - began
+    # Never hand on a unit worse than where it started (e.g. a near-exact initialisation that a few steps at
+    # bld.lr pushed off): such a unit keeps its initialisation, and its result says so.
+    worse = {u.unit_id for u in units if loss_final[u.unit_id] > loss_init[u.unit_id]}
+    for u in units:
+        if u.unit_id in worse:
+            group.blocks[u.unit_id] = group.initial_block(u)
+    if worse:
+        log(f"bld L{group.layers[0]}-{group.layers[-1]}: {len(worse)} unit(s) ended worse on held-out data than their "
+            f"initialisation and keep it: {', '.join(sorted(worse))}")
     results = []
     for u in units:
         result = UnitResult(unit_id=u.unit_id, loss_init=loss_init[u.unit_id], loss_final=loss_final[u.unit_id],
                             tokens=steps * cfg.batch_size * seq_len, steps=steps, seconds=seconds / len(units),
-                            worker=worker)
+                            worker=worker, kept="init" if u.unit_id in worse else "bld")
         write_unit(unit_path(paths, u), group.blocks[u.unit_id], u.layer, result)
         results.append(result)
     checkpoint.unlink(missing_ok=True)

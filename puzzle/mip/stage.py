@@ -44,10 +44,16 @@ class TargetSpec:
     max_attention_layers: int | None = None
     max_shared_fraction: float | None = None  # diversity against the targets solved before this one
     vllm_native: bool = False  # only variants vLLM's DeciLMForCausalLM serves (no linear or window attention, no linear FFN)
+    # only children vLLM's Transformers backend serves (Architecture.vllm_transformers_unsupported): every layer
+    # keeps the parent's attention, the FFN / experts are free (for parents vLLM's DeciLM model cannot serve: MoE)
+    vllm_transformers: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.vllm_native, bool):
-            raise ConfigError(f"target {self.name!r}: vllm_native must be true or false, got {self.vllm_native!r}")
+        for flag in ("vllm_native", "vllm_transformers"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"target {self.name!r}: {flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.vllm_native and self.vllm_transformers:
+            raise ConfigError(f"target {self.name!r}: vllm_native and vllm_transformers exclude each other; keep one")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             raise ConfigError(f"target name {self.name!r}: use letters, digits, '.', '_' or '-' (it names a folder)")
         if all(getattr(self, f) is None for f in ("throughput", "latency", "memory", "kv_bytes_per_token",
@@ -81,13 +87,15 @@ class SolveConfig:
 
 def target_from_flags(name: str | None = None, **constraints) -> dict[str, Any] | None:
     """One `solve.targets` entry from command-line flags (None when no flag was given)."""
-    given = {k: v for k, v in constraints.items() if v is not None and k != "vllm_native"}
+    flags = {k: True for k in ("vllm_native", "vllm_transformers") if constraints.get(k)}
+    given = {k: v for k, v in constraints.items() if v is not None and k not in ("vllm_native", "vllm_transformers")}
     if not given:
-        if constraints.get("vllm_native"):
-            raise ConfigError("--vllm-native restricts a target: give it one too, e.g. --target-throughput 2x")
+        if flags:
+            option = "--" + next(iter(flags)).replace("_", "-")
+            raise ConfigError(f"{option} restricts a target: give it one too, e.g. --target-throughput 2x")
         return None
-    label = name or "-".join(f"{k.split('_')[0]}{v}" for k, v in given.items()) + ("-vllm" if constraints.get("vllm_native") else "")
-    return {"name": re.sub(r"[^A-Za-z0-9._-]", "_", label), **given, **({"vllm_native": True} if constraints.get("vllm_native") else {})}
+    label = name or "-".join(f"{k.split('_')[0]}{v}" for k, v in given.items()) + ("-vllm" if flags else "")
+    return {"name": re.sub(r"[^A-Za-z0-9._-]", "_", label), **given, **flags}
 
 
 def parse_relative(value: str | float | None, parent: float, what: str, size: bool = False) -> float | None:
@@ -157,6 +165,31 @@ def _costs(profile: Profile, attention: AttentionConfig | None, ffn: FFNConfig |
     if ffn is not None and not ffn.no_op:
         out.append(profile.cost("ffn", ffn))
     return out
+
+
+def served_problem(problem: Problem, manifest: Manifest, arch: Architecture, spec: TargetSpec) -> Problem:
+    """The problem a target may choose from: restricted to what vLLM serves when the target asks for it."""
+    if spec.vllm_native:
+        return vllm_native_problem(problem, manifest, arch, spec.name)
+    if spec.vllm_transformers:
+        return vllm_transformers_problem(problem, arch, spec.name)
+    return problem
+
+
+def vllm_transformers_problem(problem: Problem, arch: Architecture, target: str) -> Problem:
+    """Every layer's attention fixed to the parent's (vLLM's Transformers backend needs one KV-head count, no
+    window and softmax attention in every layer); the FFN variants stay."""
+    reasons = arch.vllm_transformers_unsupported()
+    if reasons:
+        raise ConfigError(f"target {target}: vllm_transformers is impossible for this parent ({'; '.join(reasons)}); "
+                          "drop vllm_transformers")
+    def attention_of(option) -> str:  # coupled mode: block options "kv8+moe_k6_top2" sit with the attention ones
+        return option.name.split("+")[0]
+
+    layers = [LayerOptions(attention=tuple(o for o in layer.attention if attention_of(o) == attention_of(layer.attention[0])),
+                           ffn=layer.ffn) for layer in problem.layers]
+    return Problem(layers=tuple(layers), fixed_decode_time_s=problem.fixed_decode_time_s,
+                   fixed_prefill_time_s=problem.fixed_prefill_time_s, fixed_param_bytes=problem.fixed_param_bytes)
 
 
 def vllm_native_problem(problem: Problem, manifest: Manifest, arch: Architecture, target: str) -> Problem:
@@ -272,7 +305,7 @@ def solve_targets(problem: Problem, profile: Profile, manifest: Manifest, arch: 
                             generate_tokens=pc["generate_tokens"])
     for spec in cfg.targets:
         targets = resolve_targets(spec, problem, profile)  # relative to the real parent, also for vllm_native
-        allowed = vllm_native_problem(problem, manifest, arch, spec.name) if spec.vllm_native else problem
+        allowed = served_problem(problem, manifest, arch, spec)
         try:
             solution = solve(allowed, targets, cfg.solver, previous=previous if targets.diversity else ())
         except TargetInfeasibleError as err:
@@ -291,7 +324,7 @@ def diverse_plans(problem: Problem, profile: Profile, manifest: Manifest, arch: 
     most cfg.rerank_shared_fraction of its sub-blocks with every one before it (fewer when no more exist)."""
     spec = TargetSpec(**{**plan.target, "max_shared_fraction": cfg.rerank_shared_fraction})
     targets = resolve_targets(spec, problem, profile)
-    allowed = vllm_native_problem(problem, manifest, arch, spec.name) if spec.vllm_native else problem
+    allowed = served_problem(problem, manifest, arch, spec)
     plans, previous = [plan], [plan.solution]
     while len(plans) < cfg.rerank:
         try:

@@ -25,6 +25,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_decilm import DeciLMConfig
 
@@ -193,16 +194,30 @@ def attention_with_sinks(q, k, v, mask, sinks, scaling):
     return torch.matmul(probs.to(v.dtype), v)
 
 
+# Attention implementations this file computes itself (SDPA, or the eager sink form); any other registered one
+# (`config._attn_implementation`, e.g. vLLM's "vllm" in its Transformers backend) is called through transformers'
+# attention interface and then owns masking, the KV cache and the sliding window.
+_OWN_ATTENTION = (None, "sdpa", "eager")
+
+
 class DeciLMAttention(nn.Module):
     """Softmax attention with this layer's number of KV heads, optional sliding window and optional sinks."""
 
+    is_causal = True
+
     def __init__(self, config, layer_idx, attention):
         super().__init__()
+        self.config = config  # read for `_attn_implementation` (and by vLLM's Transformers backend)
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_attention_heads // attention.n_heads_in_group
+        self.num_key_value_groups = attention.n_heads_in_group  # read by transformers' attention functions
         self.window = getattr(attention, "window_length", None)
+        if self.window is not None and getattr(config, "_attn_implementation", None) == "vllm":
+            # vLLM's attention function ignores `sliding_window=`: the layer would silently attend to everything.
+            raise NotImplementedError(f"layer {layer_idx}: vLLM's Transformers backend does not apply DeciLM's "
+                                      f"per-layer sliding window (window_length={self.window})")
         self.scaling = self.head_dim**-0.5
         qkv_bias = getattr(config, "qkv_bias", config.attention_bias)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
@@ -232,6 +247,18 @@ class DeciLMAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         mask = masks(k.shape[2], self.window)
+        implementation = getattr(self.config, "_attn_implementation", None)
+        if implementation not in _OWN_ATTENTION:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, None)
+            out, _ = attention_interface(
+                self, q, k, v,
+                None if mask is None or isinstance(mask, str) else mask,
+                dropout=0.0,
+                scaling=self.scaling,
+                sliding_window=self.window,
+                s_aux=self.sinks,
+            )  # (B, T, H, D), or (B * T, H * D) from vLLM
+            return self.o_proj(out.reshape(bsz, q_len, -1))
         if self.sinks is not None:  # SDPA has no sink logit; the eager form is transformers' own
             out = attention_with_sinks(q, k, v, mask, self.sinks, self.scaling)  # (B, H, T, D)
             return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
@@ -269,8 +296,12 @@ class DeciLMMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
+    def activate(self, gate, up):
+        """The gated activation between the projections (also applied to stacked experts' outputs)."""
+        return self.act_fn(gate) * up
+
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.activate(self.gate_proj(x), self.up_proj(x)))
 
 
 def clamped_swiglu(gate, up, alpha, limit):
@@ -290,8 +321,8 @@ class DeciLMClampedMLP(DeciLMMLP):
         super().__init__(config, intermediate_size, bias)
         self.alpha, self.limit = alpha, limit
 
-    def forward(self, x):
-        return self.down_proj(clamped_swiglu(self.gate_proj(x), self.up_proj(x), self.alpha, self.limit))
+    def activate(self, gate, up):
+        return clamped_swiglu(gate, up, self.alpha, self.limit)
 
 
 def route_tokens(router_logits, top_k, norm_topk_prob, routing="softmax_topk"):
@@ -471,6 +502,7 @@ class DeciLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DeciLMDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+    _supports_attention_backend = True  # attention dispatches through ALL_ATTENTION_FUNCTIONS (DeciLMAttention)
 
     @classmethod
     def _supports_default_dynamic_cache(cls):

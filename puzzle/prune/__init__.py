@@ -11,8 +11,10 @@ The baselines the benchmarks compare against are settings of this one entry:
     ShortGPT (Men et al. 2024)   PruneConfig(drop_layers=n, metric="cos")                      no retraining
     Minitron depth               PruneConfig(drop_layers=n, contiguous=True, distill=minitron_kd(t))
     Minitron width (uniform)     PruneConfig(hidden_size=c, ffn_size=i[, heads=h], distill=minitron_kd(t))
+    Minitron MoE (experts)       PruneConfig(experts=k, expert_ffn_size=i[, hidden_size=c], distill=minitron_kd(t))
 and on the command line `puzzle prune CKPT OUT --drop-layers N` (ShortGPT) or
-`--hidden-size C --ffn-size I --distill-tokens T` (Minitron width).
+`--hidden-size C --ffn-size I --distill-tokens T` (Minitron width; `--experts K --expert-ffn-size I` on
+mixture-of-experts parents).
 
 Modules: config.py (PruneConfig, PruneResult), importance.py (activation and block importance),
 plan.py (targets + importance -> which indices stay), slicing.py (the plan applied to the weights),

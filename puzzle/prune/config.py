@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from puzzle.blocks.experts import EXPERT_RANKINGS
 from puzzle.config import check_int, from_mapping, is_int
 from puzzle.corpus import DataConfig
 from puzzle.distill.gkd import GKDConfig
@@ -32,6 +33,12 @@ class PruneConfig:
     ffn_size: int | tuple[int | None, ...] | None = None
     heads: int | None = None  # query heads of every attention layer (num_attention_heads is global)
     kv_heads: int | None = None  # KV heads of every attention layer; None: keep them where the heads allow
+    # Mixture-of-experts layers: experts kept in every MoE layer (the best by `expert_ranking` on the calibration
+    # tokens, router rows with them; never fewer than its experts per token) and the width of every kept expert
+    # (its neurons ranked by their activations on the tokens routed to it).
+    experts: int | None = None
+    expert_ffn_size: int | None = None
+    expert_ranking: Literal["contribution", "router_mass"] = "contribution"
     # Depth: drop this many layers, ranked by `metric` (cos: 1 - cos(input, output), ShortGPT's block
     # importance; loss: LM-loss increase when removed), the `contiguous` block of them or any.
     drop_layers: int = 0
@@ -50,7 +57,7 @@ class PruneConfig:
     trust_remote_code: bool = False  # run code shipped with the checkpoint's tokenizer (user's opt-in)
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "heads", "kv_heads"):
+        for name in ("hidden_size", "heads", "kv_heads", "experts", "expert_ffn_size"):
             check_int(f"prune.{name}", getattr(self, name), optional=True)
         sizes = self.ffn_size if isinstance(self.ffn_size, tuple) else (self.ffn_size,)
         if not all(s is None or (is_int(s) and s >= 1) for s in sizes):
@@ -58,6 +65,8 @@ class PruneConfig:
         if self.heads is not None and self.kv_heads is not None and self.heads % self.kv_heads:
             raise ConfigError(f"prune.kv_heads {self.kv_heads} does not divide prune.heads {self.heads}; "
                               "every KV head serves the same number of query heads")
+        if self.expert_ranking not in EXPERT_RANKINGS:
+            raise ConfigError(f"prune.expert_ranking must be one of {', '.join(EXPERT_RANKINGS)}, got {self.expert_ranking!r}")
         check_int("prune.drop_layers", self.drop_layers, minimum=0)
         if self.contiguous and not self.drop_layers:
             raise ConfigError("prune.contiguous chooses which layers drop_layers removes; set drop_layers too")
@@ -71,12 +80,14 @@ class PruneConfig:
 
     @property
     def prunes_width(self) -> bool:
-        return any(v is not None for v in (self.hidden_size, self.ffn_size, self.heads, self.kv_heads))
+        return any(v is not None for v in (self.hidden_size, self.ffn_size, self.heads, self.kv_heads, self.experts,
+                                           self.expert_ffn_size))
 
 
 @dataclass(frozen=True, kw_only=True)
 class ShapeSummary:
-    """The sizes a pruning run changes, per model (0 in a per-layer entry: no softmax attention / gated FFN)."""
+    """The sizes a pruning run changes, per model (0 in a per-layer entry: no softmax attention / gated FFN /
+    experts)."""
 
     layers: int
     hidden_size: int
@@ -84,6 +95,14 @@ class ShapeSummary:
     kv_heads: tuple[int, ...]
     ffn_sizes: tuple[int, ...]
     params: int
+    experts: tuple[int, ...] = ()  # experts of each MoE layer (0: a dense layer; empty: no MoE layer at all)
+    expert_ffn_sizes: tuple[int, ...] = ()  # width of each MoE layer's experts (0: a dense layer)
+
+
+def size_range(values: tuple[int, ...]) -> str:
+    """Distinct non-zero per-layer sizes of a ShapeSummary as one number or lo..hi (-: none)."""
+    kept = sorted({v for v in values if v})
+    return "-" if not kept else str(kept[0]) if len(kept) == 1 else f"{kept[0]}..{kept[-1]}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +119,9 @@ class PruneResult:
     layer_scores: tuple[float, ...] | None  # importance of each parent layer alone (free choice)
     window_scores: tuple[float, ...] | None  # importance of each block of drop_layers layers (contiguous)
     calibration_tokens: int  # 0: nothing needed calibration (identity)
+    # Per child layer, the parent experts it keeps (renumbered 0..k-1 in this order); None: all, or no experts.
+    kept_experts: tuple[tuple[int, ...] | None, ...] | None = None
+    unrouted_experts: tuple[str, ...] = ()  # "L{i}.E{e}": got no calibration token, neurons kept by weight norm
     quality: Quality | None = None  # held-out, against the parent, right after pruning
     distill_tokens: int = 0
     quality_distilled: Quality | None = None  # the same after KD

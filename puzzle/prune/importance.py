@@ -5,6 +5,9 @@ Minitron (Muralidharan et al. 2024, section 2), docs/methods.md "Minitron prunin
   neurons   the FFN activation (the input of down_proj);
   channels  the RMSNorm outputs, at every norm site (each layer's input_layernorm and
             post_attention_layernorm, and the final norm), one score per site, summed over the sites;
+  experts   ExpertStats' ranking (puzzle/blocks/experts.py: router mass or weighted output norm);
+  expert neurons  the activation entering each expert's down_proj, on the tokens routed to it (the mean over a
+            sample's routed tokens stands for the mean over the sequence; samples that sent it none add 0);
 each aggregated as the paper's best choice: |value|, mean over the sequence, then L2 over the batch
 (sqrt of the sum over samples of the squared per-sample means; Model-Optimizer's L2NormHook does the same).
 Layers: block importance 1 - cos(input, output), averaged over tokens (ShortGPT), or the increase of the
@@ -22,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from puzzle.blocks.experts import ExpertStats
 from puzzle.distill.activations import embed, logits_from_hidden, run_layers
-from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
+from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, DeciLMSparseMoE, route_tokens
 from puzzle.progress import track
 
 
@@ -47,6 +51,9 @@ class Importance:
     ffn: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (I,) per neuron
     layers: torch.Tensor | None = None  # (L,) each layer removed alone
     windows: torch.Tensor | None = None  # (L - n + 1,) layers s .. s+n-1 removed together
+    experts: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE layer -> (E,) per expert
+    expert_ffn: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # MoE layer -> per expert (I,)
+    unrouted: tuple[tuple[int, int], ...] = ()  # (layer, expert) that got no token: neurons scored by weight norm
     tokens: int = 0
 
 
@@ -57,6 +64,9 @@ class Needs:
     hidden: bool = False
     heads: tuple[int, ...] = ()  # layers whose heads are pruned
     ffn: tuple[int, ...] = ()  # layers whose FFN is pruned
+    experts: tuple[int, ...] = ()  # MoE layers whose experts are ranked
+    expert_ffn: tuple[int, ...] = ()  # MoE layers whose experts' neurons are scored
+    expert_ranking: str = "contribution"
     drop: int = 0  # layers dropped (0: no layer scores)
     metric: str = "cos"
     contiguous: bool = False
@@ -66,13 +76,46 @@ class _Sums:
     """Running sums of channel_stat / head_stat per named site, filled by forward hooks."""
 
     def __init__(self) -> None:
-        self.sums: dict[tuple[str, int], torch.Tensor] = {}
+        self.sums: dict[tuple, torch.Tensor] = {}
+        self.experts: dict[int, ExpertStats] = {}  # MoE layer -> its expert ranking
 
-    def add(self, key: tuple[str, int], stat: torch.Tensor) -> None:
+    def add(self, key: tuple, stat: torch.Tensor) -> None:
         self.sums[key] = self.sums[key] + stat if key in self.sums else stat
 
-    def l2(self, key: tuple[str, int]) -> torch.Tensor:
+    def l2(self, key: tuple) -> torch.Tensor:
         return self.sums[key].sqrt()
+
+
+class _Routed:
+    """Which sample each token an MoE layer routes to each expert comes from: a pre-hook on the layer routes the
+    input as its forward will (the same call on the same tensor), so the pre-hooks on the experts' down_proj
+    can give channel_stat's per-sample means over the tokens each expert actually sees."""
+
+    def __init__(self) -> None:
+        self.samples: dict[int, torch.Tensor] = {}  # expert -> (n,) sample of each routed token, in forward order
+        self.batch = 0
+
+    def route(self, module: DeciLMSparseMoE, args) -> None:
+        x = args[0]  # (B, T, C)
+        _, chosen = route_tokens(module.gate(x.reshape(-1, x.shape[-1])), module.top_k, module.norm_topk_prob,
+                                 module.routing)  # (N, top_k)
+        self.batch = x.shape[0]
+        self.samples = {e: torch.where(chosen == e)[0] // x.shape[1] for e in torch.unique(chosen).tolist()}
+
+    def stat(self, expert: int, act: torch.Tensor) -> torch.Tensor:
+        """(n, I) activations of one expert's routed tokens -> (I,): sum over samples of (mean |act|)^2."""
+        sample = self.samples[expert]
+        sums = act.new_zeros(self.batch, act.shape[-1], dtype=torch.float).index_add_(0, sample, act.float().abs())
+        counts = torch.bincount(sample, minlength=self.batch)  # (B,)
+        seen = counts > 0
+        return (sums[seen] / counts[seen, None]).pow(2).sum(0)
+
+
+def expert_weight_norms(expert: torch.nn.Module) -> torch.Tensor:
+    """(I,) the L2 norm of each neuron's weights (its gate and up rows, its down column): the ranking of the
+    neurons of an expert no calibration token reached."""
+    return (expert.gate_proj.weight.float().pow(2).sum(1) + expert.up_proj.weight.float().pow(2).sum(1)
+            + expert.down_proj.weight.float().pow(2).sum(0)).sqrt()
 
 
 @contextmanager
@@ -100,6 +143,15 @@ def _hooks(model: DeciLMForCausalLM, needs: Needs, sums: _Sums):
             handles.append(o_proj.register_forward_pre_hook(on_input(("heads", i), lambda x: head_stat(x, head_dim))))
         for i in needs.ffn:
             handles.append(layers[i].mlp.down_proj.register_forward_pre_hook(on_input(("ffn", i), channel_stat)))
+        for i in needs.experts:
+            sums.experts[i] = ExpertStats(needs.expert_ranking)
+            handles.append(layers[i].mlp.register_forward_hook(sums.experts[i]))
+        for i in needs.expert_ffn:
+            routed = _Routed()
+            handles.append(layers[i].mlp.register_forward_pre_hook(lambda module, args, r=routed: r.route(module, args)))
+            for e, expert in enumerate(layers[i].mlp.experts):
+                handles.append(expert.down_proj.register_forward_pre_hook(
+                    on_input(("expert_ffn", i, e), lambda x, r=routed, e=e: r.stat(e, x))))
         yield
     finally:
         for handle in handles:
@@ -112,19 +164,36 @@ def measure_importance(model: DeciLMForCausalLM, batches: Iterable[torch.Tensor]
     batches = list(batches)
     n = needs.drop
     importance = Importance(tokens=sum(ids.numel() for ids in batches))
-    if needs.hidden or needs.heads or needs.ffn or (n and needs.metric == "cos"):
+    if needs.hidden or needs.heads or needs.ffn or needs.experts or needs.expert_ffn or (n and needs.metric == "cos"):
         sums = _Sums()
         with _hooks(model, needs, sums):
             layers, windows = _activation_pass(model, batches, n)
         if needs.hidden:
-            importance.hidden = sum(sums.l2(key) for key in sums.sums if key[0] not in ("heads", "ffn"))
+            importance.hidden = sum(sums.l2(key) for key in sums.sums if key[0] not in ("heads", "ffn", "expert_ffn"))
         importance.heads = {i: sums.l2(("heads", i)) for i in needs.heads}
         importance.ffn = {i: sums.l2(("ffn", i)) for i in needs.ffn}
+        importance.experts = {i: stats.score() for i, stats in sums.experts.items()}
+        _expert_neurons(model, needs, sums, importance)
         if n and needs.metric == "cos":
             importance.layers, importance.windows = layers / importance.tokens, windows / importance.tokens
     if n and needs.metric == "loss":
         importance.layers, importance.windows = loss_importance(model, batches, n, windows=needs.contiguous)
     return importance
+
+
+def _expert_neurons(model: DeciLMForCausalLM, needs: Needs, sums: _Sums, importance: Importance) -> None:
+    """Each expert's neuron scores; an expert that no calibration token reached is ranked by weight norm."""
+    unrouted = []
+    for i in needs.expert_ffn:
+        scores = []
+        for e, expert in enumerate(model.model.layers[i].mlp.experts):
+            if ("expert_ffn", i, e) in sums.sums:
+                scores.append(sums.l2(("expert_ffn", i, e)))
+            else:
+                scores.append(expert_weight_norms(expert))
+                unrouted.append((i, e))
+        importance.expert_ffn[i] = scores
+    importance.unrouted = tuple(unrouted)
 
 
 def _activation_pass(model: DeciLMForCausalLM, batches: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:

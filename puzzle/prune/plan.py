@@ -1,4 +1,4 @@
-"""Which hidden channels, FFN neurons, heads and layers a pruned child keeps: targets + importance -> plan.
+"""Which hidden channels, FFN neurons, heads, experts and layers a pruned child keeps: targets + importance -> plan.
 
 Minitron (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge Distillation";
 Sreenivas et al. 2024, "LLM Pruning and Distillation in Practice"), docs/methods.md, "Minitron pruning". Pure functions of
@@ -9,6 +9,9 @@ Heads follow GQA: a layer keeps whole KV groups (its most important ones, a grou
 its query heads' scores, as Model-Optimizer's Minitron does) and the same number of query heads in each
 kept group, so `n_heads_in_group` stays one number per layer. Merging groups (more query heads per group
 than the parent had) is Puzzle's KV mean-pooling, not pruning, and is refused.
+
+Mixture-of-experts layers keep their `experts` best experts (ExpertStats' ranking, puzzle/blocks/experts.py) and
+every kept expert its `expert_ffn_size` most active neurons, all experts of a layer one width (one MoEConfig).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from puzzle.arch import Architecture, AttentionConfig, FFNConfig
-from puzzle.errors import InputError
+from puzzle.blocks.experts import best_experts
+from puzzle.errors import ConfigError, InputError
 from puzzle.prune.config import PruneConfig
 
 
@@ -28,6 +32,8 @@ class LayerPlan:
     kv_heads: tuple[int, ...] | None = None  # kept KV heads (GQA groups), ascending; None: all
     q_heads: tuple[int, ...] | None = None  # kept query heads, group by group in kv_heads' order; None: all
     ffn: tuple[int, ...] | None = None  # kept FFN neurons, ascending; None: all
+    experts: tuple[int, ...] | None = None  # kept parent experts, ascending (child expert j is experts[j]); None: all
+    expert_ffn: tuple[tuple[int, ...], ...] | None = None  # per child expert, its kept neurons, ascending; None: all
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +92,9 @@ def ffn_targets(arch: Architecture, ffn_size: int | tuple[int | None, ...] | Non
         return (None,) * arch.num_layers
     if isinstance(ffn_size, int):
         if not any(widths):
-            raise InputError("ffn_size is set but no layer has a gated FFN to prune; drop --ffn-size")
+            moe = any(b.ffn.moe is not None for b in arch.blocks)
+            raise InputError("ffn_size is set but no layer has a gated FFN to prune; "
+                             + ("use --expert-ffn-size for the experts' width" if moe else "drop --ffn-size"))
         sizes = [ffn_size if w is not None else None for w in widths]
     else:
         if len(ffn_size) != arch.num_layers:
@@ -144,6 +152,33 @@ def head_targets(arch: Architecture, heads: int | None, kv_heads: int | None) ->
     return h_out, tuple(plans)
 
 
+def expert_targets(arch: Architecture, experts: int | None,
+                   expert_ffn_size: int | None) -> tuple[tuple[int | None, int | None] | None, ...]:
+    """Per layer: (experts kept or None, expert width or None), None for the whole entry where nothing changes."""
+    moes = [b.ffn.moe for b in arch.blocks]
+    if (experts is not None or expert_ffn_size is not None) and not any(moes):
+        flag = "--experts" if experts is not None else "--expert-ffn-size"
+        raise InputError(f"{flag} is set but no layer has experts (a mixture-of-experts FFN); drop {flag}")
+    targets = []
+    for i, moe in enumerate(moes):
+        if moe is None:
+            targets.append(None)
+            continue
+        if experts is not None and experts > moe.num_local_experts:
+            raise InputError(f"experts {experts} exceeds layer {i}'s {moe.num_local_experts} experts; pruning only "
+                             "removes experts")
+        if experts is not None and experts < moe.num_experts_per_tok:
+            raise ConfigError(f"experts {experts} is fewer than layer {i}'s {moe.num_experts_per_tok} experts per token; "
+                              f"keep at least that many (--experts {moe.num_experts_per_tok})")
+        if expert_ffn_size is not None and expert_ffn_size > moe.expert_intermediate_dim:
+            raise InputError(f"expert_ffn_size {expert_ffn_size} exceeds layer {i}'s expert width "
+                             f"{moe.expert_intermediate_dim}; pruning only removes neurons")
+        k = None if experts in (None, moe.num_local_experts) else experts
+        width = None if expert_ffn_size in (None, moe.expert_intermediate_dim) else expert_ffn_size
+        targets.append(None if k is None and width is None else (k, width))
+    return tuple(targets)
+
+
 def check_targets(arch: Architecture, cfg: PruneConfig) -> None:
     """Every target of `cfg` is reachable from `arch` by pruning; raises InputError naming the fix."""
     if cfg.hidden_size is not None and cfg.hidden_size > arch.shape.hidden_size:
@@ -151,6 +186,7 @@ def check_targets(arch: Architecture, cfg: PruneConfig) -> None:
                          "pruning only removes channels")
     ffn_targets(arch, cfg.ffn_size)
     head_targets(arch, cfg.heads, cfg.kv_heads)
+    expert_targets(arch, cfg.experts, cfg.expert_ffn_size)
     if cfg.drop_layers >= arch.num_layers:
         raise InputError(f"cannot drop {cfg.drop_layers} of the model's {arch.num_layers} layers; keep at least one")
 
@@ -160,7 +196,8 @@ def needs_calibration(arch: Architecture, cfg: PruneConfig) -> bool:
     hidden = cfg.hidden_size is not None and cfg.hidden_size < arch.shape.hidden_size
     heads = any(head_targets(arch, cfg.heads, cfg.kv_heads)[1])
     ffn = any(s is not None for s in ffn_targets(arch, cfg.ffn_size))
-    return hidden or heads or ffn or cfg.drop_layers > 0
+    experts = any(expert_targets(arch, cfg.experts, cfg.expert_ffn_size))
+    return hidden or heads or ffn or experts or cfg.drop_layers > 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,6 +215,7 @@ def make_plan(arch: Architecture, cfg: PruneConfig, importance) -> PrunePlan:
             drop_lowest(importance.layers, cfg.drop_layers)
     h_out, heads = head_targets(arch, cfg.heads, cfg.kv_heads)
     sizes = ffn_targets(arch, cfg.ffn_size)
+    moe = expert_targets(arch, cfg.experts, cfg.expert_ffn_size)
     layers = []
     for i in kept:
         plan = LayerPlan(source=i)
@@ -187,6 +225,13 @@ def make_plan(arch: Architecture, cfg: PruneConfig, importance) -> PrunePlan:
             plan = replace(plan, kv_heads=kv, q_heads=q)
         if sizes[i] is not None:
             plan = replace(plan, ffn=top_k(importance.ffn[i], sizes[i]))
+        if moe[i] is not None:
+            k, width = moe[i]
+            experts = None if k is None else best_experts(importance.experts[i], k)
+            if width is not None:
+                kept = range(arch.blocks[i].ffn.moe.num_local_experts) if experts is None else experts
+                plan = replace(plan, expert_ffn=tuple(top_k(importance.expert_ffn[i][e], width) for e in kept))
+            plan = replace(plan, experts=experts)
         layers.append(plan)
     return PrunePlan(hidden=hidden, num_attention_heads=h_out, layers=tuple(layers))
 
@@ -207,5 +252,10 @@ def pruned_architecture(arch: Architecture, plan: PrunePlan) -> Architecture:
             attention = AttentionConfig(n_heads_in_group=plan.num_attention_heads // kv, window_length=attention.window_length)
         if layer.ffn is not None:
             ffn = FFNConfig(intermediate_size=len(layer.ffn))
+        if layer.experts is not None or layer.expert_ffn is not None:
+            moe = ffn.moe
+            ffn = FFNConfig(moe=replace(
+                moe, num_local_experts=moe.num_local_experts if layer.experts is None else len(layer.experts),
+                expert_intermediate_dim=moe.expert_intermediate_dim if layer.expert_ffn is None else len(layer.expert_ffn[0])))
         blocks.append(replace(block, attention=attention, ffn=ffn))
     return Architecture(shape=shape, blocks=tuple(blocks))

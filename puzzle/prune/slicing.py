@@ -5,8 +5,12 @@ head columns, every projection's input columns (q/k/v, gate/up) and output rows 
 both square matrices of a linear replacement, and every RMSNorm gain. Pruning it changes what an RMSNorm
 divides by (the mean square over fewer channels); Minitron accepts that, which is one reason KD follows.
 Heads slice q rows / o columns by whole heads and k / v rows by whole KV heads; q_norm / k_norm act on
-head_dim, which pruning leaves alone. Tied embeddings stay tied. Dropped layers are removed (not made
-no-op): the child is smaller on disk, can be a plain Llama, and its layer i is parent layer kept[i].
+head_dim, which pruning leaves alone; attention sinks (gpt-oss, one logit per query head) go with their heads.
+Mixture-of-experts layers first keep their plan's experts (router rows and bias entries with them, renumbered:
+puzzle/blocks/experts.py `slice_experts`), then every expert is sliced as a gated FFN: its own kept neurons,
+and the hidden axis like any projection (the router reads the hidden state too). Tied embeddings stay tied.
+Dropped layers are removed (not made no-op): the child is smaller on disk, can be a plain Llama, and its
+layer i is parent layer kept[i].
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import torch
 
 from puzzle.arch import Architecture
+from puzzle.blocks.experts import slice_experts
 from puzzle.checkpoint import decilm_config
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, DeciLMRotaryEmbedding
 from puzzle.prune.plan import LayerPlan, PrunePlan, pruned_architecture
@@ -38,6 +43,7 @@ _LAYER_AXES = {
     "self_attn.v_proj.bias": ("kv",),
     "self_attn.o_proj.weight": ("hidden", "q"),
     "self_attn.o_proj.bias": ("hidden",),
+    "self_attn.sinks": ("q_heads",),
     "self_attn.q_norm.weight": (None,),
     "self_attn.k_norm.weight": (None,),
     "self_attn.linear_attn.weight": ("hidden", "hidden"),
@@ -48,8 +54,20 @@ _LAYER_AXES = {
     "mlp.down_proj.weight": ("hidden", "ffn"),
     "mlp.down_proj.bias": ("hidden",),
     "mlp.linear_mlp.weight": ("hidden", "hidden"),
+    "mlp.gate.weight": (None, "hidden"),  # the router; its rows (experts) are chosen by slice_experts first
+    "mlp.gate.bias": (None,),
+}
+# The tensors of expert e (mlp.experts.{e}.*): a gated FFN whose neurons are the index set "expert_ffn".
+_EXPERT_AXES = {
+    "gate_proj.weight": ("expert_ffn", "hidden"),
+    "gate_proj.bias": ("expert_ffn",),
+    "up_proj.weight": ("expert_ffn", "hidden"),
+    "up_proj.bias": ("expert_ffn",),
+    "down_proj.weight": ("hidden", "expert_ffn"),
+    "down_proj.bias": ("hidden",),
 }
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_EXPERT_NAME = re.compile(r"mlp\.experts\.(\d+)\.(.+)")
 
 
 def head_rows(heads: tuple[int, ...] | None, head_dim: int) -> torch.Tensor | None:
@@ -64,8 +82,27 @@ def _indices(plan: PrunePlan, layer: LayerPlan | None, head_dim: int) -> dict[st
     index = {"hidden": as_index(plan.hidden)}
     if layer is not None:
         index |= {"q": head_rows(layer.q_heads, head_dim), "kv": head_rows(layer.kv_heads, head_dim),
-                  "ffn": as_index(layer.ffn)}
+                  "q_heads": as_index(layer.q_heads), "ffn": as_index(layer.ffn)}
     return index
+
+
+def _slice_layer(tensors: dict[str, torch.Tensor], layer: LayerPlan, index: dict[str, torch.Tensor | None]
+                 ) -> dict[str, torch.Tensor]:
+    """One layer's tensors (names relative to the layer) sliced by its plan."""
+    if layer.experts is not None:
+        tensors = {k: t for k, t in tensors.items() if not k.startswith("mlp.")} | slice_experts(tensors, layer.experts)
+    out = {}
+    for rest, tensor in tensors.items():
+        expert = _EXPERT_NAME.fullmatch(rest)
+        if expert is None:
+            assert rest in _LAYER_AXES, f"no pruning rule for tensor {rest} (layer {layer.source})"
+            out[rest] = slice_tensor(tensor, _LAYER_AXES[rest], index)
+            continue
+        e, name = int(expert.group(1)), expert.group(2)
+        assert name in _EXPERT_AXES, f"no pruning rule for expert tensor {rest} (layer {layer.source})"
+        neurons = None if layer.expert_ffn is None else torch.tensor(layer.expert_ffn[e])
+        out[rest] = slice_tensor(tensor, _EXPERT_AXES[name], index | {"expert_ffn": neurons})
+    return out
 
 
 def slice_tensor(t: torch.Tensor, axes: tuple[str | None, ...], index: dict[str, torch.Tensor | None]) -> torch.Tensor:
@@ -82,18 +119,17 @@ def slice_state_dict(state: dict[str, torch.Tensor], plan: PrunePlan, head_dim: 
     new_index = {layer.source: i for i, layer in enumerate(plan.layers)}
     global_index = _indices(plan, None, head_dim)
     layer_index = {layer.source: _indices(plan, layer, head_dim) for layer in plan.layers}
-    out = {}
+    out, by_layer = {}, {}
     for name, tensor in state.items():
         match = _LAYER_NAME.fullmatch(name)
         if match is None:
             assert name in _GLOBAL_AXES, f"no pruning rule for tensor {name}"
             out[name] = slice_tensor(tensor, _GLOBAL_AXES[name], global_index)
-            continue
-        source, rest = int(match.group(1)), match.group(2)
-        if source not in new_index:
-            continue  # a dropped layer
-        assert rest in _LAYER_AXES, f"no pruning rule for tensor {name}"
-        out[f"model.layers.{new_index[source]}.{rest}"] = slice_tensor(tensor, _LAYER_AXES[rest], layer_index[source])
+        elif int(match.group(1)) in new_index:  # else a dropped layer
+            by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
+    for layer in plan.layers:
+        for rest, tensor in _slice_layer(by_layer.get(layer.source, {}), layer, layer_index[layer.source]).items():
+            out[f"model.layers.{new_index[layer.source]}.{rest}"] = tensor
     return out
 
 

@@ -28,10 +28,18 @@ from puzzle.jobs import Shard, device_for
 from puzzle.metrics import Quality
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
 from puzzle.progress import log
-from puzzle.prune.config import PruneConfig, PruneResult, ShapeSummary
+from puzzle.prune.config import PruneConfig, PruneResult, ShapeSummary, size_range
 from puzzle.prune.export import plain_llama_blockers, save_plain_llama
 from puzzle.prune.importance import Importance, Needs, measure_importance
-from puzzle.prune.plan import check_targets, ffn_targets, head_targets, make_plan, needs_calibration
+from puzzle.prune.plan import (
+    PrunePlan,
+    check_targets,
+    expert_targets,
+    ffn_targets,
+    head_targets,
+    make_plan,
+    needs_calibration,
+)
 from puzzle.prune.slicing import apply_plan
 from puzzle.scoring import model_quality
 
@@ -52,13 +60,17 @@ def prune(ckpt: Path, out: Path, cfg: PruneConfig = PruneConfig(), *, overwrite:
     importance = _importance(parent, arch, cfg, data)
     plan = make_plan(arch, cfg, importance)
     child = apply_plan(parent, plan)
+    unrouted = _unrouted_experts(plan, importance)
     child_arch = Architecture.from_config(child.config.to_dict())
     result = PruneResult(
         source=str(ckpt), out=str(out), output_format=_output_format(config, child_arch, cfg),
         before=summarize(arch), after=summarize(child_arch), kept_layers=tuple(p.source for p in plan.layers),
         metric=cfg.metric if cfg.drop_layers else None,
         layer_scores=_floats(importance.layers), window_scores=_floats(importance.windows) if cfg.contiguous else None,
-        calibration_tokens=importance.tokens, quality=_quality(parent, child, data, cfg), config=to_mapping(cfg),
+        calibration_tokens=importance.tokens,
+        kept_experts=tuple(p.experts for p in plan.layers) if any(p.experts for p in plan.layers) else None,
+        unrouted_experts=unrouted,
+        quality=_quality(parent, child, data, cfg), config=to_mapping(cfg),
     )
     del parent
     details = {"stage": "prune", "parent": str(ckpt.resolve()), **(info or {})}
@@ -68,13 +80,34 @@ def prune(ckpt: Path, out: Path, cfg: PruneConfig = PruneConfig(), *, overwrite:
     return result
 
 
+def _unrouted_experts(plan: PrunePlan, importance: Importance) -> tuple[str, ...]:
+    """The kept experts (parent layer and expert) whose width was pruned by weight norm, no calibration token having
+    reached them; said in the log."""
+    kept = {p.source: p.experts for p in plan.layers if p.expert_ffn is not None}
+    names = tuple(f"L{i}.E{e}" for i, e in importance.unrouted if i in kept and (kept[i] is None or e in kept[i]))
+    if names:
+        log(f"prune: no calibration token reached expert(s) {', '.join(names)}; their neurons are kept by weight norm "
+            "(give more --calibration-tokens to rank them by activations)")
+    return names
+
+
 def summarize(arch: Architecture) -> ShapeSummary:
     heads = arch.shape.num_attention_heads
     return ShapeSummary(
         layers=arch.num_layers, hidden_size=arch.shape.hidden_size, num_attention_heads=heads,
         kv_heads=tuple(b.attention.num_kv_heads(heads) for b in arch.blocks),
         ffn_sizes=tuple(b.ffn.intermediate_size or 0 for b in arch.blocks), params=arch.total_params(),
+        **_expert_summary(arch),
     )
+
+
+def _expert_summary(arch: Architecture) -> dict[str, tuple[int, ...]]:
+    """ShapeSummary's expert fields: per layer experts and their width (0: dense); none without MoE layers."""
+    moes = [b.ffn.moe for b in arch.blocks]
+    if not any(moes):
+        return {}
+    return {"experts": tuple(m.num_local_experts if m else 0 for m in moes),
+            "expert_ffn_sizes": tuple(m.expert_intermediate_dim if m else 0 for m in moes)}
 
 
 def _check_request(ckpt: Path, out: Path, cfg: PruneConfig, overwrite: bool) -> tuple[dict[str, Any], Architecture]:
@@ -106,11 +139,14 @@ def _importance(model: DeciLMForCausalLM, arch: Architecture, cfg: PruneConfig, 
     if not needs_calibration(arch, cfg):
         return Importance()
     _, heads = head_targets(arch, cfg.heads, cfg.kv_heads)
+    moe = expert_targets(arch, cfg.experts, cfg.expert_ffn_size)
     needs = Needs(
         hidden=cfg.hidden_size is not None and cfg.hidden_size < arch.shape.hidden_size,
         heads=tuple(i for i, h in enumerate(heads) if h is not None),
         ffn=tuple(i for i, s in enumerate(ffn_targets(arch, cfg.ffn_size)) if s is not None),
-        drop=cfg.drop_layers, metric=cfg.metric, contiguous=cfg.contiguous,
+        experts=tuple(i for i, t in enumerate(moe) if t is not None and t[0] is not None),
+        expert_ffn=tuple(i for i, t in enumerate(moe) if t is not None and t[1] is not None),
+        expert_ranking=cfg.expert_ranking, drop=cfg.drop_layers, metric=cfg.metric, contiguous=cfg.contiguous,
     )
     n_tokens = max(cfg.calibration_tokens, data.config.seq_len)
     return measure_importance(model, data.batches("train", cfg.batch_size, n_tokens=n_tokens, seed=0), needs)
@@ -146,7 +182,12 @@ def _write(child: DeciLMForCausalLM, out: Path, result: PruneResult, source: Pat
             finish_checkpoint_dir(tmp, json.loads((tmp / "config.json").read_text()), source, info)
             for file in extra_files:
                 shutil.copy2(file, tmp / file.name)
-    log(f"prune: {result.before.params:,} -> {result.after.params:,} parameters -> {out}")
+    experts = ""
+    if result.before.experts:
+        b, a = result.before, result.after
+        experts = (f", experts per MoE layer {size_range(b.experts)} -> {size_range(a.experts)}, "
+                   f"expert width {size_range(b.expert_ffn_sizes)} -> {size_range(a.expert_ffn_sizes)}")
+    log(f"prune: {result.before.params:,} -> {result.after.params:,} parameters{experts} -> {out}")
 
 
 def _distill_and_write(child: DeciLMForCausalLM, ckpt: Path, result: PruneResult, cfg: PruneConfig,

@@ -9,7 +9,7 @@ from factories import MOE_FAMILIES, hf_parent
 
 from puzzle import checkpoint
 from puzzle.arch import FFNConfig, MoEConfig
-from puzzle.blocks.experts import keep_experts
+from puzzle.blocks.experts import best_experts, keep_experts
 from puzzle.blocks.init import collect_layer_stats, init_candidate
 from puzzle.blocks.space import Candidate
 
@@ -117,3 +117,8 @@ def test_keeping_experts_refuses_what_it_cannot_do():
     kept = keep_experts(parent, MoEConfig(num_local_experts=2, **moe), torch.tensor([0.1, 0.9, 0.0, 0.5]))
     assert torch.equal(kept["mlp.gate.weight"], parent["mlp.gate.weight"][[1, 3]])
     assert torch.equal(kept["mlp.experts.1.down_proj.weight"], parent["mlp.experts.3.down_proj.weight"])
+
+
+def test_best_experts_keep_parent_order_and_break_ties_by_the_lower_index():
+    assert best_experts(torch.tensor([0.5, 0.9, 0.5, 0.1]), 2) == (0, 1)
+    assert best_experts(torch.tensor([0.0, 0.0, 0.3, 0.0]), 3) == (0, 1, 2)

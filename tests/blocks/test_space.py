@@ -34,6 +34,15 @@ def test_moe_layers_keep_fractions_of_their_experts_never_fewer_than_experts_per
     assert Candidate.from_dict(candidates[1].to_dict()) == candidates[1]  # the manifest round trip
 
 
+def test_fewer_experts_per_token_come_with_every_expert_count():
+    space = SearchSpace(moe=MoESpace(experts=(0.5,), experts_per_token=(1, 2, 5)))
+    names = [c.name for c in build_candidates(_arch([("full", "moe")]), space) if c.kind == "ffn"]
+    # 4 experts, 2 per token: 2 and 5 are not fewer than 2, so only top-1 is added, at 4 and at 2 experts
+    assert names == ["moe_k4_top2", "moe_k4_top1", "moe_k2_top2", "moe_k2_top1", "linear", "no_op"]
+    with pytest.raises(ConfigError, match="experts_per_token"):
+        MoESpace(experts_per_token=(0,))
+
+
 def test_parent_variant_first_and_not_trained():
     for c in build_candidates(_arch(), SearchSpace()):
         assert c.trainable == (not c.is_parent and not c.variant.no_op)

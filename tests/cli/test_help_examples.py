@@ -1,5 +1,5 @@
-"""Every `puzzle ... --help` example runs as written, in order, in one small world: the user's HF model at
-~/models/Llama-3.1-8B and text at ~/data/fineweb, the demo's run at runs/demo, and search.yaml in the working
+"""Every `puzzle ... --help` example runs as written, in order, in one small world: the user's HF models at
+~/models/Llama-3.1-8B (and a mixture-of-experts one at ~/models/Mixtral-8x7B) and text at ~/data/fineweb, the demo's run at runs/demo, and search.yaml in the working
 folder (a random Llama small enough for CPU but as wide as the demo's parent, so the examples' sizes apply).
 
 The examples build on each other (search makes runs/llama8b, make-tasks makes ./my_tasks), so they run in the
@@ -57,6 +57,9 @@ def world(tmp_path_factory):
                                      max_position_embeddings=1024)
     _like_a_trained_llm(parent, quiet_attention=(1, 2, 3))
     shutil.copytree(parent, home / "models" / "Llama-3.1-8B")
+    moe_parent, _ = tiny_parent_with_tokenizer(root / "inputs-moe", layers=2, intermediate_size=256, family="mixtral",
+                                               experts=8)
+    shutil.copytree(moe_parent, home / "models" / "Mixtral-8x7B")  # 8 experts of width 256, as the MoE demo's
     shutil.copytree(corpus, home / "data" / "fineweb")
     demo = yaml.safe_load((ROOT / "puzzle" / "configs" / "demo.yaml").read_text())
     config = tiny_search_config(

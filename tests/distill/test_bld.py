@@ -58,6 +58,24 @@ def test_gradient_units_improve_and_linear_units_are_least_squares(tmp_path):
     torch.testing.assert_close(stored, least_squares(xtx, xty).float(), atol=1e-5, rtol=1e-4)
 
 
+def test_a_unit_that_bld_makes_worse_keeps_its_initialisation(tmp_path):
+    from puzzle.blocks.init import init_candidate
+    from puzzle.blocks.library import load_stats, to_device_stats
+
+    search = _library(tmp_path, "run", bld={"tokens_per_unit": 2048, "lr": 10.0})  # a rate that wrecks units
+    run_bld(search.paths.root)
+    parent, arch = search.parent_model(), load_architecture(search.paths.parent)
+    results = {u.unit_id: (u, read_unit_result(unit_path(search.paths, u))) for u in search.manifest().units}
+    kept = [(u, r) for u, r in results.values() if r.kept == "init"]
+    assert kept and all(r.loss_final > r.loss_init for _, r in kept)
+    assert all(r.loss_final <= r.loss_init for _, r in results.values() if r.kept == "bld")
+    for u, _ in kept:  # the file holds exactly the initialisation
+        stats = to_device_stats(load_stats(search.paths, u.layer), torch.device("cpu"))
+        init = init_candidate(u, parent, arch, stats, search.cfg.bld.linear_attention_init).checkpoint_state(u.layer)
+        stored = load_file(unit_path(search.paths, u))
+        assert stored.keys() == init.keys() and all(torch.equal(stored[k], init[k]) for k in init), u.unit_id
+
+
 def _env(threads=1):
     return {**os.environ, "PYTHONPATH": str(ROOT), "PUZZLE_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
             "PUZZLE_QUIET": "1"}
