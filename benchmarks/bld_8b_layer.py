@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from benchmarks.common import llama_8b_config, write_results  # noqa: E402
+from benchmarks.common import SHAPE_NAMES, llama_8b_config, write_results  # noqa: E402
 from puzzle.arch import Architecture  # noqa: E402
 from puzzle.blocks.init import collect_layer_stats  # noqa: E402
 from puzzle.blocks.library import stats_path, unit_params  # noqa: E402
@@ -77,9 +77,10 @@ def unit_flops_per_token(u, arch: Architecture) -> float:
     return 6 * unit_params(u, arch)
 
 
-def run(tiny: bool, steps: int, short: int, baseline: Path | None, out: Path | None) -> None:
+def run(tiny: bool, steps: int, short: int, baseline: Path | None, out: Path | None, shape: str = "8b",
+        alone_only: bool = False, group_only: bool = False) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = llama_8b_config(num_layers=2, tiny=tiny)
+    config = llama_8b_config(num_layers=2, tiny=tiny, shape=shape)
     with torch.device(device):
         parent = DeciLMForCausalLM(config)
     parent = parent.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
@@ -149,22 +150,25 @@ def run(tiny: bool, steps: int, short: int, baseline: Path | None, out: Path | N
             return (timings[1] - timings[0]) / steps
 
         parent_s = parent_step_s()
-        together = measure(units)
-        print(f"group: {together['tokens_per_s']:,.0f} tokens/s, fixed {together['fixed_s']:.2f} s", flush=True)
+        together = None if alone_only else measure(units)
+        if together:
+            print(f"group: {together['tokens_per_s']:,.0f} tokens/s, fixed {together['fixed_s']:.2f} s", flush=True)
         alone = {}
-        for u in units:
+        for u in ([] if group_only else units):
             alone[u.unit_id] = measure([u])
             print(f"{u.unit_id}: {alone[u.unit_id]['tokens_per_s']:,.0f} tokens/s, MFU {alone[u.unit_id]['mfu']}", flush=True)
 
     # The group against its parts: the parent's forward once plus each unit's own work (its time alone less the
     # parent's forward it paid there), over the group's measured time. 1.0: training them together costs
     # exactly their parts; below: grouping costs extra (memory traffic, allocator), above: it saves.
-    parts_s = parent_s + sum(a["step_s"] - parent_s for a in alone.values())
-    results = {"seq_len": seq_len, "batch_size": batch, "steps": steps, "short_steps": short, "default_steps": default_steps,
-               "bf16_peak": peak, "parent_step_s": parent_s, "together": together, "units": alone,
-               "group_parts_s": parts_s, "group_vs_parts": parts_s / together["step_s"]}
+    parts_s = parent_s + sum(a["step_s"] - parent_s for a in alone.values()) if alone else None
+    results = {"shape": shape, "seq_len": seq_len, "batch_size": batch, "steps": steps, "short_steps": short,
+               "default_steps": default_steps, "bf16_peak": peak, "parent_step_s": parent_s, "together": together,
+               "units": alone, "group_parts_s": parts_s,
+               "group_vs_parts": parts_s / together["step_s"] if together and parts_s else None}
     md = markdown(results, device, baseline)
-    paths_out = write_results("bld_8b_layer_tiny" if tiny else "bld_8b_layer", results, md, out)
+    name = "bld_8b_layer" if shape == "8b" else f"bld_{shape}_layer"
+    paths_out = write_results(f"{name}_tiny" if tiny else name, results, md, out)
     print(md)
     print(f"wrote {paths_out[0]} and {paths_out[1]}")
 
@@ -175,19 +179,24 @@ def _pct(x: float | None) -> str:
 
 def markdown(r: dict, device: torch.device, baseline: Path | None) -> str:
     t = r["together"]
-    head = (f"BLD of layer 1 of a Llama-3.1-8B-shaped parent (random weights), batch {r['batch_size']} x {r['seq_len']} "
+    shape = SHAPE_NAMES[r.get("shape", "8b")]
+    head = (f"BLD of layer 1 of a {shape}-shaped parent (random weights), batch {r['batch_size']} x {r['seq_len']} "
             f"tokens; steady state over {r['steps']} steps (runs of {r['short_steps']} and {r['short_steps'] + r['steps']} "
             "steps, the difference), one-time cost = the rest of the short run; parent bf16, units fp32 master weights "
             "with bf16 autocast" if device.type == "cuda" else "BLD smoke run on the CPU (tiny shapes)")
-    lines = [head, "",
+    lines = [head, ""]
+    if t is not None:
+        lines += [
              f"All {len(t['units'])} units together (one shared parent pass per batch): {t['tokens_per_s']:,.0f} tokens/s = "
              f"{t['unit_tokens_per_s']:,.0f} unit-tokens/s, {t['tflops']:.0f} TFLOP/s, MFU {_pct(t['mfu'])}; one-time cost "
              f"{t['fixed_s']:.2f} s = {_pct(t['fixed_fraction_at_default'])} of the group's time at the default budget "
-             f"({r['default_steps']} steps); peak {t['peak_gib'] and round(t['peak_gib'], 1)} GiB.", "",
+             f"({r['default_steps']} steps); peak {t['peak_gib'] and round(t['peak_gib'], 1)} GiB.", ""]
+    if t is not None and r["group_parts_s"]:
+        lines += [
              f"The group against its parts: a step takes {1e3 * t['step_s']:.1f} ms; the parent's forward alone "
              f"{1e3 * r['parent_step_s']:.1f} ms plus each unit's own time (alone, less that forward) add up to "
-             f"{1e3 * r['group_parts_s']:.1f} ms: the group runs at {_pct(r['group_vs_parts'])} of the speed of its parts.", "",
-             "Each unit alone (its parent pass included in time and FLOPs):", "",
+             f"{1e3 * r['group_parts_s']:.1f} ms: the group runs at {_pct(r['group_vs_parts'])} of the speed of its parts.", ""]
+    lines += ["Each unit alone (its parent pass included in time and FLOPs):", "",
              "| unit | params (M) | tokens/s | TFLOP/s | MFU | one-time s | one-time at default budget | peak GiB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for unit, a in r["units"].items():
@@ -268,8 +277,11 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     parser.add_argument("--span", type=int, help="train layers 1..SPAN's units as a worker owning them does (GPU)")
     parser.add_argument("--max-group-params", type=int, help="with --span: groups of at most this many parameters")
+    parser.add_argument("--shape", choices=("8b", "70b", "405b"), default="8b", help="Llama-3.x shape of the layer")
+    parser.add_argument("--alone-only", action="store_true", help="skip the all-units group (too large for one GPU at 405b)")
+    parser.add_argument("--group-only", action="store_true", help="only the all-units group, no unit alone")
     args = parser.parse_args()
     if args.span:
         run_span(args.span, args.steps, args.short, args.out, args.max_group_params)
     else:
-        run(args.tiny, args.steps, args.short, args.baseline, args.out)
+        run(args.tiny, args.steps, args.short, args.baseline, args.out, args.shape, args.alone_only, args.group_only)

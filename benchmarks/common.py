@@ -20,12 +20,19 @@ from puzzle.modeling.configuration_decilm import DeciLMConfig
 RESULTS = Path(__file__).parent / "results"
 
 
-def llama_8b_config(num_layers: int = 32, tiny: bool = False) -> DeciLMConfig:
-    """Llama-3.1-8B's shape (GQA 32/8 heads of 128, FFN 14336, vocab 128256, Llama-3 RoPE); `tiny` for CPU smoke runs."""
+# (hidden, query heads, KV heads, head_dim, FFN width, vocab, layers) of the Llama-3.x family
+LLAMA_SHAPES = {"8b": (4096, 32, 8, 128, 14336, 128256, 32), "70b": (8192, 64, 8, 128, 28672, 128256, 80),
+                "405b": (16384, 128, 8, 128, 53248, 128256, 126)}
+SHAPE_NAMES = {"8b": "Llama-3.1-8B", "70b": "Llama-3.3-70B", "405b": "Llama-3.1-405B"}
+
+
+def llama_8b_config(num_layers: int = 32, tiny: bool = False, shape: str = "8b") -> DeciLMConfig:
+    """Llama-3.1-8B's shape (GQA 32/8 heads of 128, FFN 14336, vocab 128256, Llama-3 RoPE), or Llama-3.3-70B's /
+    Llama-3.1-405B's (`shape` "70b" / "405b") cut to `num_layers`; `tiny` for CPU smoke runs."""
     if tiny:
         hidden, heads, kv, head_dim, ffn, vocab = 256, 4, 2, 64, 896, 1024
     else:
-        hidden, heads, kv, head_dim, ffn, vocab = 4096, 32, 8, 128, 14336, 128256
+        hidden, heads, kv, head_dim, ffn, vocab, _ = LLAMA_SHAPES[shape]
     blocks = [{"attention": {"n_heads_in_group": heads // kv}, "ffn": {"intermediate_size": ffn}} for _ in range(num_layers)]
     return DeciLMConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads, head_dim=head_dim,

@@ -356,7 +356,7 @@ def rank_study(work: Work, targets: dict[str, float], parent_speed: float) -> di
         # The tokens scoring used: the report's held-out tokens are kept for the final comparison.
         batches = list(search.data().batches("held_out", 8, n_tokens=search.cfg.score.tokens, shuffle=False))
         for plan in plans:
-            path = realize(plan, parent, arch, manifest, search.paths)
+            path = realize(plan, arch, manifest, search.paths, parent.dtype)
             child = load_model(path, dtype=parent.dtype, device=parent.device)
             q = model_quality(parent, child, batches)
             del child

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from benchmarks.bld_8b_layer import RandomTokens  # noqa: E402
-from benchmarks.common import llama_8b_config, write_results  # noqa: E402
+from benchmarks.common import SHAPE_NAMES, llama_8b_config, write_results  # noqa: E402
 from puzzle.arch import Architecture  # noqa: E402
 from puzzle.blocks.space import AttentionSpace, FFNSpace, SearchSpace, build_candidates  # noqa: E402
 from puzzle.blocks.subblock import SubBlock  # noqa: E402
@@ -33,10 +33,10 @@ from puzzle.modeling.modeling_decilm import DeciLMForCausalLM  # noqa: E402
 from puzzle.scoring import ScoreConfig, score_candidates  # noqa: E402
 
 
-def run(tiny: bool, layers: int, tokens: int, baseline: Path | None, out: Path | None) -> None:
+def run(tiny: bool, layers: int, tokens: int, baseline: Path | None, out: Path | None, shape: str = "8b") -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = llama_8b_config(num_layers=layers, tiny=tiny)
+    config = llama_8b_config(num_layers=layers, tiny=tiny, shape=shape)
     torch.manual_seed(0)
     with torch.device(device):
         parent = DeciLMForCausalLM(config)
@@ -66,11 +66,11 @@ def run(tiny: bool, layers: int, tokens: int, baseline: Path | None, out: Path |
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     scored = sum(not c.is_parent for c in candidates)
-    results = {"layers": layers, "seq_len": seq_len, "batch_size": batch, "positions": scores.tokens,
+    results = {"shape": shape, "layers": layers, "seq_len": seq_len, "batch_size": batch, "positions": scores.tokens,
                "candidates": scored, "seconds": seconds, "candidate_tokens_per_s": scores.tokens * scored / seconds,
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                "scores": {f"{e.layer}/{e.kind}/{e.name}": [e.kl, e.lm_loss, e.top1] for e in scores.entries}}
-    lines = [f"Replace-one-block scoring of all {scored} candidates of a {layers}-layer Llama-3.1-8B-shaped parent "
+    lines = [f"Replace-one-block scoring of all {scored} candidates of a {layers}-layer {SHAPE_NAMES[shape]}-shaped parent "
              f"(random weights, {str(dtype).removeprefix('torch.')}), {scores.tokens:,} positions ({batch} x {seq_len}): "
              f"{seconds:.1f} s = {results['candidate_tokens_per_s']:,.0f} candidate-tokens/s; peak "
              f"{results['peak_gib'] and round(results['peak_gib'], 1)} GiB."]
@@ -86,7 +86,8 @@ def run(tiny: bool, layers: int, tokens: int, baseline: Path | None, out: Path |
                   "", f"Speed-up {b['seconds'] / seconds:.2f}x. Scores (KL, LM loss, top-1 of every candidate) "
                   + ("bitwise equal to the baseline's." if same else f"differ from the baseline's by at most {diff:.3g}.")]
     md = "\n".join(lines)
-    paths = write_results("score_8b_layers_tiny" if tiny else "score_8b_layers", results, md, out)
+    name = "score_8b_layers" if shape == "8b" else f"score_{shape}_layers"
+    paths = write_results(f"{name}_tiny" if tiny else name, results, md, out)
     print(md)
     print(f"wrote {paths[0]} and {paths[1]}")
 
@@ -98,6 +99,7 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, help="scored tokens (default: two batches)")
     parser.add_argument("--baseline", type=Path, help="JSON of an earlier run (e.g. the code before a change)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
+    parser.add_argument("--shape", choices=("8b", "70b", "405b"), default="8b", help="Llama-3.x shape of the parent")
     args = parser.parse_args()
     seq, bs = (128, 4) if args.tiny else (4096, 8)
-    run(args.tiny, args.layers, args.tokens or 2 * bs * seq, args.baseline, args.out)
+    run(args.tiny, args.layers, args.tokens or 2 * bs * seq, args.baseline, args.out, args.shape)

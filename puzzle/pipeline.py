@@ -53,6 +53,7 @@ from puzzle.errors import ConfigError, InfeasibleError, InputError, StageError
 from puzzle.files import make_dirs, read_json, write_json_atomic, write_text_atomic
 from puzzle.fusion import FusionConfig
 from puzzle.jobs import Shard, SlurmConfig, device_for, set_threads_from_env, shard_from_env
+from puzzle.memory import check_fits
 from puzzle.mip.stage import ChildPlan, SolveConfig
 from puzzle.profiling import (
     ProfileConfig,
@@ -156,6 +157,10 @@ class Search:
 
     def parent_model(self):
         if self._model is None:
+            need = load_architecture(self.paths.parent).total_params() * self.dtype.itemsize
+            check_fits(f"parent ({str(self.dtype).removeprefix('torch.')})", need, self.device,
+                       "this stage holds the whole parent on one device: use a device with more memory, or dtype: "
+                       "bfloat16 (realize streams the parent and needs no room for it)")
             self._model = load_model(self.paths.parent, dtype=self.dtype, device=self.device)
             self._model.requires_grad_(False)
         return self._model

@@ -24,6 +24,7 @@ from puzzle.config import check_int
 from puzzle.distill.activations import embed, logits_from_hidden, run_layers
 from puzzle.errors import StageError
 from puzzle.files import read_json, write_json_atomic
+from puzzle.memory import free_bytes
 from puzzle.metrics import Quality, QualitySums, Reference
 from puzzle.progress import log, track
 
@@ -90,8 +91,7 @@ STATE_DEVICE_FRACTION = 0.25  # the parent's kept hidden states stay on the GPU 
 def _target_budget(device: torch.device) -> int:
     if device.type != "cuda":
         return TARGET_CACHE_BYTES
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(TARGET_CACHE_BYTES, int(TARGET_CACHE_FRACTION * free))
+    return max(TARGET_CACHE_BYTES, int(TARGET_CACHE_FRACTION * free_bytes(device)))
 
 
 def _flat(hidden: torch.Tensor) -> torch.Tensor:
@@ -117,7 +117,7 @@ def _state_device(parent, batches: list[torch.Tensor]) -> torch.device:
     if device.type != "cuda":
         return device
     need = 2 * sum(b.numel() for b in batches) * parent.config.hidden_size * parent.dtype.itemsize
-    free, _ = torch.cuda.mem_get_info(device)
+    free = free_bytes(device)
     if need <= STATE_DEVICE_FRACTION * free:
         return device
     log(f"score: the parent's hidden states of the scoring batches ({need / 2**30:.1f} GiB) are kept in host memory "

@@ -91,7 +91,7 @@ def plans_of(search: Search) -> list:
 def realize_stage(search: Search) -> list[Path]:
     manifest = search.manifest()
     arch = load_architecture(search.paths.parent)
-    out = [realize(plan, search.parent_model(), arch, manifest, search.paths) for plan in plans_of(search)]
+    out = [realize(plan, arch, manifest, search.paths, search.dtype) for plan in plans_of(search)]
     search.mark_done("realize")
     return out
 

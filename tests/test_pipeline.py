@@ -274,7 +274,7 @@ def test_coupled_search_runs_end_to_end_and_realizes_an_empty_layer(tmp_path):
     trained = next(c for c in manifest.candidates_of(1, "block") if c.trainable)
     plan = dataclasses.replace(ChildPlan.load(paths.solutions / "fast.json"), name="empty0", blocks=(empty, trained.variant))
     parent, arch = load_model(paths.parent), load_architecture(paths.parent)
-    child_dir = realize(plan, parent, arch, manifest, paths)
+    child_dir = realize(plan, arch, manifest, paths, torch.float32)
     child = load_model(child_dir)
     assert not any(k.startswith("model.layers.0.") for k in child.state_dict())
     replace = {0: {"block": SubBlock(parent.config, "block", empty)},

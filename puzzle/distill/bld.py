@@ -45,6 +45,7 @@ from puzzle.distill.schedule import warmup_cosine
 from puzzle.errors import ConfigError, InputError, StageError
 from puzzle.files import atomic_path
 from puzzle.jobs import Shard, my_share
+from puzzle.memory import free_bytes
 from puzzle.progress import log, track
 from puzzle.run import RunPaths
 
@@ -182,8 +183,7 @@ def group_budget(cfg: BLDConfig, device: torch.device) -> int:
         return cfg.max_group_params
     if device.type != "cuda":
         return CPU_GROUP_PARAMS
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(1, int(GROUP_MEMORY_FRACTION * free / TRAINED_PARAM_BYTES))
+    return max(1, int(GROUP_MEMORY_FRACTION * free_bytes(device) / TRAINED_PARAM_BYTES))
 
 
 def plan_groups(units: list[Candidate], arch: Architecture, max_group_params: int) -> list[list[Candidate]]:

@@ -1,0 +1,145 @@
+"""Parents larger than one device (or one host's memory): stages that stream the parent tensor by tensor keep
+their peak memory far below its size, and write what the in-memory path writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from factories import decilm_dict
+
+from puzzle.arch import Architecture, AttentionConfig, BlockConfig, FFNConfig
+from puzzle.blocks.library import Manifest
+from puzzle.blocks.space import Candidate
+from puzzle.blocks.subblock import SubBlock
+from puzzle.checkpoint import decilm_config, expected_tensors, finish_checkpoint_dir, load_architecture, load_model
+from puzzle.distill.bld import UnitResult, unit_path, write_unit
+from puzzle.mip.problem import Targets
+from puzzle.mip.solution import Solution
+from puzzle.mip.stage import ChildPlan
+from puzzle.run import RunPaths
+from puzzle.weights import LazyWeights, ShardedWriter
+
+LAYERS = 30  # hidden 1024, FFN 4096, fp32: 67 MB per layer, ~2.1 GB in all
+
+
+def _write_parent(folder: Path) -> dict:
+    """A random DeciLM parent of ~2 GB written tensor by tensor (never whole in this process's memory)."""
+    config = decilm_dict([("full", "full")] * LAYERS, vocab_size=8192, hidden_size=1024, num_attention_heads=8,
+                         head_dim=128, max_position_embeddings=512)
+    for block in config["block_configs"]:
+        block["ffn"]["intermediate_size"] = 4096
+    folder.mkdir(parents=True)
+    writer, gen = ShardedWriter(folder, max_shard_bytes=400 * 2**20), torch.Generator().manual_seed(0)
+    for name, shape in expected_tensors(decilm_config(config)).items():
+        writer.add(name, torch.randn(shape, generator=gen) * 0.02)
+    writer.close()
+    finish_checkpoint_dir(folder, config, None, {})
+    return config
+
+
+def _plan(paths: RunPaths, config: dict, width: int) -> tuple[ChildPlan, Manifest]:
+    """A child with no-op sub-blocks in layers 3 and 5 and, in layer 7, an FFN of `width` from a (random) unit."""
+    arch = Architecture.from_config(config)
+    narrow = FFNConfig(intermediate_size=width)
+    unit = Candidate(layer=7, kind="ffn", name=f"ffn{width}", variant=narrow, is_parent=False)
+    torch.manual_seed(1)
+    write_unit(unit_path(paths, unit), SubBlock(decilm_config(config), "ffn", narrow), 7,
+               UnitResult(unit_id=unit.unit_id, loss_init=1.0, loss_final=0.5, tokens=0, steps=0, seconds=0.0))
+    blocks = list(arch.blocks)
+    blocks[3] = dataclasses.replace(blocks[3], ffn=FFNConfig(no_op=True))
+    blocks[5] = dataclasses.replace(blocks[5], attention=AttentionConfig(no_op=True))
+    blocks[7] = BlockConfig(attention=blocks[7].attention, ffn=narrow)
+    n = len(blocks)
+    solution = Solution(attention=(0,) * n, ffn=(0,) * n, attention_names=("x",) * n, ffn_names=("x",) * n, score=0.0,
+                        decode_time_s=1.0, prefill_time_s=1.0, throughput=1.0, latency_s=None, memory_bytes=None,
+                        param_bytes=0, kv_bytes_per_token=0, attention_layers=n, targets=Targets(min_throughput=1.0), solver="test",
+                        solve_time_s=0.0)
+    plan = ChildPlan(name="streamed", target={"name": "streamed"}, solution=solution, blocks=tuple(blocks),
+                     parent_throughput=1.0)
+    return plan, Manifest(parent_fingerprint="synthetic", num_layers=n, space={}, candidates=(unit,))
+
+
+# Peak RSS from VmHWM: the process's own high-water mark (ru_maxrss would carry over the forking pytest process's
+# at exec, Linux's signal->maxrss).
+REALIZE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    from puzzle.blocks.library import Manifest
+    from puzzle.checkpoint import load_architecture
+    from puzzle.mip.stage import ChildPlan
+    from puzzle.realize import realize
+    from puzzle.run import RunPaths
+
+    def peak_kib():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+
+    paths = RunPaths(Path(sys.argv[1]))
+    plan, manifest = ChildPlan.load(paths.root / "plan.json"), Manifest.load(paths.root / "manifest.json")
+    before = peak_kib()
+    realize(plan, load_architecture(paths.parent), manifest, paths, torch.float32, max_shard_bytes=128 * 2**20)
+    print(json.dumps({"after_imports_kib": before, "peak_kib": peak_kib()}))
+""")
+
+
+def test_realize_streams_a_2gb_parent_in_a_third_of_its_size(tmp_path):
+    paths = RunPaths(tmp_path / "run")
+    config = _write_parent(paths.parent)
+    parent_bytes = LazyWeights(paths.parent).nbytes()
+    assert 1.9e9 < parent_bytes < 2.3e9
+    plan, manifest = _plan(paths, config, 1024)
+    plan.save(paths.root / "plan.json")
+    manifest.save(paths.root / "manifest.json")
+    run = subprocess.run([sys.executable, "-c", REALIZE, str(paths.root)], capture_output=True, text=True, check=True)
+    rss = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"realize of a {parent_bytes / 1e9:.2f} GB parent: peak RSS {rss['peak_kib'] / 2**20:.2f} GiB "
+          f"({rss['after_imports_kib'] / 2**20:.2f} GiB after imports)")
+    assert rss["peak_kib"] * 1024 < 0.35 * parent_bytes
+    child = paths.children / "streamed"
+    assert load_architecture(child).blocks == plan.blocks
+    assert len(list(child.glob("model-*-of-*.safetensors"))) > 1  # sharded as it went
+    parent, written = LazyWeights(paths.parent), LazyWeights(child)
+    assert not any(k.startswith(("model.layers.3.mlp.", "model.layers.5.self_attn.")) for k in written)
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.29.mlp.down_proj.weight"):
+        assert torch.equal(written[name], parent[name])
+    assert written["model.layers.7.mlp.down_proj.weight"].shape == (1024, 1024)
+
+
+def test_streamed_realize_writes_what_the_in_memory_child_holds(tmp_path):
+    """The streaming path against `assemble` (the child built in memory from the loaded parent), bitwise."""
+    from puzzle.checkpoint import build_model, save_model
+    from puzzle.realize import assemble, realize
+
+    paths = RunPaths(tmp_path / "run")
+    config = decilm_dict([("gqa2", "full")] * 10, hidden_size=64, head_dim=16)
+    torch.manual_seed(0)
+    save_model(build_model(decilm_config(config)), paths.parent)
+    plan, manifest = _plan(paths, config, 32)
+    arch = load_architecture(paths.parent)
+    child = load_model(realize(plan, arch, manifest, paths, torch.float32, max_shard_bytes=2**16))
+    expected = assemble(plan.blocks, load_model(paths.parent), arch, manifest, paths).state_dict()
+    assert child.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in child.state_dict().items())
+    assert len(list((paths.children / "streamed").glob("model-*-of-*.safetensors"))) > 1
+
+
+def test_a_stage_that_needs_the_whole_parent_says_so_before_it_does_not_fit(tmp_path, monkeypatch, capsys):
+    """The parent is checked against the device's free memory before it is loaded, and the log says both."""
+    from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+
+    from puzzle import memory
+    from puzzle.errors import StageError
+    from puzzle.pipeline import run_search
+
+    parent, corpus = tiny_run_inputs(tmp_path / "inputs")
+    config = write_config(tmp_path / "c.yaml", tiny_search_config(corpus))
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1000)
+    with pytest.raises(StageError, match=r"parent \(float32\) needs .* GiB on cpu, which has 0.0 GiB free; this stage"):
+        run_search(tmp_path / "run", parent=parent, config=config, stage="library")
