@@ -8,7 +8,7 @@ scoring of 4 and 2 layers) and multigpu.json (GKD rate), and applies them to the
 parent (puzzle's own `build_candidates`, `BLDConfig`, `ScoreConfig`, `GKDConfig`), for a parent that does not fit
 one GPU, assuming BLD streams the parent one layer at a time with each layer's input kept at its boundary, so the
 parent's forward is paid once per BLD batch and layer (not once per group up to its depth, as for an 8B parent
-held whole; puzzle's BLD does not stream yet).
+held whole; puzzle's BLD does not keep such boundary inputs yet).
 405B's BLD is scaled from the 70B measurement by the units' FLOPs (same MFU: its GEMMs are larger; its attention
 units measured alone ran at 40-67% MFU, see the note in the markdown). Writes benchmarks/results/projection_large.{json,md}.
 """
@@ -115,9 +115,10 @@ def run() -> None:
            "- The measured group had 13 units (windows 128 and 1024); the default space has 12 (window 128 only), so the "
            "BLD rows are slightly conservative.",
            "", "Assumes BLD streams the parent: each layer's inputs computed once per layer and batch and kept at the layer "
-           "boundary. puzzle does not do that yet (realize streams; BLD and scoring load the whole parent on one device), "
-           "and the in-memory path would recompute the parent up to each group's deepest layer every step: at 80 layers "
-           "about 40 layers' forward per step, so streaming is what makes these numbers reachable."]
+           "boundary. puzzle does not do that yet: a parent over `parent_memory_gb` runs with its other layers read from "
+           "its files per forward (same results), and BLD recomputes the parent up to each group's deepest layer every "
+           "step: at 80 layers about 40 layers' forward per step, so the boundary cache is what makes these numbers "
+           "reachable."]
     paths = write_results("projection_large", results, "\n".join(md))
     print("\n".join(md))
     print(f"wrote {paths[0]} and {paths[1]}")

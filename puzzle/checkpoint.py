@@ -438,17 +438,25 @@ def remote_code_allowed(path: Path, trust_remote_code: bool = False) -> bool:
     return True
 
 
-def load_model(path: Path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu") -> DeciLMForCausalLM:
-    """Load any model folder puzzle reads as a DeciLMForCausalLM (eval mode); `dtype=None` keeps the stored dtype."""
+def load_model(path: Path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
+               max_bytes: int | None = None) -> DeciLMForCausalLM:
+    """Load any model folder puzzle reads as a DeciLMForCausalLM (eval mode); `dtype=None` keeps the stored dtype.
+
+    With `max_bytes`, a model whose weights take more than that on `device` keeps its first layers there and
+    leaves the others in the folder's safetensors files: accelerate reads each of those layers onto `device` when
+    it runs and drops it after (`offloaded_layers` counts them; `layer_weights` makes one resident for code that
+    calls a layer's branches directly)."""
     path = Path(path)
     config = decilm_config(normalized_config(path))
     check_weights(path, config)
     if read_config(path).get("model_type") in SPLIT_FAMILIES:
         return _load_converted_in_memory(path, config, dtype).to(device).eval()
+    device_map = offload_map(config, dtype, device, max_bytes) if max_bytes is not None else None
     model, info = DeciLMForCausalLM.from_pretrained(
         path, config=config, dtype=dtype if dtype is not None else "auto", output_loading_info=True,
-        key_mapping=weight_renames(path) or None,
+        key_mapping=weight_renames(path) or None, device_map=device_map,
     )
+    model.offloaded_layers = sum(v == "disk" for v in (device_map or {}).values())
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
     problems = {
         kind: sorted(set(map(str, info.get(kind) or ())) - ignorable)
@@ -456,7 +464,24 @@ def load_model(path: Path, dtype: torch.dtype | None = torch.float32, device: st
     }
     if any(problems.values()):
         raise InputError(f"{path}: weights do not match config.json ({problems})")
-    return model.to(device).eval()
+    return (model if device_map else model.to(device)).eval()
+
+
+def offload_map(config: DeciLMConfig, dtype: torch.dtype | None, device: str | torch.device, max_bytes: int) -> dict | None:
+    """accelerate's device_map for a model of `config` in `max_bytes` on `device`: embeddings, final norm, LM head
+    and as many first layers as fit stay there, the other layers on "disk" (read from the checkpoint's own
+    safetensors files per forward); None when everything fits."""
+    arch = Architecture.from_config(config.to_dict())
+    itemsize = (dtype or torch.float32).itemsize
+    device = str(torch.device(device))
+    room = max_bytes - arch.embedding_params() * itemsize
+    placed = {name: device for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
+    if room >= sum(arch.layer_params(i) for i in range(arch.num_layers)) * itemsize:
+        return None
+    for i in range(arch.num_layers):
+        room -= arch.layer_params(i) * itemsize
+        placed[f"model.layers.{i}"] = device if room >= 0 else "disk"
+    return placed
 
 
 def _load_converted_in_memory(path: Path, config: DeciLMConfig, dtype: torch.dtype | None) -> DeciLMForCausalLM:

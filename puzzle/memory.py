@@ -1,9 +1,10 @@
-"""Free memory of a device, and the check a stage makes before it puts a whole model there.
+"""Free memory of a device, and how much of it the parent's weights may take.
 
-Stages that need the whole parent on one device (library calibration, BLD, scoring, profiling's whole-model
-timing, report) check it against the device's free memory first and say both numbers in the log; a parent that
-does not fit is a one-line error, not an out-of-memory crash halfway through a stage. `realize` streams the parent
-tensor by tensor (`puzzle.weights`) and needs no room for it.
+The stages that run the parent (library calibration, BLD, scoring, report) hold as many of its layers on the
+device as `parent_budget` allows (`parent_memory_gb`, default half the free memory) and leave the rest in the
+parent's safetensors files, read in per forward (`checkpoint.load_model(max_bytes=...)`), so a parent larger than
+the device still runs, slower, in bounded memory; the log says the sizes. `realize` streams the parent tensor by
+tensor (`puzzle.weights`) and holds none of it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import os
 
 import torch
 
-from puzzle.errors import StageError
-from puzzle.progress import log
+from puzzle.errors import ConfigError
 
 
 def free_bytes(device: torch.device | str) -> int:
@@ -29,9 +29,13 @@ def free_bytes(device: torch.device | str) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(what: str, need: int, device: torch.device | str, fix: str) -> None:
-    """Log `what` needs `need` bytes on `device` and how much is free; a StageError naming `fix` if it does not fit."""
-    free = free_bytes(device)
-    log(f"{what}: {need / 2**30:.2f} GiB on {device} ({free / 2**30:.1f} GiB free)")
-    if need > free:
-        raise StageError(f"{what} needs {need / 2**30:.1f} GiB on {device}, which has {free / 2**30:.1f} GiB free; {fix}")
+PARENT_MEMORY_FRACTION = 0.5  # of the free memory, when parent_memory_gb is unset: the rest is for activations and units
+
+
+def parent_budget(parent_memory_gb: float | None, device: torch.device | str) -> int:
+    """Bytes the parent's weights may take on `device`."""
+    if parent_memory_gb is not None:
+        if not parent_memory_gb > 0:
+            raise ConfigError(f"parent_memory_gb must be positive, got {parent_memory_gb}")
+        return int(parent_memory_gb * 2**30)
+    return int(PARENT_MEMORY_FRACTION * free_bytes(device))

@@ -53,7 +53,7 @@ from puzzle.errors import ConfigError, InfeasibleError, InputError, StageError
 from puzzle.files import make_dirs, read_json, write_json_atomic, write_text_atomic
 from puzzle.fusion import FusionConfig
 from puzzle.jobs import Shard, SlurmConfig, device_for, set_threads_from_env, shard_from_env
-from puzzle.memory import check_fits
+from puzzle.memory import parent_budget
 from puzzle.mip.stage import ChildPlan, SolveConfig
 from puzzle.profiling import (
     ProfileConfig,
@@ -86,8 +86,13 @@ class SearchConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # resources of each array task (--launcher slurm)
     device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # the parent's compute dtype; auto: bf16 on GPU
+    # The most the parent's weights may take on the device (GiB); layers beyond it stay in the parent's safetensors
+    # files and are read in per forward (slower, bounded memory). None: half the device's free memory.
+    parent_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
+        if self.parent_memory_gb is not None and not self.parent_memory_gb > 0:
+            raise ConfigError(f"parent_memory_gb must be a positive number of GiB, got {self.parent_memory_gb!r}")
         # BLD and scoring run on data.seq_len-token sequences: a window at least that long is plain causal
         # attention there, so it would train and score as free while the profile charges it as a window.
         seq_len = self.data.seq_len if self.data is not None else None
@@ -158,10 +163,13 @@ class Search:
     def parent_model(self):
         if self._model is None:
             need = load_architecture(self.paths.parent).total_params() * self.dtype.itemsize
-            check_fits(f"parent ({str(self.dtype).removeprefix('torch.')})", need, self.device,
-                       "this stage holds the whole parent on one device: use a device with more memory, or dtype: "
-                       "bfloat16 (realize streams the parent and needs no room for it)")
-            self._model = load_model(self.paths.parent, dtype=self.dtype, device=self.device)
+            budget = parent_budget(self.cfg.parent_memory_gb, self.device)
+            self._model = load_model(self.paths.parent, dtype=self.dtype, device=self.device, max_bytes=budget)
+            kept = self._model.config.num_hidden_layers - self._model.offloaded_layers
+            log(f"parent: {need / 2**30:.2f} GiB ({str(self.dtype).removeprefix('torch.')}) on {self.device}, budget "
+                f"{budget / 2**30:.2f} GiB" + (f": layers 0-{kept - 1} held, the other {self._model.offloaded_layers} "
+                                                f"read from {self.paths.parent} per forward (parent_memory_gb)"
+                                                if self._model.offloaded_layers else ""))
             self._model.requires_grad_(False)
         return self._model
 

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from puzzle.checkpoint import fingerprint, load_architecture, load_model
+from puzzle.checkpoint import decilm_config, fingerprint, load_architecture, load_model, normalized_config
 from puzzle.distill.gkd import GKDConfig, GKDResult, run_gkd
 from puzzle.errors import InfeasibleError, NothingToFuse, StageError
 from puzzle.files import read_json, write_json_atomic
 from puzzle.fusion import fuse_ffn
 from puzzle.jobs import shard_from_env
+from puzzle.memory import free_bytes
 from puzzle.mip.stage import ChildPlan, build_problem, solve_targets, sweep
 from puzzle.profiling import Profile, measure_model, predicted_timing, profile_variants, resolve_device_dtype
 from puzzle.progress import log, track
@@ -44,9 +45,9 @@ def profile_stage(search: Search) -> None:
             variants.append((c.kind, c.variant))
     for block in arch.blocks:  # layers outside the search space keep the parent's sub-blocks
         variants += [("attention", block.attention), ("ffn", block.ffn)]
-    profile = profile_variants(search.parent_model().config, variants, search.cfg.profile)
+    profile = profile_variants(decilm_config(normalized_config(search.paths.parent)), variants, search.cfg.profile)
     parent_timing = None
-    if not search.cfg.profile.analytic:
+    if not search.cfg.profile.analytic and _whole_parent_fits(search, "profile"):
         device, dtype = resolve_device_dtype(search.cfg.profile)
         model = load_model(search.paths.parent, dtype=dtype, device=device)
         parent_timing = measure_model(model, search.cfg.profile)
@@ -54,6 +55,17 @@ def profile_stage(search: Search) -> None:
     profile = replace(profile, parent_fingerprint=manifest.parent_fingerprint, parent_measured=parent_timing)
     profile.save(search.paths.profile)
     search.mark_done("profile")
+
+
+def _whole_parent_fits(search: Search, stage: str) -> bool:
+    """Whether the parent fits the profiling device whole, as whole-model timing needs; said when it does not."""
+    device, dtype = resolve_device_dtype(search.cfg.profile)
+    need = load_architecture(search.paths.parent).total_params() * dtype.itemsize
+    if need <= free_bytes(device):
+        return True
+    log(f"{stage}: the parent ({need / 2**30:.1f} GiB) does not fit {device} whole, so no model is timed end to end: "
+        "speed-ups are predicted from the profiled variants only")
+    return False
 
 
 def solve_stage(search: Search) -> None:
@@ -191,7 +203,8 @@ def report_stage(search: Search) -> Path:
     batches = list(search.data().batches("held_out", cfg.batch_size, n_tokens=cfg.eval_tokens, shuffle=False,
                                          skip_tokens=search.cfg.score.tokens))
     held_out = {"scoring_positions": scores.tokens, "report_positions": sum(b.shape[0] * (b.shape[1] - 1) for b in batches)}
-    profile_cfg = search.cfg.profile if cfg.measure_speed and not search.cfg.profile.analytic else None
+    profile_cfg = search.cfg.profile if cfg.measure_speed and not search.cfg.profile.analytic \
+        and _whole_parent_fits(search, "report") else None
     device, dtype = resolve_device_dtype(search.cfg.profile)
     timed_parent = load_model(search.paths.parent, dtype=dtype, device=device) if profile_cfg else parent
     parent_report, parent_timing = measure("parent", search.paths.parent, timed_parent, parent, batches, profile_cfg,

@@ -7,7 +7,8 @@ layer and its sub-blocks' outputs; running the layers here (through the layers' 
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping
+from collections.abc import Container, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,21 @@ class LayerIO:
     @property
     def y(self) -> torch.Tensor:
         return self.h if self.ffn is None else self.h + self.ffn
+
+
+@contextmanager
+def layer_weights(layer: nn.Module) -> Iterator[nn.Module]:
+    """`layer` with its weights on its execution device while inside. A no-op for a model held whole; for a layer
+    accelerate left in the checkpoint's files (`load_model(max_bytes=...)`), its hook reads the weights in and drops
+    them after, as it does around the layer's own forward, which run_layers bypasses (it calls the branches)."""
+    hooked = [(m, m._hf_hook) for m in layer.modules() if getattr(m, "_hf_hook", None) is not None]  # one per module
+    for module, hook in hooked:  # that holds tensors of its own (accelerate's attach_align_device_hook)
+        hook.pre_forward(module)
+    try:
+        yield layer
+    finally:
+        for module, hook in hooked:
+            hook.post_forward(module, None)
 
 
 def embed(model: DeciLMForCausalLM, ids: torch.Tensor) -> torch.Tensor:
@@ -65,10 +81,11 @@ def run_layers(
             branch = swap["block"](x, position_embeddings)
             io = LayerIO(x=x, attn=None, h=x, ffn=branch)
         else:
-            attn = swap["attention"](x, position_embeddings) if "attention" in swap else \
-                layer.attention_branch(x, position_embeddings, masks)
-            h = x if attn is None else x + attn
-            ffn = swap["ffn"](h) if "ffn" in swap else layer.ffn_branch(h)
+            with layer_weights(layer):
+                attn = swap["attention"](x, position_embeddings) if "attention" in swap else \
+                    layer.attention_branch(x, position_embeddings, masks)
+                h = x if attn is None else x + attn
+                ffn = swap["ffn"](h) if "ffn" in swap else layer.ffn_branch(h)
             io = LayerIO(x=x, attn=attn, h=h, ffn=ffn)
         if i in capture:
             captured[i] = io
