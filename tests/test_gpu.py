@@ -102,6 +102,27 @@ def test_bld_on_cuda_trains_with_autocast(tmp_path):
             assert result.loss_final < result.loss_init, unit.unit_id
 
 
+def test_a_parent_over_its_gpu_budget_reads_its_other_layers_per_forward(tmp_path):
+    """parent_memory_gb below the parent: layers beyond it are read onto the GPU per forward; scores match the
+    parent held whole (same kernels; bf16 autocast in BLD, so close rather than bitwise)."""
+    from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+
+    from puzzle.pipeline import run_search
+    from puzzle.scoring import Scores
+
+    parent, corpus = tiny_run_inputs(tmp_path / "inputs")
+    scores = {}
+    for name, extra in (("whole", {}), ("offloaded", {"parent_memory_gb": 0.0005})):
+        config = write_config(tmp_path / f"{name}.yaml", {**tiny_search_config(corpus), "device": "cuda", **extra})
+        for stage in ("library", "bld", "score"):
+            search = run_search(tmp_path / name, parent=parent, config=config, stage=stage)
+        assert (search.parent_model().offloaded_layers > 0) == bool(extra)
+        scores[name] = {(e.layer, e.kind, e.name): e.kl for e in Scores.load(search.paths.scores).entries}
+    assert scores["whole"].keys() == scores["offloaded"].keys()
+    for key, kl in scores["whole"].items():
+        assert abs(scores["offloaded"][key] - kl) <= 0.02 * kl + 1e-4, key
+
+
 def test_bld_on_cuda_reads_parent_activations_from_disk(tmp_path):
     """The disk cache on a GPU: bf16 shards written from and read back to the device train the same units."""
     from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -31,11 +32,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from puzzle.arch import Architecture
 from puzzle.checkpoint import (
     build_model,
     decilm_config,
     fingerprint,
     finish_checkpoint_dir,
+    load_architecture,
     load_model,
     normalized_config,
 )
@@ -47,6 +50,7 @@ from puzzle.distill.gkd_state import STATE_DIR, TrainingState
 from puzzle.distill.schedule import warmup_cosine
 from puzzle.errors import ConfigError, InputError, OutputExistsError
 from puzzle.files import atomic_output_dir, read_json, write_json_atomic
+from puzzle.memory import free_bytes
 from puzzle.metrics import QualitySums, quality_from
 from puzzle.progress import Tracker, log, track
 
@@ -188,6 +192,33 @@ def _model_config(path: Path, role: str) -> dict[str, Any]:
     return normalized_config(path)
 
 
+TRAINING_BYTES_PER_PARAM = 16  # fp32 master weight, gradient and AdamW's two moments
+GKD_MEMORY_FRACTION = 0.8  # of a GPU's free memory for the student's training state and the teacher's weights
+
+
+def gkd_sharding(fsdp: bool, student_params: int, teacher_bytes: int, free: int, world: int) -> bool:
+    """Whether to shard the student over the processes (FSDP2): as asked, or by itself when the replicated
+    student's training state and the teacher do not fit a GPU but their shards do; logged either way. A student
+    that does not fit even sharded over every process is a one-line error naming the fix."""
+    need = student_params * TRAINING_BYTES_PER_PARAM + teacher_bytes
+    room = GKD_MEMORY_FRACTION * free
+    sharded = student_params * TRAINING_BYTES_PER_PARAM / world + teacher_bytes
+    mode = "FSDP2" if fsdp or need > room else "DDP"
+    log(f"gkd: student training state {student_params * TRAINING_BYTES_PER_PARAM / 2**30:.1f} GiB + teacher "
+        f"{teacher_bytes / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free per GPU, {world} process(es): {mode}")
+    if teacher_bytes > room:
+        raise ConfigError(f"gkd: the teacher alone ({teacher_bytes / 2**30:.1f} GiB) does not fit a GPU "
+                          f"({room / 2**30:.1f} GiB usable); each process holds it whole: use GPUs with more memory")
+    if mode == "FSDP2" and sharded > room:
+        raise ConfigError(
+            f"gkd: the student sharded over {world} process(es) still needs {sharded / 2**30:.1f} GiB per GPU "
+            f"({room / 2**30:.1f} GiB usable); run more: torchrun --nproc-per-node N (and --nnodes) -m puzzle distill "
+            "... --fsdp, or slurm.nodes x slurm.distill_tasks_per_node with gkd.fsdp: true")
+    if mode == "FSDP2" and not fsdp:
+        log("gkd: the replicated student would not fit: sharding it with FSDP2 (gkd.fsdp: true says so up front)")
+    return mode == "FSDP2"
+
+
 def layer_pairs(layer_map: tuple[int, ...] | None, student_layers: int, teacher_layers: int) -> tuple[tuple[int, int], ...]:
     """(student layer, teacher layer) pairs of the cosine term."""
     if layer_map is None:
@@ -303,8 +334,15 @@ class _Recipe:
             raise ConfigError("gkd.device is cuda but CUDA is not available; use device auto or cpu")
         cpu = cfg.device == "cpu" or not torch.cuda.is_available()
         self.precision = cfg.precision if cfg.precision != "auto" else ("fp32" if cpu else "bf16")
+        fsdp = cfg.fsdp
+        if not cpu:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            student = Architecture.from_config(self.student_config).total_params()
+            teacher = load_architecture(self.teacher_dir).total_params() * (2 if self.precision == "bf16" else 4)
+            fsdp = gkd_sharding(cfg.fsdp, student, teacher, free_bytes(device), world)
         plugin = None
-        if cfg.fsdp:
+        if fsdp:
             plugin = FullyShardedDataParallelPlugin(
                 fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                 transformer_cls_names_to_wrap=["DeciLMDecoderLayer"], state_dict_type="SHARDED_STATE_DICT",

@@ -257,3 +257,24 @@ def test_distill_command_runs_and_prints_the_metrics(inputs, tmp_path):
     saved = GKDResult.load(tmp_path / "out" / "gkd.json")
     assert saved.config.cosine_weight == 0 and saved.tokens == 2048
     assert json.loads((tmp_path / "out" / "puzzle.json").read_text())["command"].startswith("puzzle ")
+
+
+def test_the_student_is_sharded_by_itself_only_when_replicas_would_not_fit(monkeypatch):
+    from puzzle.distill import gkd
+    from puzzle.distill.gkd import gkd_sharding
+
+    said = []
+    monkeypatch.setattr(gkd, "log", said.append)
+
+    gib = 2**30
+    # 1B student (16 GiB of training state) + 2 GiB teacher on 80 GiB GPUs: replicas fit, DDP as asked
+    assert gkd_sharding(False, 10**9, 2 * gib, 80 * gib, world=8) is False
+    # 8B student (119 GiB) + 16 GiB teacher: replicas do not fit, 8 shards do -> FSDP2, said in the log
+    assert gkd_sharding(False, 8 * 10**9, 16 * gib, 80 * gib, world=8) is True
+    assert said[-1].startswith("gkd: the replicated student would not fit: sharding it with FSDP2")
+    assert "119.2 GiB + teacher 16.0 GiB; 80.0 GiB free per GPU, 8 process(es): FSDP2" in said[-2]
+    assert gkd_sharding(True, 10**9, 2 * gib, 80 * gib, world=8) is True  # asked for: kept
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node N"):  # one GPU cannot hold it, more can
+        gkd_sharding(False, 8 * 10**9, 16 * gib, 80 * gib, world=1)
+    with pytest.raises(ConfigError, match="the teacher alone"):
+        gkd_sharding(False, 10**9, 100 * gib, 80 * gib, world=8)
