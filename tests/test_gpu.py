@@ -123,6 +123,26 @@ def test_a_parent_over_its_gpu_budget_reads_its_other_layers_per_forward(tmp_pat
         assert abs(scores["offloaded"][key] - kl) <= 0.02 * kl + 1e-4, key
 
 
+def test_gkd_on_cuda_chooses_its_sharding_and_lowers_the_kl(tmp_path):
+    """The CUDA branch of GKD's set-up (the student's and teacher's sizes against the GPU's free memory, logged)
+    and a short run on a perturbed copy of the parent."""
+    from factories import tiny_parent_with_tokenizer
+
+    from puzzle.checkpoint import convert, load_model, save_model
+    from puzzle.corpus import DataConfig
+    from puzzle.distill.gkd import GKDConfig, run_gkd
+
+    parent, corpus = tiny_parent_with_tokenizer(tmp_path / "inputs")
+    model = load_model(convert(parent, tmp_path / "copy"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    student = save_model(model, tmp_path / "student", source=parent)
+    result = run_gkd(student, parent, DataConfig(paths=(str(corpus),), seq_len=64, held_out_fraction=0.2),
+                     tmp_path / "out", GKDConfig(tokens=16384, batch_size=4, lr=1e-3, eval_tokens=1024, device="cuda"))
+    assert result.device.startswith("cuda") and result.after.kl < result.before.kl
+
+
 def test_bld_on_cuda_reads_parent_activations_from_disk(tmp_path):
     """The disk cache on a GPU: bf16 shards written from and read back to the device train the same units."""
     from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
