@@ -9,6 +9,8 @@ tensor (`puzzle.weights`) and holds none of it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
 import torch
@@ -39,3 +41,23 @@ def parent_budget(parent_memory_gb: float | None, device: torch.device | str) ->
             raise ConfigError(f"parent_memory_gb must be positive, got {parent_memory_gb}")
         return int(parent_memory_gb * 2**30)
     return int(PARENT_MEMORY_FRACTION * free_bytes(device))
+
+
+_LIBC = None
+
+
+def return_freed_memory() -> None:
+    """Give the heap memory freed since the last call back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    A parent read layer by layer allocates and frees a layer's tensors over and over; glibc keeps such freed chunks
+    in its heap (they are below its mmap threshold once it has adapted), and the process would grow by several
+    layers' worth of fragments over a run."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)

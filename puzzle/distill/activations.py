@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from puzzle.memory import return_freed_memory
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, MaskProvider
 
 
@@ -44,6 +45,8 @@ def layer_weights(layer: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, hook in hooked:
             hook.post_forward(module, None)
+        if any(getattr(hook, "offload", False) for _, hook in hooked):
+            return_freed_memory()  # the layer's weights were just dropped: do not let the heap keep them
 
 
 def embed(model: DeciLMForCausalLM, ids: torch.Tensor) -> torch.Tensor:
