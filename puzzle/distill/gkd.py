@@ -85,11 +85,16 @@ class GKDConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU of this process when there is one
     fsdp: bool = False  # shard the student over the processes (FSDP2) instead of replicating it (DDP)
+    # The most the teacher's weights may take on each GPU (GiB); its other layers stay in its safetensors files and
+    # are read in per forward (same results, slower). None: the teacher is held whole.
+    teacher_memory_gb: float | None = None
     trust_remote_code: bool = False  # run code shipped with the tokenizer (user's opt-in)
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "grad_accum", "checkpoint_every", "eval_tokens", "logits_chunk"):
             check_int(f"gkd.{name}", getattr(self, name))
+        if self.teacher_memory_gb is not None and not self.teacher_memory_gb > 0:
+            raise ConfigError(f"gkd.teacher_memory_gb must be a positive number of GiB, got {self.teacher_memory_gb!r}")
         check_int("gkd.seq_len", self.seq_len, minimum=2, optional=True)
         if not self.lr > 0 or not self.temperature > 0 or not self.grad_clip > 0:
             raise ConfigError("gkd.lr, gkd.temperature and gkd.grad_clip must be positive")
@@ -208,7 +213,8 @@ def gkd_sharding(fsdp: bool, student_params: int, teacher_bytes: int, free: int,
         f"{teacher_bytes / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free per GPU, {world} process(es): {mode}")
     if teacher_bytes > room:
         raise ConfigError(f"gkd: the teacher alone ({teacher_bytes / 2**30:.1f} GiB) does not fit a GPU "
-                          f"({room / 2**30:.1f} GiB usable); each process holds it whole: use GPUs with more memory")
+                          f"({room / 2**30:.1f} GiB usable); set gkd.teacher_memory_gb to hold part of it and read "
+                          "the rest from its files per forward")
     if mode == "FSDP2" and sharded > room:
         raise ConfigError(
             f"gkd: the student sharded over {world} process(es) still needs {sharded / 2**30:.1f} GiB per GPU "
@@ -340,6 +346,8 @@ class _Recipe:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             student = Architecture.from_config(self.student_config).total_params()
             teacher = load_architecture(self.teacher_dir).total_params() * (2 if self.precision == "bf16" else 4)
+            if cfg.teacher_memory_gb is not None:
+                teacher = min(teacher, int(cfg.teacher_memory_gb * 2**30))
             fsdp = gkd_sharding(cfg.fsdp, student, teacher, free_bytes(device), world)
         plugin = None
         if fsdp:
@@ -353,7 +361,11 @@ class _Recipe:
     def _setup_models(self) -> None:
         cfg, acc = self.cfg, self.acc
         teacher_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        self.teacher = load_model(self.teacher_dir, dtype=teacher_dtype, device=acc.device).requires_grad_(False)
+        budget = int(cfg.teacher_memory_gb * 2**30) if cfg.teacher_memory_gb is not None else None
+        self.teacher = load_model(self.teacher_dir, dtype=teacher_dtype, device=acc.device, max_bytes=budget).requires_grad_(False)
+        if self.teacher.offloaded_layers:
+            log(f"gkd: the teacher's last {self.teacher.offloaded_layers} layers are read from {self.teacher_dir} per "
+                f"forward (gkd.teacher_memory_gb: {cfg.teacher_memory_gb})")
         student = load_model(self.student_dir, dtype=torch.float32, device="cpu").train()  # fp32 master weights
         if cfg.activation_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -384,7 +396,8 @@ class _Recipe:
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)  # one call: FSDP2 remaps the params
 
     def _setup_state(self) -> None:
-        settings = {k: v for k, v in to_mapping(self.cfg).items() if k not in ("checkpoint_every", "trust_remote_code")}
+        neutral = ("checkpoint_every", "trust_remote_code", "teacher_memory_gb")  # how it runs, not what it trains
+        settings = {k: v for k, v in to_mapping(self.cfg).items() if k not in neutral}
         key = json.dumps({"gkd": settings, "student": fingerprint(self.student_dir),
                           "teacher": fingerprint(self.teacher_dir), "data": str(self.data.cache_path),
                           "seq_len": self.seq_len, "world": self.world, "precision": self.precision}, sort_keys=True)

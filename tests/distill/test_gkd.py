@@ -278,3 +278,17 @@ def test_the_student_is_sharded_by_itself_only_when_replicas_would_not_fit(monke
         gkd_sharding(False, 8 * 10**9, 16 * gib, 80 * gib, world=1)
     with pytest.raises(ConfigError, match="the teacher alone"):
         gkd_sharding(False, 10**9, 100 * gib, 80 * gib, world=8)
+
+
+def test_a_teacher_over_its_memory_budget_teaches_exactly_the_same(inputs, tmp_path):
+    """gkd.teacher_memory_gb below the teacher: its other layers are read from its files per forward, and the
+    distilled student is bitwise the one a teacher held whole gives."""
+    parent, student, data = inputs
+    cfg = dict(SMALL, tokens=2048)
+    whole = run_gkd(student, parent, data, tmp_path / "whole", GKDConfig(**cfg))
+    offloaded = run_gkd(student, parent, data, tmp_path / "offloaded", GKDConfig(**cfg, teacher_memory_gb=0.0002))
+    assert offloaded.after == whole.after
+    a, b = load_model(tmp_path / "whole").state_dict(), load_model(tmp_path / "offloaded").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="teacher_memory_gb"):
+        GKDConfig(teacher_memory_gb=0)
