@@ -25,7 +25,7 @@ from puzzle.arch import Architecture, AttentionConfig, BlockConfig, FFNConfig
 from puzzle.blocks.experts import ExpertRanking, ExpertStats, keep_experts
 from puzzle.blocks.space import Candidate
 from puzzle.blocks.subblock import SubBlock
-from puzzle.distill.activations import layer_weights, run_layers
+from puzzle.distill.activations import layer_weights, offloaded, run_layers
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
 
 # "ffn_channel_score" (I,), "expert_score" (E,), "ffn_linear" (C, C), "attn_linear" (C, C)
@@ -182,12 +182,9 @@ def parent_layer_state(model: DeciLMForCausalLM, layer: int) -> dict[str, torch.
     """Layer-relative tensors of one parent layer (detached, on the model's device; read in from the checkpoint
     for a layer the model left there, `layer_weights`)."""
     with layer_weights(model.model.layers[layer]) as module:
-        copy = _offloaded(module)  # its weights are dropped again on the way out
+        copy = offloaded(module)  # its weights are dropped again on the way out
         return {k: v.detach().clone() if copy else v.detach() for k, v in module.state_dict().items()}
 
-
-def _offloaded(module) -> bool:
-    return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in module.modules())
 
 
 def init_candidate(candidate: Candidate, parent_model: DeciLMForCausalLM, parent_arch: Architecture,

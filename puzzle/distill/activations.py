@@ -45,8 +45,13 @@ def layer_weights(layer: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, hook in hooked:
             hook.post_forward(module, None)
-        if any(getattr(hook, "offload", False) for _, hook in hooked):
+        if offloaded(layer):
             return_freed_memory()  # the layer's weights were just dropped: do not let the heap keep them
+
+
+def offloaded(layer: nn.Module) -> bool:
+    """Whether accelerate reads some of `layer`'s weights in from the checkpoint per forward (and drops them after)."""
+    return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in layer.modules())
 
 
 def embed(model: DeciLMForCausalLM, ids: torch.Tensor) -> torch.Tensor:
