@@ -270,6 +270,8 @@ class Search:
         source = parent_activations(plan, parent, data, cfg, self.shard, self.device)
         worker = f"{self.shard.rank}/{self.shard.world_size}"
         train_units(mine, parent, arch, self.paths, data, cfg, self.device, worker, source)
+        if plan.mode == "boundary":  # this worker's own boundary files, of no use once its units are written
+            source.remove()
 
     def bld_done(self) -> bool:
         return not pending_units(self.manifest(), self.paths)

@@ -6,7 +6,10 @@ paper found), the LM loss and the top-1 agreement with the parent. The parent's 
 construction. The parent runs once per batch: its hidden state entering a layer is kept for every batch and
 moved one layer down as the layers are scored, so a candidate of layer i runs only layers i..N-1 from it, and
 its log-probs are computed once per batch for all of a layer's candidates (once per run when they fit).
-Memory holds one layer's candidates and two hidden states per scoring batch.
+Memory holds one layer's candidates and two hidden states per scoring batch. The parent's passes go layer by
+layer over all batches (`run_many`); for a parent read from its files (`parent_memory_gb`), the candidates'
+passes do too, in chunks of candidates whose hidden states fit, so each layer is read once per chunk rather
+than once per candidate and batch.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from puzzle.blocks.space import Candidate
 from puzzle.blocks.subblock import SubBlock
 from puzzle.config import check_int
-from puzzle.distill.activations import embed, logits_from_hidden, run_layers
+from puzzle.distill.activations import embed, layer_weights, logits_from_hidden, run_layers, run_many
 from puzzle.errors import StageError
 from puzzle.files import read_json, write_json_atomic
 from puzzle.memory import free_bytes
@@ -134,13 +137,8 @@ class _ParentPass:
         self.parent, self.batches, self.chunk = parent, batches, chunk
         self.store = _state_device(parent, batches)
         self.layer = 0
-        self.entering: list[torch.Tensor] = []
-        self.final: list[torch.Tensor] = []
-        for batch in batches:
-            batch = batch.to(parent.device)
-            x = embed(parent, batch)
-            self.entering.append(x.to(self.store))
-            self.final.append(run_layers(parent, hidden=x)[0].to(self.store))
+        self.entering = [embed(parent, batch.to(parent.device)).to(self.store) for batch in batches]
+        self.final = run_many(parent, self.entering, start=0, store=self.store)
         positions = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
         # log-probs (fp32) of every batch kept for all layers when they fit (small vocabularies), else per batch
         self.budget = _target_budget(parent.device)
@@ -171,10 +169,34 @@ class _ParentPass:
         """Run the parent's layers from the current one to `to_layer` (exclusive) on every batch."""
         if to_layer <= self.layer:
             return
-        for k in range(len(self.batches)):
-            x, _ = run_layers(self.parent, hidden=self.hidden(k), start=self.layer, stop=to_layer)
-            self.entering[k] = x.to(self.store)
+        self.entering = run_many(self.parent, self.entering, start=self.layer, stop=to_layer, store=self.store)
         self.layer = to_layer
+
+
+def _add(sums: QualitySums, targets, model, hidden: torch.Tensor, chunk: int) -> None:
+    for target, logits in zip(targets, _candidate_logits(model, hidden, chunk)):
+        sums.add(target, logits)
+
+
+def _score_layer_major(parent, state: _ParentPass, layer: int, scored: list[Candidate], replacements: dict,
+                       sums: dict[str, QualitySums], chunk: int) -> None:
+    """A layer's candidates over the layers below it, layer by layer for all (candidate, batch) hidden states
+    at once: each of the parent's layers is read from its files once per chunk of candidates."""
+    batches = state.batches
+    per_candidate = sum(b.numel() for b in batches) * parent.config.hidden_size * parent.dtype.itemsize
+    size = max(1, int(STATE_DEVICE_FRACTION * free_bytes(state.store)) // max(per_candidate, 1))
+    for first in range(0, len(scored), size):
+        group = scored[first:first + size]
+        with layer_weights(parent.model.layers[layer]):  # the replaced layer's other branch, read once
+            starts = [run_layers(parent, hidden=state.hidden(k), start=layer, stop=layer + 1,
+                                 replace={layer: {c.kind: replacements[c.unit_id]}})[0].to(state.store)
+                      for k in range(len(batches)) for c in group]
+        finals = iter(run_many(parent, starts, start=layer + 1, store=state.store))
+        for k in range(len(batches)):
+            kept = state.reusable_targets(k)
+            for c in group:
+                _add(sums[c.unit_id], kept if kept is not None else state.targets_of(k), parent,
+                     next(finals).to(parent.device), chunk)
 
 
 @torch.no_grad()
@@ -191,24 +213,25 @@ def score_candidates(parent, candidates: list[Candidate], load_block: Callable[[
         state = _ParentPass(parent, batches, cfg.logits_chunk)
         parent_sums = QualitySums(device)
         for k in range(len(batches)):
-            for target, logits in zip(state.targets(k), _candidate_logits(parent, state.final[k].to(device), cfg.logits_chunk)):
-                parent_sums.add(target, logits)
+            _add(parent_sums, state.targets(k), parent, state.final[k].to(device), cfg.logits_chunk)
         for layer, group in sorted(by_layer.items()):
             state.advance(layer)
             scored = [c for c in group if not c.is_parent]
             # In the parent's dtype (bf16 on GPUs): the candidate is scored as the child will run it.
             blocks = {c.unit_id: None if (b := load_block(c)) is None else b.to(dtype=parent.dtype) for c in scored}
             sums = {c.unit_id: QualitySums(device) for c in scored}
-            for k in range(len(batches)):
-                x = state.hidden(k)
-                kept = state.reusable_targets(k)
-                for c in scored:
-                    block = blocks[c.unit_id]
-                    replacement = block if block is not None else SubBlock(parent.config, c.kind, c.variant).to(device, parent.dtype)
-                    hidden, _ = run_layers(parent, hidden=x, start=layer, replace={layer: {c.kind: replacement}})
-                    targets = kept if kept is not None else state.targets_of(k)
-                    for target, logits in zip(targets, _candidate_logits(parent, hidden, cfg.logits_chunk)):
-                        sums[c.unit_id].add(target, logits)
+            replacements = {c.unit_id: blocks[c.unit_id] if blocks[c.unit_id] is not None else
+                            SubBlock(parent.config, c.kind, c.variant).to(device, parent.dtype) for c in scored}
+            if getattr(parent, "offloaded_layers", 0):
+                _score_layer_major(parent, state, layer, scored, replacements, sums, cfg.logits_chunk)
+            else:
+                for k in range(len(batches)):
+                    x = state.hidden(k)
+                    kept = state.reusable_targets(k)
+                    for c in scored:
+                        replace = {layer: {c.kind: replacements[c.unit_id]}}
+                        hidden, _ = run_layers(parent, hidden=x, start=layer, replace=replace)
+                        _add(sums[c.unit_id], kept if kept is not None else state.targets_of(k), parent, hidden, cfg.logits_chunk)
             for c in scored:
                 q = sums[c.unit_id].quality()
                 entries.append(CandidateScore(layer=c.layer, kind=c.kind, name=c.name, kl=q.kl, lm_loss=q.lm_loss,

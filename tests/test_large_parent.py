@@ -186,15 +186,106 @@ def test_a_parent_over_its_memory_budget_runs_from_its_files_with_the_same_resul
 
     parent, corpus = tiny_run_inputs(tmp_path / "inputs")
     runs = {}
-    for name, budget in (("whole", None), ("offloaded", 0.0005)):
-        config = tiny_search_config(corpus) | ({"parent_memory_gb": budget} if budget else {})
-        path = write_config(tmp_path / f"{name}.yaml", config)
+    # auto with the parent in its files: the shared shards, produced layer by layer; boundary: one layer boundary
+    for name, budget, activations in (("whole", None, "auto"), ("offloaded", 0.0005, "auto"),
+                                      ("boundary", 0.0005, "boundary")):
+        config = tiny_search_config(corpus, bld={"parent_activations": activations})
+        path = write_config(tmp_path / f"{name}.yaml", config | ({"parent_memory_gb": budget} if budget else {}))
         for stage in ("library", "bld", "score"):
             runs[name] = run_search(tmp_path / name, parent=parent, config=path, stage=stage)
-    whole, offloaded = runs["whole"], runs["offloaded"]
-    model = offloaded.parent_model()
-    assert model.offloaded_layers > 0
-    for unit in whole.manifest().units:
-        a, b = load_file(unit_path(whole.paths, unit)), load_file(unit_path(offloaded.paths, unit))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), unit.unit_id
-    assert Scores.load(whole.paths.scores).entries == Scores.load(offloaded.paths.scores).entries
+    whole = runs["whole"]
+    for name in ("offloaded", "boundary"):
+        run = runs[name]
+        assert run.parent_model().offloaded_layers > 0
+        for unit in whole.manifest().units:
+            a, b = load_file(unit_path(whole.paths, unit)), load_file(unit_path(run.paths, unit))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (name, unit.unit_id)
+        assert Scores.load(whole.paths.scores).entries == Scores.load(run.paths.scores).entries, name
+    assert not list((runs["boundary"].paths.progress / "parent_boundaries").rglob("*.safetensors"))  # removed after
+
+
+def _count_reads(model) -> dict[int, int]:
+    """layer index -> how many times its weights are read in from the checkpoint (one hooked module per layer)."""
+    reads = {}
+    for i, layer in enumerate(model.model.layers):
+        hooked = next((m for m in layer.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)), None)
+        if hooked is None:
+            continue
+        reads[i], hook = 0, hooked._hf_hook
+        read = hook.pre_forward
+
+        def counting(module, *args, i=i, hook=hook, read=read, **kwargs):
+            reads[i] += hook.offload  # a resident layer's hooks have `offload` off (layer_weights)
+            return read(module, *args, **kwargs)
+        hook.pre_forward = counting
+    return reads
+
+
+def test_scoring_an_offloaded_parent_reads_each_layer_once_per_scored_layer(tmp_path):
+    """Layer-major scoring: the parent's and the candidates' passes go layer by layer over all batches, so a layer
+    left in the files is read once per pass, whatever the number of candidates and batches (batch-major, a deep
+    layer would be read once per candidate and batch of every layer above it)."""
+    from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+
+    from puzzle.pipeline import run_search
+    from puzzle.scoring import ScoreConfig, score_candidates
+
+    parent_dir, corpus = tiny_run_inputs(tmp_path / "inputs", layers=5)
+    search = run_search(tmp_path / "run", parent=parent_dir, stage="library",
+                        config=write_config(tmp_path / "c.yaml", tiny_search_config(corpus)))
+    candidates = [c for c in search.manifest().candidates if c.layer in (1, 3) and not c.trainable]
+    assert sum(not c.is_parent for c in candidates if c.layer == 1) >= 2  # several candidates per scored layer
+    cfg = ScoreConfig(tokens=512, batch_size=2)  # 4 batches
+    whole = score_candidates(load_model(parent_dir), candidates, lambda c: None, search.data(), cfg, "p")
+    model = load_model(parent_dir, max_bytes=1 << 18)
+    reads = _count_reads(model)
+    assert set(reads) == {0, 1, 2, 3, 4}, "every layer in the files"
+    offloaded = score_candidates(model, candidates, lambda c: None, search.data(), cfg, "p")
+    assert offloaded.entries == whole.entries
+    # the parent pass + advancing to layer 3 (layers 0-2) + each scored layer at or above it (1: layers 1-4; 3: 3-4)
+    assert reads == {0: 1 + 1 + 0, 1: 1 + 1 + 1, 2: 1 + 1 + 1, 3: 1 + 0 + 2, 4: 1 + 0 + 2}
+
+
+def test_bld_from_a_layer_boundary_reads_each_parent_layer_once(tmp_path):
+    """bld.parent_activations: boundary with the parent in its files: the worker moves one layer boundary down to
+    each group's first layer over all batches at once and holds the group's layers while it trains, so a layer is
+    read once to move the boundary past it and once more if it is trained, whatever the number of steps."""
+    from pipeline_fixtures import tiny_run_inputs, tiny_search_config, write_config
+
+    from puzzle.pipeline import run_search
+
+    parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=5)
+    config = tiny_search_config(corpus, bld={"parent_activations": "boundary"},
+                                space={"layers": [1, 3], "attention": {"windows": []}}) | {"parent_memory_gb": 0.00001}
+    search = run_search(tmp_path / "run", parent=parent, config=write_config(tmp_path / "c.yaml", config), stage="library")
+    reads = _count_reads(search.parent_model())
+    assert set(reads) == {0, 1, 2, 3, 4}
+    search.bld_worker()
+    assert {u.layer for u in search.manifest().units} == {1, 3}  # two groups (one per layer), 16 steps each
+    assert reads == {0: 1, 1: 1 + 1, 2: 1, 3: 1, 4: 0}  # layer 1: trained, then the boundary moved past it
+    assert not search.manifest().units or not list((search.paths.progress / "parent_boundaries").rglob("*.safetensors"))
+
+
+def test_a_killed_boundary_worker_resumes_from_its_deepest_complete_boundary(tmp_path):
+    """The boundary files are written atomically and a boundary is complete once marked: a worker restarted after
+    moving its boundary reads it rather than running the parent's layers above it again."""
+    from pipeline_fixtures import tiny_run_inputs
+
+    from puzzle.distill.activations import run_layers
+    from puzzle.distill.parent_cache import BoundaryActivations
+
+    parent_dir, _ = tiny_run_inputs(tmp_path / "inputs", layers=5)
+    model = load_model(parent_dir, max_bytes=1 << 18)
+    gen = torch.Generator().manual_seed(0)
+    batches = [("train", k, torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)) for k in range(3)]
+    cache = BoundaryActivations(model, tmp_path / "b", batches)
+    with cache.holding([2]):
+        io = cache.layer_io("train", 1, batches[1][2], [2])
+    _, expected = run_layers(load_model(parent_dir), batches[1][2], stop=3, capture={2})
+    assert torch.equal(io[2].x, expected[2].x) and torch.equal(io[2].ffn, expected[2].ffn)
+    assert (tmp_path / "b" / "L0002" / "complete.json").exists()
+    restarted = BoundaryActivations(model, tmp_path / "b", batches)
+    reads = _count_reads(model)
+    restarted.advance(4)  # from layer 2's boundary: layers 2 and 3 only
+    assert reads == {0: 0, 1: 0, 2: 1, 3: 1, 4: 0}
+    assert not (tmp_path / "b" / "L0002").exists() and (tmp_path / "b" / "L0004" / "complete.json").exists()

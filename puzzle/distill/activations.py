@@ -7,7 +7,7 @@ layer and its sub-blocks' outputs; running the layers here (through the layers' 
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,16 +36,27 @@ class LayerIO:
 def layer_weights(layer: nn.Module) -> Iterator[nn.Module]:
     """`layer` with its weights on its execution device while inside. A no-op for a model held whole; for a layer
     accelerate left in the checkpoint's files (`load_model(max_bytes=...)`), its hook reads the weights in and drops
-    them after, as it does around the layer's own forward, which run_layers bypasses (it calls the branches)."""
-    hooked = [(m, m._hf_hook) for m in layer.modules() if getattr(m, "_hf_hook", None) is not None]  # one per module
-    for module, hook in hooked:  # that holds tensors of its own (accelerate's attach_align_device_hook)
+    them after, as it does around the layer's own forward, which run_layers bypasses (it calls the branches).
+    Re-entrant: inside an outer `layer_weights` of the same layer nothing is read again (`run_many` keeps a
+    layer resident over many hidden states that way)."""
+    depth = getattr(layer, "_puzzle_resident", 0)
+    hooked = [] if depth else [(m, m._hf_hook) for m in layer.modules() if getattr(m, "_hf_hook", None) is not None]
+    for module, hook in hooked:  # one per module that holds tensors of its own (attach_align_device_hook)
         hook.pre_forward(module)
+    # a hook reads its module's weights in on every forward while `offload` is set: off while they are resident
+    reading = [hook for _, hook in hooked if hook.offload]
+    for hook in reading:
+        hook.offload = False
+    layer._puzzle_resident = depth + 1
     try:
         yield layer
     finally:
+        layer._puzzle_resident = depth
+        for hook in reading:
+            hook.offload = True
         for module, hook in hooked:
             hook.post_forward(module, None)
-        if offloaded(layer):
+        if hooked and offloaded(layer):
             return_freed_memory()  # the layer's weights were just dropped: do not let the heap keep them
 
 
@@ -99,6 +110,27 @@ def run_layers(
             captured[i] = io
         x = io.y
     return x, captured
+
+
+def run_many(model: DeciLMForCausalLM, hiddens: list[torch.Tensor], *, start: int, stop: int | None = None,
+             store: torch.device | None = None, capture: Container[int] = (),
+             on_layer: Callable[[int, list[LayerIO]], None] | None = None) -> list[torch.Tensor]:
+    """`run_layers(hidden=h, start, stop)` for every h in `hiddens`, layer-major: each layer is made resident once
+    and applied to all of them, so a parent read from its files (`offloaded`) reads each layer once rather than
+    once per hidden state. Same results as running them one by one. The states live on `store` (default: where
+    they are) between layers; `on_layer(i, ios)` sees layer i's LayerIO of every state when i is in `capture`."""
+    stop = len(model.model.layers) if stop is None else stop
+    states = list(hiddens)
+    for i in range(start, stop):
+        with layer_weights(model.model.layers[i]):
+            ios = []
+            for k, x in enumerate(states):
+                y, io = run_layers(model, hidden=x.to(model.device), start=i, stop=i + 1, capture=capture)
+                states[k] = y if store is None else y.to(store)
+                ios.append(io.get(i))
+        if on_layer is not None and i in capture:
+            on_layer(i, ios)
+    return states
 
 
 def logits_from_hidden(model: DeciLMForCausalLM, hidden: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,14 @@ from puzzle.blocks.subblock import Rotary, SubBlock
 from puzzle.checkpoint import decilm_config, normalized_config, safetensors_keys
 from puzzle.distill.activations import LayerIO
 from puzzle.distill.losses import normalized_mse
-from puzzle.distill.parent_cache import DiskActivations, RecomputedActivations, cache_key, shard_bytes
+from puzzle.distill.parent_cache import (
+    BoundaryActivations,
+    DiskActivations,
+    RecomputedActivations,
+    boundary_bytes,
+    cache_key,
+    shard_bytes,
+)
 from puzzle.distill.schedule import warmup_cosine
 from puzzle.errors import ConfigError, InputError, StageError
 from puzzle.files import atomic_path
@@ -68,8 +75,10 @@ class BLDConfig:
     linear_attention_init: Literal["least_squares", "fold"] = "least_squares"
     autocast: bool = True  # bf16 autocast for the units on CUDA (master weights stay fp32)
     # recompute: each worker runs the parent per batch; disk: computed once, in shards shared by the workers;
-    # auto: disk when the forward would otherwise be repeated (several workers or groups) and the shards fit
-    parent_activations: Literal["auto", "recompute", "disk"] = "auto"
+    # boundary: each worker keeps the hidden state at one layer boundary on disk (a parent read from its files);
+    # auto: disk when the forward would otherwise be repeated (several workers or groups, or a parent read from
+    # its files) and the shards fit, else boundary for a parent read from its files, else recompute
+    parent_activations: Literal["auto", "recompute", "disk", "boundary"] = "auto"
     activation_cache_gb: float = 64.0  # the most disk `auto` may use for the shards
 
     def __post_init__(self) -> None:
@@ -82,8 +91,8 @@ class BLDConfig:
             raise ConfigError("bld: lr must be > 0, warmup_fraction in [0, 1), min_lr_fraction in [0, 1]")
         if self.linear_attention_init not in ("least_squares", "fold"):
             raise ConfigError("bld.linear_attention_init must be 'least_squares' or 'fold'")
-        if self.parent_activations not in ("auto", "recompute", "disk"):
-            raise ConfigError(f"bld.parent_activations must be auto, recompute or disk, got {self.parent_activations!r}")
+        if self.parent_activations not in ("auto", "recompute", "disk", "boundary"):
+            raise ConfigError(f"bld.parent_activations must be auto, recompute, disk or boundary, got {self.parent_activations!r}")
         if not self.activation_cache_gb >= 0:
             raise ConfigError(f"bld.activation_cache_gb must be >= 0, got {self.activation_cache_gb}")
 
@@ -186,12 +195,14 @@ def group_budget(cfg: BLDConfig, device: torch.device) -> int:
     return max(1, int(GROUP_MEMORY_FRACTION * free_bytes(device) / TRAINED_PARAM_BYTES))
 
 
-def plan_groups(units: list[Candidate], arch: Architecture, max_group_params: int) -> list[list[Candidate]]:
-    """Consecutive units (layer order) whose parameters fit the budget train together."""
+def plan_groups(units: list[Candidate], arch: Architecture, max_group_params: int,
+                one_layer: bool = False) -> list[list[Candidate]]:
+    """Consecutive units (layer order) whose parameters fit the budget train together (`one_layer`: and share a
+    layer, for a source that holds a group's parent layers resident)."""
     groups, current, size = [], [], 0
     for unit in sorted(units, key=lambda c: (c.layer, c.kind, c.name)):
         params = unit_params(unit, arch)
-        if current and size + params > max_group_params:
+        if current and (size + params > max_group_params or (one_layer and unit.layer != current[-1].layer)):
             groups.append(current)
             current, size = [], 0
         current.append(unit)
@@ -377,47 +388,48 @@ def train_group(units: list[Candidate], parent, arch: Architecture, paths: RunPa
     """Train one group of units to the token budget (resuming from its checkpoint) and write each unit."""
     seq_len = data.config.seq_len
     steps = train_steps(cfg, seq_len)
-    group = _Group(units, parent, arch, paths, cfg, steps, device, source or RecomputedActivations(parent))
-    held_out = [b.to(device) for b in eval_batches(data, cfg)]
-    checkpoint = paths.progress / f"{_group_key(units, cfg, str(data.cache_path))}.pt"
-    start, seconds = 0, 0.0
-    state = _load_progress(checkpoint, device)
-    if state is not None:
-        group.load(state)
-        start, loss_init, seconds = state["step"], state["loss_init"], state["seconds"]
-        log(f"bld L{group.layers[0]}-{group.layers[-1]}: resuming at step {start} of {steps} from {checkpoint}")
-    else:
-        loss_init = group.evaluate(held_out)
-    began = time.perf_counter()
-    batches = train_batches(data, cfg, start_step=start)
-    with track(f"bld L{group.layers[0]}-{group.layers[-1]} ({len(units)} units)", steps) as bar:
-        bar.advance(start)
-        for step, batch in enumerate(batches, start=start):
-            group.optimizer.zero_grad(set_to_none=True)
-            losses = group.step(batch.to(device), step)
-            if losses:  # a group of least-squares units only has nothing to step
-                group.optimizer.step()
-                group.scheduler.step()
-            done = step + 1
-            if losses and (done % LOSS_EVERY == 0 or done == steps):  # the only host sync of the loop
-                bar.advance(1, loss=(sum(losses.values()) / len(losses)).item())
-            else:
-                bar.advance(1)
-            if done % cfg.checkpoint_every == 0 and done < steps:
-                _save_atomic(group.state(done, {"loss_init": loss_init,
-                                                "seconds": seconds + time.perf_counter() - began}), checkpoint)
-    group.solve_closed_form()
-    loss_final = group.evaluate(held_out)
-    seconds += time.perf_counter() - began
-    # Never hand on a unit worse than where it started (e.g. a near-exact initialisation that a few steps at
-    # bld.lr pushed off): such a unit keeps its initialisation, and its result says so.
-    worse = {u.unit_id for u in units if loss_final[u.unit_id] > loss_init[u.unit_id]}
-    for u in units:
-        if u.unit_id in worse:
-            group.blocks[u.unit_id] = group.initial_block(u)
-    if worse:
-        log(f"bld L{group.layers[0]}-{group.layers[-1]}: {len(worse)} unit(s) ended worse on held-out data than their "
-            f"initialisation and keep it: {', '.join(sorted(worse))}")
+    source = source or RecomputedActivations(parent)
+    # a boundary source moves its boundary down to the group's first layer and holds the group's layers resident
+    with source.holding(sorted({u.layer for u in units})):
+        group = _Group(units, parent, arch, paths, cfg, steps, device, source)
+        held_out = [b.to(device) for b in eval_batches(data, cfg)]
+        checkpoint = paths.progress / f"{_group_key(units, cfg, str(data.cache_path))}.pt"
+        state = _load_progress(checkpoint, device)
+        if state is not None:
+            group.load(state)
+            log(f"bld L{group.layers[0]}-{group.layers[-1]}: resuming at step {state['step']} of {steps} from {checkpoint}")
+        start, seconds = (state["step"], state["seconds"]) if state is not None else (0, 0.0)
+        loss_init = state["loss_init"] if state is not None else group.evaluate(held_out)
+        began = time.perf_counter()
+        batches = train_batches(data, cfg, start_step=start)
+        with track(f"bld L{group.layers[0]}-{group.layers[-1]} ({len(units)} units)", steps) as bar:
+            bar.advance(start)
+            for step, batch in enumerate(batches, start=start):
+                group.optimizer.zero_grad(set_to_none=True)
+                losses = group.step(batch.to(device), step)
+                if losses:  # a group of least-squares units only has nothing to step
+                    group.optimizer.step()
+                    group.scheduler.step()
+                done = step + 1
+                if losses and (done % LOSS_EVERY == 0 or done == steps):  # the only host sync of the loop
+                    bar.advance(1, loss=(sum(losses.values()) / len(losses)).item())
+                else:
+                    bar.advance(1)
+                if done % cfg.checkpoint_every == 0 and done < steps:
+                    _save_atomic(group.state(done, {"loss_init": loss_init,
+                                                    "seconds": seconds + time.perf_counter() - began}), checkpoint)
+        group.solve_closed_form()
+        loss_final = group.evaluate(held_out)
+        seconds += time.perf_counter() - began
+        # Never hand on a unit worse than where it started (e.g. a near-exact initialisation that a few steps at
+        # bld.lr pushed off): such a unit keeps its initialisation, and its result says so.
+        worse = {u.unit_id for u in units if loss_final[u.unit_id] > loss_init[u.unit_id]}
+        for u in units:
+            if u.unit_id in worse:
+                group.blocks[u.unit_id] = group.initial_block(u)
+        if worse:
+            log(f"bld L{group.layers[0]}-{group.layers[-1]}: {len(worse)} unit(s) ended worse on held-out data than their "
+                f"initialisation and keep it: {', '.join(sorted(worse))}")
     results = []
     for u in units:
         result = UnitResult(unit_id=u.unit_id, loss_init=loss_init[u.unit_id], loss_final=loss_final[u.unit_id],
@@ -464,7 +476,7 @@ def train_units(units: list[Candidate], parent, arch: Architecture, paths: RunPa
     todo = [u for u in units if u.unit_id in pending]
     results = []
     budget = group_budget(cfg, device)
-    groups = plan_groups(todo, arch, budget)
+    groups = plan_groups(todo, arch, budget, one_layer=isinstance(source, BoundaryActivations))
     if todo:
         log(f"bld: {len(todo)} units in {len(groups)} group(s) of at most {budget / 1e6:,.0f}M parameters"
             + ("" if cfg.max_group_params is not None else f" (half the free memory of {device})" if device.type == "cuda"
@@ -484,7 +496,7 @@ def train_units(units: list[Candidate], parent, arch: Architecture, paths: RunPa
 
 @dataclass(frozen=True)
 class ActivationPlan:
-    mode: Literal["recompute", "disk"]
+    mode: Literal["recompute", "disk", "boundary"]
     reason: str  # one line for the user
     depth: int = 0  # layers in each shard
     root: Path | None = None
@@ -503,21 +515,37 @@ def plan_parent_activations(units: list[Candidate], arch: Architecture, parent, 
                     dtype=str(parent.dtype))
     root = paths.progress / "parent_activations" / key
     size = f"{batches} batches x {need / batches / 2**20:.1f} MiB = {need / 2**30:.2f} GiB"
+    streamed = getattr(parent, "offloaded_layers", 0) > 0  # a forward re-reads layers from the parent's files
     if cfg.parent_activations == "recompute":
         return ActivationPlan("recompute", "parent activations: recomputed per batch (bld.parent_activations: recompute)")
-    if cfg.parent_activations == "auto" and world_size == 1 and groups == 1:
+    if cfg.parent_activations == "auto" and world_size == 1 and groups == 1 and not streamed:
         return ActivationPlan("recompute", "parent activations: recomputed per batch (one worker, one group)")
     # free disk is not part of the decision: workers deciding at different times must agree (it splits the units)
+    if cfg.parent_activations == "boundary" or (cfg.parent_activations == "auto" and streamed
+                                                and need > cfg.activation_cache_gb * 2**30):
+        disk = boundary_bytes(parent, cfg.batch_size * seq_len, batches)
+        root = paths.progress / "parent_boundaries" / cache_key(parent=parent_fingerprint, data=str(data.cache_path),
+                                                                seq_len=seq_len, batch_size=cfg.batch_size,
+                                                                tokens=cfg.tokens_per_unit, eval_tokens=cfg.eval_tokens,
+                                                                seed=cfg.seed, dtype=str(parent.dtype))
+        _check_disk(paths, disk, f"the parent's hidden states at two layer boundaries ({disk / 2**30:.2f} GiB)")
+        return ActivationPlan("boundary", "parent activations: the hidden state at one layer boundary per batch on disk, "
+                                          f"moved down layer by layer as the groups go ({disk / 2**30:.2f} GiB at most)",
+                              root=root)
     if cfg.parent_activations == "auto" and need > cfg.activation_cache_gb * 2**30:
         return ActivationPlan("recompute", f"parent activations: recomputed per batch by each worker (a cache needs "
                                            f"{size}, over bld.activation_cache_gb = {cfg.activation_cache_gb:g})")
     written = sum(f.stat().st_size for f in root.glob("*.safetensors")) if root.exists() else 0
-    free = shutil.disk_usage(paths.progress if paths.progress.exists() else paths.root).free
-    if need - written > free:
-        raise ConfigError(f"bld: the parent-activation cache needs {size} but {paths.root} has {free / 2**30:.1f} GiB "
-                          "free; free disk space, or set bld.parent_activations: recompute")
+    _check_disk(paths, need - written, f"the parent-activation cache ({size})")
     return ActivationPlan("disk", f"parent activations: computed once, shared on disk by {world_size} worker(s) "
                                   f"x {groups} group(s) ({size})", depth, root)
+
+
+def _check_disk(paths: RunPaths, need: int, what: str) -> None:
+    free = shutil.disk_usage(paths.progress if paths.progress.exists() else paths.root).free
+    if need > free:
+        raise ConfigError(f"bld: {what} needs more than the {free / 2**30:.1f} GiB free in {paths.root}; free disk "
+                          "space, or set bld.parent_activations: recompute")
 
 
 def parent_activations(plan: ActivationPlan, parent, data, cfg: BLDConfig, shard: Shard, device: torch.device):
@@ -525,6 +553,10 @@ def parent_activations(plan: ActivationPlan, parent, data, cfg: BLDConfig, shard
     (batch k belongs to worker k % world_size), held-out batches first."""
     if plan.mode == "recompute":
         return RecomputedActivations(parent)
+    if plan.mode == "boundary":  # this worker's own: the layers it moves through are those of its groups
+        batches = [("held_out", k, b) for k, b in enumerate(eval_batches(data, cfg))]
+        batches += [("train", k, b) for k, b in enumerate(train_batches(data, cfg))]
+        return BoundaryActivations(parent, plan.root / f"worker-{shard.rank}-of-{shard.world_size}", batches)
     cache = DiskActivations(parent, plan.root, plan.depth)
     mine = lambda k: k % shard.world_size == shard.rank  # noqa: E731
     held_out = [("held_out", k, b.to(device)) for k, b in enumerate(eval_batches(data, cfg)) if mine(k)]
