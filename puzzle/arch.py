@@ -10,6 +10,12 @@ gpt-oss needs (`routing`, `router_bias`, `expert_bias`, `expert_activation` with
 written only where they differ from the Mixtral defaults. gpt-oss's learned per-head attention sinks are the global
 `attention_sinks`.
 
+Hybrid Mamba-Transformer parents (Nemotron-H) have one mixer per layer; in this description a Mamba-2 layer is an
+`attention.mamba` (NVIDIA's field: `num_heads`, `head_dim`, `state_dim`, `num_groups`, `conv_kernel`) with a no-op
+FFN, and an MLP layer a no-op attention with an FFN of `gated: false` (down(act(up x)), act = hidden_act: relu2).
+Their attention has no positional embedding (`position_embedding_type: none`). Nemotron-H's experts route by
+sigmoid scores in groups (`routing: sigmoid_group_topk`) and add a shared expert (`shared_expert_intermediate_dim`).
+
 The accounting here (parameters, KV-cache bytes) is computed from the description alone and is tested to
 equal counting the real tensors of `puzzle/modeling/modeling_decilm.py`.
 """
@@ -19,18 +25,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from puzzle.errors import ConfigError
+from puzzle.errors import ConfigError, UnsupportedModelError
 
 KV_DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1}
 
 # Fields of NVIDIA's published block_configs that puzzle accepts only at their inert value.
 _INERT_ATTENTION_FIELDS = {
     "sparsify": None, "num_sink_tokens": None, "unshifted_sink": False,
-    "use_prefill_window_in_sink_attention": False, "llama4": None, "mamba": None,
+    "use_prefill_window_in_sink_attention": False, "llama4": None,
 }
-_INERT_FFN_FIELDS = {"sparsify": None, "gated": True}
-# NVIDIA's MoEConfig names a shared-expert width; puzzle has no shared experts yet (Qwen2-MoE style), so only 0.
-_INERT_MOE_FIELDS = {"shared_expert_intermediate_dim": 0}
+_INERT_FFN_FIELDS = {"sparsify": None}
+_INERT_MOE_FIELDS: dict[str, Any] = {}
 
 
 def kv_dtype_bytes(kv_dtype: str) -> int:
@@ -57,28 +62,94 @@ def _check_fields(data: dict, allowed: set[str], inert: dict[str, Any], where: s
 
 
 @dataclass(frozen=True, kw_only=True)
+class MambaConfig:
+    """One Mamba-2 mixer (Nemotron-H's): in_proj to the gate z, the conv input (x, B, C) and one dt per head; a
+    causal depthwise conv of `conv_kernel` taps; the selective scan over `num_heads` heads of `head_dim` channels
+    with a state of `state_dim` per channel (B and C shared by the heads of each of `num_groups` groups); a gated
+    RMSNorm per group; out_proj. Its decode state is the conv window and the scan state, not a KV cache."""
+
+    num_heads: int
+    head_dim: int
+    state_dim: int
+    num_groups: int
+    conv_kernel: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("num_heads", "head_dim", "state_dim", "num_groups", "conv_kernel"):
+            if not _positive_int(getattr(self, name)):
+                raise ConfigError(f"attention.mamba.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_heads % self.num_groups:
+            raise ConfigError(f"attention.mamba.num_groups={self.num_groups} does not divide num_heads={self.num_heads}")
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal conv: x, B and C."""
+        return self.intermediate_size + 2 * self.num_groups * self.state_dim
+
+    def params(self, hidden_size: int, conv_bias: bool = True, proj_bias: bool = False) -> int:
+        """Parameters of the mixer (without its input norm)."""
+        i, h = self.intermediate_size, self.num_heads
+        in_proj = hidden_size * (i + self.conv_dim + h) + ((i + self.conv_dim + h) if proj_bias else 0)
+        conv = self.conv_dim * self.conv_kernel + (self.conv_dim if conv_bias else 0)
+        out_proj = i * hidden_size + (hidden_size if proj_bias else 0)
+        return in_proj + conv + 3 * h + i + out_proj  # + dt_bias, A_log, D (per head) and the gated norm's gain
+
+    def state_bytes(self, dtype_bytes: int = 2, ssm_dtype_bytes: int = 4) -> int:
+        """Decode state one sequence holds in this layer, whatever its length: the last conv_kernel - 1 conv
+        inputs (model dtype) and the scan state (fp32, as Nemotron-H's `mamba_ssm_cache_dtype`)."""
+        return (self.conv_dim * (self.conv_kernel - 1) * dtype_bytes
+                + self.num_heads * self.head_dim * self.state_dim * ssm_dtype_bytes)
+
+    def label(self) -> str:
+        """mamba128 (heads kept)."""
+        return f"mamba{self.num_heads}"
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "attention.mamba") -> MambaConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be an object with {', '.join(cls.__dataclass_fields__)}")
+        _check_fields(data, set(cls.__dataclass_fields__), {}, where)
+        missing = [k for k in ("num_heads", "head_dim", "state_dim", "num_groups") if k not in data]
+        if missing:
+            raise ConfigError(f"{where}: missing field {missing[0]!r}")
+        return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
-    """One layer's attention: softmax GQA (optionally windowed), a linear replacement, or no-op."""
+    """One layer's sequence mixer: softmax GQA (optionally windowed), a Mamba-2 mixer, a linear replacement, or
+    no-op."""
 
     no_op: bool = False
     replace_with_linear: bool = False
     n_heads_in_group: int | None = None  # num_attention_heads / this layer's KV heads
     window_length: int | None = None  # sliding window (tokens a query sees, itself included)
+    mamba: MambaConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.mamba, dict):  # from JSON (a saved candidate or solution)
+            object.__setattr__(self, "mamba", MambaConfig.from_dict(self.mamba))
         if self.no_op and self.replace_with_linear:
             raise ConfigError("attention: no_op and replace_with_linear cannot both be true")
+        if self.mamba is not None and (self.no_op or self.replace_with_linear or self.n_heads_in_group is not None
+                                       or self.window_length is not None):
+            raise ConfigError("attention: a Mamba mixer (mamba) is not no_op or linear and has no n_heads_in_group "
+                              "or window_length")
         if self.has_softmax:
             if not isinstance(self.n_heads_in_group, int) or self.n_heads_in_group < 1:
                 raise ConfigError(f"attention.n_heads_in_group must be a positive integer, got {self.n_heads_in_group!r}")
             if self.window_length is not None and (not isinstance(self.window_length, int) or self.window_length < 1):
                 raise ConfigError(f"attention.window_length must be a positive integer or null, got {self.window_length!r}")
         elif self.n_heads_in_group is not None or self.window_length is not None:
-            raise ConfigError("attention: a no-op or linear attention has no n_heads_in_group or window_length")
+            raise ConfigError("attention: a no-op, linear or Mamba mixer has no n_heads_in_group or window_length")
 
     @property
     def has_softmax(self) -> bool:
-        return not (self.no_op or self.replace_with_linear)
+        return not (self.no_op or self.replace_with_linear or self.mamba is not None)
 
     @property
     def kind(self) -> str:
@@ -86,6 +157,8 @@ class AttentionConfig:
             return "no_op"
         if self.replace_with_linear:
             return "linear"
+        if self.mamba is not None:
+            return "mamba"
         return "window" if self.window_length is not None else "full"
 
     def num_kv_heads(self, num_attention_heads: int) -> int:
@@ -96,22 +169,32 @@ class AttentionConfig:
         """Why vLLM's native DeciLM model cannot run this attention (None: it can)."""
         if self.replace_with_linear:
             return "linear attention"
+        if self.mamba is not None:
+            return "Mamba mixer"
         return "window attention" if self.window_length is not None else None
 
     def label(self, num_attention_heads: int) -> str:
-        """Short name used for library variants and tables: kv8, kv2_w128, linear, no_op."""
+        """Short name used for library variants and tables: kv8, kv2_w128, mamba64, linear, no_op."""
+        if self.mamba is not None:
+            return self.mamba.label()
         if not self.has_softmax:
             return self.kind
         name = f"kv{self.num_kv_heads(num_attention_heads)}"
         return name if self.window_length is None else f"{name}_w{self.window_length}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # `mamba` is written only on Mamba layers, so attention-only checkpoints keep NVIDIA's four fields.
+        data = asdict(self)
+        if self.mamba is None:
+            del data["mamba"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "attention") -> AttentionConfig:
         _check_fields(data, {f for f in cls.__dataclass_fields__}, _INERT_ATTENTION_FIELDS, where)
         no_op, linear = bool(data.get("no_op", False)), bool(data.get("replace_with_linear", False))
+        if data.get("mamba") is not None and not no_op:
+            return cls(replace_with_linear=linear, mamba=MambaConfig.from_dict(data["mamba"], f"{where}.mamba"))
         softmax = not (no_op or linear)
         return cls(
             no_op=no_op,
@@ -126,15 +209,20 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-# Routing rules: "softmax_topk" (Mixtral, Qwen3-MoE: softmax over all experts in fp32, then the top-k) and
-# "topk_softmax" (gpt-oss: the top-k router logits, then a softmax over those k in the logits' dtype).
-MOE_ROUTINGS = ("softmax_topk", "topk_softmax")
-# Expert activations: "swiglu" (down(silu(gate) * up)) and gpt-oss's "clamped_swiglu"
-# (gate clamped above and up on both sides at swiglu_limit; down((up + 1) * gate * sigmoid(swiglu_alpha * gate))).
-MOE_EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
+# Routing rules: "softmax_topk" (Mixtral, Qwen3-MoE: softmax over all experts in fp32, then the top-k),
+# "topk_softmax" (gpt-oss: the top-k router logits, then a softmax over those k in the logits' dtype) and
+# "sigmoid_group_topk" (Nemotron-H, DeepSeek-V3: sigmoid scores in fp32 plus a learned correction bias choose the
+# `topk_group` best of `n_group` expert groups, then the top-k inside them; weights are the uncorrected scores,
+# optionally renormalised, times `routed_scaling_factor`).
+MOE_ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk")
+# Expert activations: "swiglu" (down(silu(gate) * up)), gpt-oss's "clamped_swiglu"
+# (gate clamped above and up on both sides at swiglu_limit; down((up + 1) * gate * sigmoid(swiglu_alpha * gate)))
+# and Nemotron-H's "relu2" (no gate: down(relu(up)^2)).
+MOE_EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu", "relu2")
 # The optional MoE fields and their values when absent from JSON (Mixtral / Qwen3-MoE experts).
 _MOE_DEFAULTS = {"routing": "softmax_topk", "router_bias": False, "expert_bias": False,
-                 "expert_activation": "swiglu", "swiglu_alpha": None, "swiglu_limit": None}
+                 "expert_activation": "swiglu", "swiglu_alpha": None, "swiglu_limit": None,
+                 "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "shared_expert_intermediate_dim": 0}
 
 
 def _positive_number(value: Any) -> bool:
@@ -162,6 +250,10 @@ class MoEConfig:
     expert_activation: str = "swiglu"
     swiglu_alpha: float | None = None
     swiglu_limit: float | None = None
+    n_group: int = 1  # sigmoid_group_topk: expert groups, of which the tokens' experts come from topk_group
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_expert_intermediate_dim: int = 0  # one always-on expert of this width (0: none), NVIDIA's name
 
     def __post_init__(self) -> None:
         for name in ("num_local_experts", "num_experts_per_tok", "expert_intermediate_dim"):
@@ -178,6 +270,16 @@ class MoEConfig:
         if self.routing == "topk_softmax" and not self.norm_topk_prob:
             raise ConfigError("ffn.moe.routing 'topk_softmax' renormalises over the top-k by construction; "
                               "set norm_topk_prob to true")
+        if not (_positive_int(self.n_group) and _positive_int(self.topk_group) and self.topk_group <= self.n_group
+                and self.num_local_experts % self.n_group == 0):
+            raise ConfigError(f"ffn.moe: n_group={self.n_group!r} must divide num_local_experts={self.num_local_experts} "
+                              f"and topk_group={self.topk_group!r} must be between 1 and n_group")
+        if self.routing != "sigmoid_group_topk" and (self.n_group, self.topk_group, self.routed_scaling_factor) != (1, 1, 1.0):
+            raise ConfigError("ffn.moe: n_group, topk_group and routed_scaling_factor apply only to routing "
+                              "'sigmoid_group_topk'; remove them")
+        if not isinstance(self.shared_expert_intermediate_dim, int) or self.shared_expert_intermediate_dim < 0:
+            raise ConfigError(f"ffn.moe.shared_expert_intermediate_dim must be a non-negative integer, got "
+                              f"{self.shared_expert_intermediate_dim!r}")
         self._check_activation()
 
     def _check_activation(self) -> None:
@@ -219,6 +321,7 @@ class FFNConfig:
     replace_with_linear: bool = False
     intermediate_size: int | None = None
     moe: MoEConfig | None = None
+    gated: bool = True  # False: down(act(up x)) without a gate projection (Nemotron-H's relu2 MLP)
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # from JSON (a saved candidate or solution): same checks as from_dict
@@ -229,15 +332,15 @@ class FFNConfig:
             if self.no_op or self.replace_with_linear or self.intermediate_size is not None:
                 raise ConfigError("ffn: a mixture-of-experts FFN (moe) has no intermediate_size and is not no_op or linear; "
                                   "its expert width is moe.expert_intermediate_dim")
-        elif self.is_gated:
+        elif self.is_dense:
             if not isinstance(self.intermediate_size, int) or self.intermediate_size < 1:
                 raise ConfigError(f"ffn.intermediate_size must be a positive integer, got {self.intermediate_size!r}")
         elif self.intermediate_size is not None:
             raise ConfigError("ffn: a no-op or linear FFN has no intermediate_size")
 
     @property
-    def is_gated(self) -> bool:
-        """A single dense SwiGLU of `intermediate_size` (not experts, linear or no-op)."""
+    def is_dense(self) -> bool:
+        """A single dense FFN of `intermediate_size`, gated or not (not experts, linear or no-op)."""
         return not (self.no_op or self.replace_with_linear or self.moe is not None)
 
     @property
@@ -246,25 +349,29 @@ class FFNConfig:
             return "no_op"
         if self.moe is not None:
             return "moe"
-        return "linear" if self.replace_with_linear else "gated"
+        return "linear" if self.replace_with_linear else "dense"
 
     def label(self) -> str:
         """Short name: ffn3072, moe_k8_top2, linear, no_op."""
         if self.moe is not None:
             return self.moe.label()
-        return f"ffn{self.intermediate_size}" if self.is_gated else self.kind
+        return f"ffn{self.intermediate_size}" if self.is_dense else self.kind
 
     @property
     def vllm_unsupported(self) -> str | None:
         """Why vLLM's native DeciLM model cannot run this FFN (None: it can)."""
         if self.moe is not None:
             return "mixture-of-experts FFN"
+        if self.is_dense and not self.gated:
+            return "FFN without a gate (relu2 MLP)"
         return "linear FFN" if self.replace_with_linear else None
 
     def to_dict(self) -> dict[str, Any]:
         # `moe` is written only where there are experts, so dense checkpoints keep NVIDIA's three fields.
         data = {"no_op": self.no_op, "replace_with_linear": self.replace_with_linear,
                 "intermediate_size": self.intermediate_size}
+        if not self.gated:
+            data["gated"] = False
         if self.moe is not None:
             data["moe"] = self.moe.to_dict()
         return data
@@ -283,8 +390,11 @@ class FFNConfig:
             if size is None and data.get("ffn_mult") is not None:
                 size = ffn_mult_to_intermediate_size(data["ffn_mult"], hidden_size)
             if size is None:
-                raise ConfigError(f"{where}: a gated FFN needs intermediate_size (or ffn_mult)")
-        return cls(no_op=no_op, replace_with_linear=linear, intermediate_size=size)
+                raise ConfigError(f"{where}: a dense FFN needs intermediate_size (or ffn_mult)")
+        gated = data.get("gated", True)
+        if not isinstance(gated, bool):
+            raise ConfigError(f"{where}.gated must be true or false, got {gated!r}")
+        return cls(no_op=no_op, replace_with_linear=linear, intermediate_size=size, gated=gated or no_op or linear)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,6 +425,8 @@ class ModelShape:
     qk_norm: bool = False
     attention_sinks: bool = False  # gpt-oss: one learned sink logit per query head in every softmax attention
     hidden_act: str = "silu"
+    mamba_conv_bias: bool = True  # Mamba-2 mixers (Nemotron-H's use_conv_bias / use_bias)
+    mamba_proj_bias: bool = False
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config.json") -> ModelShape:
@@ -337,6 +449,8 @@ class ModelShape:
             qk_norm=bool(config.get("qk_norm", False)),
             attention_sinks=bool(config.get("attention_sinks", False)),
             hidden_act=config.get("hidden_act", "silu"),
+            mamba_conv_bias=bool(config.get("mamba_conv_bias", True)),
+            mamba_proj_bias=bool(config.get("mamba_proj_bias", False)),
         )
 
 
@@ -351,6 +465,8 @@ def attention_params(shape: ModelShape, attention: AttentionConfig) -> int:
         return 0
     if attention.replace_with_linear:
         return h * h + h
+    if attention.mamba is not None:
+        return h + attention.mamba.params(h, shape.mamba_conv_bias, shape.mamba_proj_bias)
     q, kv = shape.num_attention_heads * d, attention.num_kv_heads(shape.num_attention_heads) * d
     params = h * (q + 2 * kv) + q * h + h  # q, k, v, o projections + input norm
     if shape.qkv_bias:
@@ -364,9 +480,10 @@ def attention_params(shape: ModelShape, attention: AttentionConfig) -> int:
     return params
 
 
-def _gated_params(shape: ModelShape, width: int, bias: bool) -> int:
-    """One SwiGLU (gate, up, down) of `width` channels, with or without biases."""
-    return 3 * shape.hidden_size * width + ((2 * width + shape.hidden_size) if bias else 0)
+def _dense_params(shape: ModelShape, width: int, bias: bool, gated: bool = True) -> int:
+    """One FFN of `width` channels: gate, up, down (or up, down without a gate), with or without biases."""
+    matrices = 3 if gated else 2
+    return matrices * shape.hidden_size * width + (((matrices - 1) * width + shape.hidden_size) if bias else 0)
 
 
 def ffn_params(shape: ModelShape, ffn: FFNConfig) -> int:
@@ -378,11 +495,14 @@ def ffn_params(shape: ModelShape, ffn: FFNConfig) -> int:
         return h * h + h
     if ffn.moe is not None:
         moe, experts = ffn.moe, ffn.moe.num_local_experts
+        # (The correction bias of sigmoid routing is a buffer, not a parameter: E numbers, not counted.)
         router = experts * h + (experts if moe.router_bias else 0)
         # Expert biases: gpt-oss's own flag; Mixtral / Qwen3-MoE experts follow the global mlp_bias (false there).
-        expert = _gated_params(shape, moe.expert_intermediate_dim, moe.expert_bias or shape.mlp_bias)
-        return h + router + experts * expert
-    return h + _gated_params(shape, ffn.intermediate_size, shape.mlp_bias)
+        bias, gated = moe.expert_bias or shape.mlp_bias, moe.expert_activation != "relu2"
+        expert = _dense_params(shape, moe.expert_intermediate_dim, bias, gated)
+        shared = _dense_params(shape, moe.shared_expert_intermediate_dim, bias, gated) if moe.shared_expert_intermediate_dim else 0
+        return h + router + experts * expert + shared
+    return h + _dense_params(shape, ffn.intermediate_size, shape.mlp_bias, ffn.gated)
 
 
 
@@ -467,7 +587,27 @@ class Architecture:
             window = block.attention.window_length
             tokens = context_len if window is None else min(context_len, window)
             total += self.layer_kv_bytes_per_token(i, kv_dtype) * tokens
+            if block.attention.mamba is not None:  # a fixed-size state per sequence instead of keys and values
+                total += block.attention.mamba.state_bytes(kv_dtype_bytes(kv_dtype))
         return batch_size * total
+
+    # -- hybrid Mamba-Transformer layers (Nemotron-H) ---------------------------------------------------------
+    def hybrid_parts(self) -> list[str]:
+        """The layers of a hybrid parent that only conversion, loading and generation handle so far (empty for
+        attention-only models): Mamba mixers, FFNs without a gate, grouped sigmoid-routed experts."""
+        kinds = {"Mamba-2 mixers": [i for i, b in enumerate(self.blocks) if b.attention.mamba is not None],
+                 "FFNs without a gate": [i for i, b in enumerate(self.blocks) if b.ffn.is_dense and not b.ffn.gated],
+                 "grouped sigmoid-routed experts": [i for i, b in enumerate(self.blocks)
+                                                    if b.ffn.moe is not None and b.ffn.moe.routing == "sigmoid_group_topk"]}
+        return [f"{name} (layers {', '.join(map(str, layers))})" for name, layers in kinds.items() if layers]
+
+    def refuse_hybrid(self, where: str, stage: str) -> None:
+        """Stop `stage` before it builds variants, prunes or fuses layers of a hybrid it does not handle yet."""
+        parts = self.hybrid_parts()
+        if parts:
+            raise UnsupportedModelError(
+                f"{where}: {stage} does not handle hybrid Mamba-Transformer layers yet ({'; '.join(parts)}); such a "
+                "parent converts, loads and generates exactly (`puzzle convert`, `puzzle inspect`), nothing more so far")
 
     # -- serving ------------------------------------------------------------------------------------------
     def vllm_unsupported(self) -> list[str]:

@@ -51,7 +51,7 @@ TOKENIZER_FILES = (
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
 DECILM_MODEL_TYPE = "nemotron-nas"
-PARENT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt_oss")
+PARENT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt_oss", "nemotron_h")
 # Parent tensor names that differ from DeciLM's (regex -> replacement, applied to every name). DeciLM's MoE layer
 # uses the Qwen3-MoE names (`mlp.gate`, `mlp.experts.{e}.{gate,up,down}_proj`), which most HF MoE families share.
 WEIGHT_RENAMES = {
@@ -91,14 +91,26 @@ def _hf_config_object(path: Path, config: dict):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.for_model(**config)
+        return AutoConfig.for_model(**_decode_special_floats(config))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{path / 'config.json'}: transformers cannot read it ({err})") from None
 
 
+def _decode_special_floats(value: Any) -> Any:
+    """JSON values with transformers' tags for floats JSON cannot hold ({"__float__": "Infinity"}, written by
+    transformers >= 5.2x, e.g. Nemotron-H's time_step_limit) as floats, as its own config loading reads them."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and isinstance(value["__float__"], str):
+            return float(value["__float__"])  # "Infinity", "-Infinity", "NaN"
+        return {k: _decode_special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_special_floats(v) for v in value]
+    return value
+
+
 def decilm_config_from_parent(path: Path, config: dict) -> dict[str, Any]:
-    """A DeciLM config.json dict equal to a Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral / gpt-oss
-    parent, layer for layer."""
+    """A DeciLM config.json dict equal to a Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral / gpt-oss /
+    Nemotron-H parent, layer for layer."""
     family = config.get("model_type")
     if family not in PARENT_FAMILIES:
         raise UnsupportedModelError(
@@ -113,6 +125,8 @@ def decilm_config_from_parent(path: Path, config: dict) -> dict[str, Any]:
             "transformers (for MXFP4: quantization_config=Mxfp4Config(dequantize=True)) and save_pretrained it"
         )
     hf = _hf_config_object(path, config)
+    if family == "nemotron_h":
+        return _nemotron_h_config(path, hf)
     layers, heads = hf.num_hidden_layers, hf.num_attention_heads
     kv_heads = getattr(hf, "num_key_value_heads", None) or heads
     if family in ("mistral", "mixtral", "qwen3_moe"):  # one window for every layer (None: full attention)
@@ -165,6 +179,94 @@ def decilm_config_from_parent(path: Path, config: dict) -> dict[str, Any]:
         ],
         "puzzle_parent_family": family,
     }
+
+
+# Nemotron-H's layer types (its `hybrid_override_pattern`): Mamba-2, attention, relu2 MLP, mixture of experts.
+NEMOTRON_H_LAYERS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+
+
+def _nemotron_h_config(path: Path, hf) -> dict[str, Any]:
+    """A Nemotron-H parent as DeciLM blocks: each layer's one mixer in the attention slot (Mamba, attention) or the
+    FFN slot (MLP, experts), the other slot no-op (transformers' NemotronHBlock: pre-norm, mixer, residual)."""
+    where = path / "config.json" if path is not None else "config.json"
+    pattern = hf.hybrid_override_pattern
+    if getattr(hf, "num_nextn_predict_layers", 0):
+        raise UnsupportedModelError(f"{where}: multi-token-prediction layers (num_nextn_predict_layers) are not "
+                                    "supported; save the model without them (num_nextn_predict_layers: 0)")
+    if "E" in pattern and getattr(hf, "moe_latent_size", None) is not None:
+        raise UnsupportedModelError(f"{where}: latent expert projections (moe_latent_size) are not supported")
+    if hf.mlp_hidden_act != "relu2":
+        raise UnsupportedModelError(f"{where}: mlp_hidden_act {hf.mlp_hidden_act!r} is not supported (only relu2)")
+    heads, kv_heads = hf.num_attention_heads, hf.num_key_value_heads or hf.num_attention_heads
+    no_op = {"no_op": True, "replace_with_linear": False}
+    mamba = {"num_heads": hf.mamba_num_heads, "head_dim": hf.mamba_head_dim, "state_dim": hf.ssm_state_size,
+             "num_groups": hf.n_groups, "conv_kernel": hf.conv_kernel}
+    width = hf.intermediate_size
+    widths = width if isinstance(width, list) else [width] * pattern.count("-")
+    blocks, mlp = [], 0
+    for kind in pattern:
+        if kind == "M":
+            blocks.append({"attention": {"no_op": False, "replace_with_linear": False, "mamba": dict(mamba)}, "ffn": no_op})
+        elif kind == "*":
+            blocks.append({"attention": {"no_op": False, "replace_with_linear": False,
+                                         "n_heads_in_group": heads // kv_heads, "window_length": None}, "ffn": no_op})
+        elif kind == "-":
+            blocks.append({"attention": no_op, "ffn": {"no_op": False, "replace_with_linear": False,
+                                                       "intermediate_size": widths[mlp], "gated": False}})
+            mlp += 1
+        else:
+            moe = {"num_local_experts": hf.n_routed_experts, "num_experts_per_tok": hf.num_experts_per_tok,
+                   "expert_intermediate_dim": hf.moe_intermediate_size, "norm_topk_prob": bool(hf.norm_topk_prob),
+                   "routing": "sigmoid_group_topk", "expert_activation": "relu2", "n_group": hf.n_group,
+                   "topk_group": hf.topk_group, "routed_scaling_factor": float(hf.routed_scaling_factor),
+                   "shared_expert_intermediate_dim": hf.moe_shared_expert_intermediate_size * hf.n_shared_experts}
+            blocks.append({"attention": no_op, "ffn": {"no_op": False, "replace_with_linear": False,
+                                                       "intermediate_size": None, "moe": moe}})
+    return {
+        "architectures": ["DeciLMForCausalLM"],
+        "model_type": DECILM_MODEL_TYPE,
+        "auto_map": dict(AUTO_MAP),
+        "vocab_size": hf.vocab_size,
+        "hidden_size": hf.hidden_size,
+        "num_hidden_layers": len(pattern),
+        "num_attention_heads": heads,
+        "num_key_value_heads": None,
+        "intermediate_size": None,
+        "head_dim": hf.head_dim,
+        "hidden_act": hf.mlp_hidden_act,
+        "max_position_embeddings": hf.max_position_embeddings,
+        "initializer_range": hf.initializer_range,
+        "rms_norm_eps": hf.layer_norm_epsilon,
+        "tie_word_embeddings": bool(hf.tie_word_embeddings),
+        "position_embedding_type": "none",  # Nemotron-H's attention has no RoPE: the Mamba layers carry order
+        "attention_bias": False,  # NemotronHAttention's projections have no bias, whatever attention_bias says
+        "mlp_bias": bool(hf.mlp_bias),
+        "mamba_hidden_act": hf.mamba_hidden_act,
+        "mamba_conv_bias": bool(hf.use_conv_bias),
+        "mamba_proj_bias": bool(hf.use_bias),
+        "mamba_chunk_size": hf.chunk_size,
+        "mamba_dt_min": float(hf.time_step_min),  # transformers clamps dt at time_step_min in the chunked scan
+        "bos_token_id": hf.bos_token_id,
+        "eos_token_id": hf.eos_token_id,
+        "pad_token_id": hf.pad_token_id,
+        "dtype": _dtype_name(getattr(hf, "dtype", None)),
+        "block_configs": blocks,
+        "puzzle_parent_family": "nemotron_h",
+    }
+
+
+def _nemotron_h_renames(path: Path, config: dict) -> dict[str, str]:
+    """Nemotron-H tensor names -> DeciLM's, layer by layer (a layer's `norm` is the norm of its one mixer)."""
+    renames = {r"^backbone\.embeddings\.": "model.embed_tokens.", r"^backbone\.norm_f\.": "model.norm."}
+    pattern = _hf_config_object(path, config).hybrid_override_pattern
+    for i, kind in enumerate(pattern):
+        at, to = rf"^backbone\.layers\.{i}\.", f"model.layers.{i}."
+        norm = "input_layernorm." if kind in "M*" else "post_attention_layernorm."
+        renames[at + r"norm\."] = to + norm
+        if kind == "E":
+            renames[at + r"mixer\.shared_experts\."] = to + "mlp.shared_expert."
+        renames[at + r"mixer\."] = to + {"M": "self_attn.mamba_mixer.", "*": "self_attn.", "-": "mlp.", "E": "mlp."}[kind]
+    return renames
 
 
 def _parent_ffn(family: str, hf, layer: int) -> dict[str, Any]:
@@ -245,7 +347,10 @@ def decilm_config(config: dict[str, Any] | DeciLMConfig,
 
 def weight_renames(path: Path) -> dict[str, str]:
     """Regex renames from the folder's tensor names to DeciLM's (empty for DeciLM checkpoints and most parents)."""
-    return WEIGHT_RENAMES.get(read_config(path).get("model_type"), {})
+    config = read_config(path)
+    if config.get("model_type") == "nemotron_h":
+        return _nemotron_h_renames(Path(path), config)
+    return WEIGHT_RENAMES.get(config.get("model_type"), {})
 
 
 def renamed(name: str, renames: dict[str, str]) -> str:

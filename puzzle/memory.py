@@ -61,3 +61,33 @@ def return_freed_memory() -> None:
             _LIBC = False
     if _LIBC and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+
+
+def load_within_budget(path, memory_gb: float | None, setting: str, *, what: str, dtype: torch.dtype | None,
+                       device: torch.device | str):
+    """The model of folder `path` (gradients off) with its weights in `parent_budget(memory_gb, device)`: whole
+    when it fits, else its first layers held and the others read from its files per forward; the log says its
+    size, the budget and the `setting` that sets it. `dtype=None` keeps the stored dtype."""
+    from puzzle.checkpoint import load_architecture, load_model, read_config
+    from puzzle.progress import log
+
+    stored = read_config(path).get("dtype") or read_config(path).get("torch_dtype") or "float32"
+    dtype_used = dtype or getattr(torch, str(stored).removeprefix("torch."), torch.float32)
+    need = load_architecture(path).total_params() * dtype_used.itemsize
+    budget = parent_budget(memory_gb, device)
+    model = load_model(path, dtype=dtype, device=device, max_bytes=budget).requires_grad_(False)
+    offloaded = getattr(model, "offloaded_layers", 0)  # a gpt-oss folder is converted, so held, whole
+    kept = model.config.num_hidden_layers - offloaded
+    held = f"layers 0-{kept - 1} held" if kept else "no layer held"
+    log(f"{what}: {need / 2**30:.2f} GiB ({str(dtype_used).removeprefix('torch.')}) on {device}, budget "
+        f"{budget / 2**30:.2f} GiB" + (f": {held}, the other {offloaded} read from {path} per forward ({setting})"
+                                        if offloaded else ""))
+    return model
+
+
+def shard_bytes_within(memory_gb: float | None, device: torch.device | str) -> int:
+    """Shard size of a checkpoint a stage writes and then reads back within `parent_budget(memory_gb, device)`:
+    loading a layer maps its whole shard, so no shard is larger than the budget (nor than transformers' 5 GB)."""
+    from puzzle.weights import SHARD_BYTES
+
+    return min(SHARD_BYTES, parent_budget(memory_gb, device))

@@ -31,7 +31,6 @@ from puzzle.checkpoint import (
     decilm_config,
     describe_change,
     load_architecture,
-    load_model,
     normalized_config,
 )
 from puzzle.config import deep_merge, from_mapping, read_yaml, to_mapping, write_yaml
@@ -53,7 +52,7 @@ from puzzle.errors import ConfigError, InfeasibleError, InputError, StageError
 from puzzle.files import make_dirs, read_json, write_json_atomic, write_text_atomic
 from puzzle.fusion import FusionConfig
 from puzzle.jobs import Shard, SlurmConfig, device_for, set_threads_from_env, shard_from_env
-from puzzle.memory import parent_budget
+from puzzle.memory import load_within_budget
 from puzzle.mip.stage import ChildPlan, SolveConfig
 from puzzle.profiling import (
     ProfileConfig,
@@ -162,15 +161,8 @@ class Search:
 
     def parent_model(self):
         if self._model is None:
-            need = load_architecture(self.paths.parent).total_params() * self.dtype.itemsize
-            budget = parent_budget(self.cfg.parent_memory_gb, self.device)
-            self._model = load_model(self.paths.parent, dtype=self.dtype, device=self.device, max_bytes=budget)
-            kept = self._model.config.num_hidden_layers - self._model.offloaded_layers
-            log(f"parent: {need / 2**30:.2f} GiB ({str(self.dtype).removeprefix('torch.')}) on {self.device}, budget "
-                f"{budget / 2**30:.2f} GiB" + (f": layers 0-{kept - 1} held, the other {self._model.offloaded_layers} "
-                                                f"read from {self.paths.parent} per forward (parent_memory_gb)"
-                                                if self._model.offloaded_layers else ""))
-            self._model.requires_grad_(False)
+            self._model = load_within_budget(self.paths.parent, self.cfg.parent_memory_gb, "parent_memory_gb",
+                                             what="parent", dtype=self.dtype, device=self.device)
         return self._model
 
     def data(self):
@@ -241,6 +233,7 @@ class Search:
                 f"{self.paths.parent} and {self.paths.library} to redo this run)")
 
     def library(self) -> Manifest:
+        load_architecture(self.paths.parent).refuse_hybrid(str(self.paths.parent), "puzzle search")
         windows, seq_len, context = self.cfg.space.attention.windows, self.data().config.seq_len, self.cfg.profile.context_len
         if windows and seq_len < context:
             log(f"[yellow]note[/]: window attention is trained and scored on {seq_len}-token sequences but profiled at "

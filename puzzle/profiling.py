@@ -59,6 +59,7 @@ from puzzle.modeling.configuration_decilm import DeciLMConfig
 from puzzle.modeling.modeling_decilm import (
     DeciLMDecoderLayer,
     DeciLMForCausalLM,
+    DeciLMMambaLayer,
     DeciLMRMSNorm,
     DeciLMRotaryEmbedding,
     MaskProvider,
@@ -196,6 +197,13 @@ class TimingCache:
     def __init__(self, lengths: dict[int, int], past_len: int):
         self.lengths, self.past_len = lengths, past_len
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layers: dict[int, DeciLMMambaLayer] = {}  # Mamba layers' conv and scan states, updated in place
+
+    def allocate_mamba(self, layer_idx: int, batch: int, mamba, device, dtype) -> None:
+        state = DeciLMMambaLayer()
+        state.conv = torch.randn(batch, mamba.conv_dim, mamba.conv_kernel - 1, device=device, dtype=dtype)
+        state.ssm = torch.randn(batch, mamba.num_heads, mamba.head_dim, mamba.state_dim, device=device, dtype=torch.float32)
+        self.layers[layer_idx] = state
 
     def allocate(self, layer_idx: int, batch: int, kv_heads: int, head_dim: int, device, dtype) -> None:
         shape = (batch, kv_heads, self.lengths[layer_idx], head_dim)
@@ -291,6 +299,9 @@ def _allocate(cache: TimingCache, config: DeciLMConfig, blocks: list[BlockConfig
     for i in cache.lengths:
         kv = config.num_attention_heads // blocks[i].attention.n_heads_in_group
         cache.allocate(i, batch, kv, config.head_dim, device, dtype)
+    for i, block in enumerate(blocks):
+        if block.attention.mamba is not None:
+            cache.allocate_mamba(i, batch, block.attention.mamba, device, dtype)
 
 
 def timing_method(cfg: ProfileConfig, device: torch.device) -> str:

@@ -131,7 +131,8 @@ def fuse_stage(search: Search) -> None:
     """FFN Fusion of every solved child that has attention-free runs (config section `fuse`)."""
 
     if search.cfg.fuse is not None:
-        cfg = replace(search.cfg.fuse, data=search.cfg.data, device=search.cfg.device)
+        cfg = replace(search.cfg.fuse, data=search.cfg.data, device=search.cfg.device,
+                      parent_memory_gb=search.cfg.fuse.parent_memory_gb or search.cfg.parent_memory_gb)
         for plan in plans_of(search):
             child = search.paths.children / plan.name
             try:
@@ -146,7 +147,8 @@ def prune_stage(search: Search) -> None:
     """Minitron pruning of every solved child (config section `prune`), before distillation."""
 
     if search.cfg.prune is not None:
-        cfg = replace(search.cfg.prune, data=search.cfg.data, device=search.cfg.device, distill=None)
+        cfg = replace(search.cfg.prune, data=search.cfg.data, device=search.cfg.device, distill=None,
+                      parent_memory_gb=search.cfg.prune.parent_memory_gb or search.cfg.parent_memory_gb)
         for plan in plans_of(search):
             prune(search.paths.children / plan.name, search.paths.children / f"{plan.name}-pruned", cfg,
                   overwrite=True, info={"stage": "prune", "child": plan.name})

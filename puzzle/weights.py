@@ -8,9 +8,10 @@ tensors as they come, holding at most one shard in memory, into the layout trans
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -105,3 +106,45 @@ class ShardedWriter:
                      "weight_map": {t: names[k] for k, shard in enumerate(self._shards) for t in shard}}
             (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return names
+
+
+def write_tensors(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int = SHARD_BYTES
+                  ) -> tuple[torch.dtype | None, int]:
+    """Write (name, tensor) pairs as they come into `folder`'s shards; returns (the first floating tensor's dtype,
+    the number of elements written), what the config and the parameter check need."""
+    writer, dtype, numel = ShardedWriter(folder, max_shard_bytes), None, 0
+    for name, tensor in tensors:
+        writer.add(name, tensor)
+        numel += tensor.numel()
+        if dtype is None and tensor.is_floating_point():
+            dtype = tensor.dtype
+    writer.close()
+    return dtype, numel
+
+
+def write_model_config(folder: Path, config, architecture: str, dtype: torch.dtype | None,
+                       generation_from: Path | None = None) -> None:
+    """config.json and generation_config.json as `save_pretrained` writes them for a model of `config` in `dtype`:
+    the generation config is `generation_from`'s when that folder has one (as a model loaded from it carries), else
+    the one transformers derives from the config."""
+    from transformers import GenerationConfig
+
+    config = copy.deepcopy(config)
+    config.dtype = str(dtype or torch.float32).removeprefix("torch.")
+    config.architectures = [architecture]
+    config.save_pretrained(folder)
+    generation = None
+    if generation_from is not None and (Path(generation_from) / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(generation_from)
+    (generation or GenerationConfig.from_model_config(config)).save_pretrained(folder)
+
+
+def checkpoint_tensors(path: Path) -> Mapping[str, torch.Tensor]:
+    """A model folder's tensors by their DeciLM names for a stage that writes a new checkpoint from them: read one
+    at a time (`LazyWeights`), except a gpt-oss folder's, whose fused expert tensors are split in memory with the
+    model held whole (`puzzle convert` it first to stream it)."""
+    if read_config(Path(path)).get("model_type") in SPLIT_FAMILIES:
+        from puzzle.checkpoint import load_model
+
+        return load_model(path, dtype=None).state_dict()
+    return LazyWeights(path)

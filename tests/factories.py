@@ -15,6 +15,8 @@ from transformers import (
     MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    NemotronHConfig,
+    NemotronHForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -56,6 +58,14 @@ FAMILIES = {
                                                                          "factor": 4.0, "beta_fast": 32.0,
                                                                          "beta_slow": 1.0, "truncate": False,
                                                                          "original_max_position_embeddings": 64})),
+    # Hybrid Mamba-2 / MoE / attention (no RoPE) / relu2 MLP layers; Mamba chunks of 8 (shorter than the test
+    # sequences, so the scan carries state across chunks); 4 experts in 2 groups, top-2 from the best group, and a
+    # shared expert.
+    "nemotron_h": lambda: (NemotronHForCausalLM, NemotronHConfig(
+        vocab_size=VOCAB, hidden_size=64, hybrid_override_pattern="ME*-M*E", num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=96, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2,
+        conv_kernel=4, chunk_size=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        moe_shared_expert_intermediate_size=48, n_group=2, topk_group=1, max_position_embeddings=256)),
 }
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
 
@@ -71,8 +81,11 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(("bias", "sinks")):
+            if "norm" in name or name.endswith(("bias", "sinks", "A_log", ".D")):  # A_log / D: Mamba's per-head decay, skip
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # Nemotron-H's router: changes which experts win
+                b.add_(0.1 * torch.randn(b.shape, generator=gen))
     return model
 
 
@@ -93,13 +106,21 @@ ATTENTION_VARIANTS = {
     "window": {"n_heads_in_group": 2, "window_length": 4},
     "linear": {"replace_with_linear": True},
     "no_op": {"no_op": True},
+    # Nemotron-H's Mamba-2 mixer: 8 heads of 16 channels, state 8, B/C in 2 groups.
+    "mamba": {"mamba": {"num_heads": 8, "head_dim": 16, "state_dim": 8, "num_groups": 2, "conv_kernel": 4}},
 }
 MOE = {"num_local_experts": 4, "num_experts_per_tok": 2, "expert_intermediate_dim": 24, "norm_topk_prob": True}
 # gpt-oss experts: top-k then softmax, biased router and experts, clamped SwiGLU (a limit the random weights reach).
 GPT_OSS_MOE = {**MOE, "routing": "topk_softmax", "router_bias": True, "expert_bias": True,
                "expert_activation": "clamped_swiglu", "swiglu_alpha": 1.702, "swiglu_limit": 0.2}
+# Nemotron-H experts: grouped sigmoid routing (2 groups, the best one used), relu2 experts without a gate, a
+# shared expert, scaled routing weights.
+NEMOTRON_H_MOE = {**MOE, "routing": "sigmoid_group_topk", "expert_activation": "relu2", "n_group": 2, "topk_group": 1,
+                  "routed_scaling_factor": 2.5, "shared_expert_intermediate_dim": 32}
 FFN_VARIANTS = {
     "full": {"intermediate_size": 96},
+    "ungated": {"intermediate_size": 64, "gated": False},
+    "nemotron_h_moe": {"moe": NEMOTRON_H_MOE},
     "narrow": {"intermediate_size": 40},
     "moe": {"moe": MOE},
     "gpt_oss_moe": {"moe": GPT_OSS_MOE},

@@ -40,8 +40,16 @@ def test_nvidia_llama_nemotron_block_configs_are_read_and_normalised():
     ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "num_experts_per_tok": 5}}}, "exceeds num_local_experts"),
     ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {k: v for k, v in MOE.items() if k != "norm_topk_prob"}}},
      "missing field 'norm_topk_prob'"),
-    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "shared_expert_intermediate_dim": 64}}},
-     "shared_expert_intermediate_dim"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "shared_expert_intermediate_dim": -1}}},
+     "shared_expert_intermediate_dim must be a non-negative integer"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "routing": "sigmoid_group_topk", "n_group": 3}}},
+     "n_group=3 must divide num_local_experts=4"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "n_group": 2}}}, "apply only to routing"),
+    ({"attention": {"mamba": {"num_heads": 8, "head_dim": 16, "state_dim": 8, "num_groups": 3}}, "ffn": {"no_op": True}},
+     "num_groups=3 does not divide num_heads=8"),
+    ({"attention": {"mamba": {"num_heads": 8, "head_dim": 16, "num_groups": 2}}, "ffn": {"no_op": True}},
+     "attention.mamba: missing field 'state_dim'"),
+    ({"attention": {"n_heads_in_group": 2}, "ffn": {"intermediate_size": 8, "gated": "no"}}, "gated must be true or false"),
     ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "router_z_loss": 1}}}, "unknown field 'router_z_loss'"),
     ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**MOE, "routing": "sigmoid"}}}, "routing 'sigmoid' is not known"),
     ({"attention": {"n_heads_in_group": 2}, "ffn": {"moe": {**GPT_OSS_MOE, "norm_topk_prob": False}}},
@@ -85,8 +93,11 @@ def test_kv_bytes_per_token_equals_the_cache_growth(attention):
 
     def cache_bytes(n_tokens):
         cache = model(torch.randint(0, 128, (3, n_tokens)), use_cache=True).past_key_values
-        return sum(layer.keys.numel() * layer.keys.element_size() * 2
-                   for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel())
+        kv = sum(layer.keys.numel() * layer.keys.element_size() * 2
+                 for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel())
+        # A Mamba layer's conv window and scan state: a fixed size per sequence, counted by kv_cache_bytes.
+        states = [t for layer in cache.layers for t in (getattr(layer, "conv", None), getattr(layer, "ssm", None))]
+        return kv + sum(t.numel() * t.element_size() for t in states if t is not None)
 
     per_token = (cache_bytes(3) - cache_bytes(2)) / 3  # batch of 3; both lengths inside the window
     assert per_token == arch.kv_bytes_per_token("fp32")
@@ -145,7 +156,7 @@ def test_moe_blocks_round_trip_and_dense_blocks_keep_nvidias_three_ffn_fields():
     config = decilm_dict([("full", "moe"), ("gqa2", "narrow")])
     arch = Architecture.from_config(config)
     moe = arch.blocks[0].ffn
-    assert moe.kind == "moe" and not moe.is_gated and moe.label() == "moe_k4_top2"
+    assert moe.kind == "moe" and not moe.is_dense and moe.label() == "moe_k4_top2"
     assert moe.moe == MoEConfig(**MOE) and moe.to_dict() == {"no_op": False, "replace_with_linear": False,
                                                              "intermediate_size": None, "moe": MOE}
     assert list(arch.blocks[1].ffn.to_dict()) == ["no_op", "replace_with_linear", "intermediate_size"]

@@ -109,10 +109,12 @@ def test_a_parent_over_its_gpu_budget_reads_its_other_layers_per_forward(tmp_pat
 
     from puzzle.pipeline import run_search
     from puzzle.scoring import Scores
+    from puzzle.weights import LazyWeights
 
     parent, corpus = tiny_run_inputs(tmp_path / "inputs")
+    budget_gb = LazyWeights(parent).nbytes() / 4 / 2**30  # stored in fp32, held in bf16: half of it
     scores = {}
-    for name, extra in (("whole", {}), ("offloaded", {"parent_memory_gb": 0.0005})):
+    for name, extra in (("whole", {}), ("offloaded", {"parent_memory_gb": budget_gb})):
         config = write_config(tmp_path / f"{name}.yaml", {**tiny_search_config(corpus), "device": "cuda", **extra})
         for stage in ("library", "bld", "score"):
             search = run_search(tmp_path / name, parent=parent, config=config, stage=stage)

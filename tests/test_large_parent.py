@@ -289,3 +289,189 @@ def test_a_killed_boundary_worker_resumes_from_its_deepest_complete_boundary(tmp
     restarted.advance(4)  # from layer 2's boundary: layers 2 and 3 only
     assert reads == {0: 0, 1: 0, 2: 1, 3: 1, 4: 0}
     assert not (tmp_path / "b" / "L0002").exists() and (tmp_path / "b" / "L0004" / "complete.json").exists()
+
+
+def _written(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _same_files(a: Path, b: Path) -> None:
+    """Same tensors bitwise, same config / generation config, same puzzle.json but for its time stamp."""
+    ta, tb = _written(a), _written(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) and ta[k].dtype == tb[k].dtype for k in ta)
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+    info_a, info_b = (json.loads((f / "puzzle.json").read_text()) for f in (a, b))
+    assert {**info_a, "created": None} == {**info_b, "created": None}
+    assert sorted(p.name for p in a.iterdir() if p.suffix != ".safetensors") == \
+        sorted(p.name for p in b.iterdir() if p.suffix != ".safetensors" and p.name != "model.safetensors.index.json")
+
+
+FUSED_GROUPS = ((2, 3, 4), (6, 7))  # layers 3-4 and 7 have no attention (_no_attention)
+
+
+def _no_attention(config: dict) -> dict:
+    for i in (3, 4, 7):
+        config["block_configs"][i]["attention"] = {"no_op": True}
+    return config
+
+
+def test_streamed_fusion_writes_what_the_in_memory_fusion_wrote(tmp_path):
+    """write_fused (tensor by tensor from the files) against fuse_layers_ on the model held whole + save_model."""
+    from puzzle.checkpoint import build_model, save_model
+    from puzzle.files import atomic_output_dir
+    from puzzle.fusion.stage import write_fused
+    from puzzle.fusion.weights import fuse_layers_
+
+    config = _no_attention(decilm_dict([("gqa2", "full")] * 9, hidden_size=64, head_dim=16, mlp_bias=True))
+    torch.manual_seed(0)
+    save_model(build_model(decilm_config(config), torch.bfloat16), tmp_path / "parent")
+    info = {"stage": "fuse-ffn", "parent": "p", "fusion": {"groups": [list(g) for g in FUSED_GROUPS]}}
+    old = fuse_layers_(load_model(tmp_path / "parent", dtype=None), FUSED_GROUPS)
+    save_model(old, tmp_path / "old", source=tmp_path / "parent", info=info)
+    with atomic_output_dir(tmp_path / "new") as tmp:
+        write_fused(tmp_path / "parent", tmp, FUSED_GROUPS, info, max_shard_bytes=2**14)
+    assert len(list((tmp_path / "new").glob("model-*-of-*.safetensors"))) > 1
+    _same_files(tmp_path / "old", tmp_path / "new")
+
+
+def test_streamed_pruning_writes_what_the_in_memory_child_held(tmp_path, monkeypatch):
+    """`prune` (the child sliced from the parent's files as they are read) against apply_plan on the parent held
+    whole, with the same plan, in both output formats."""
+    from pipeline_fixtures import tiny_run_inputs
+
+    from puzzle.checkpoint import save_model
+    from puzzle.corpus import DataConfig
+    from puzzle.prune import PruneConfig, prune
+    from puzzle.prune import stage as prune_stage
+    from puzzle.prune.slicing import apply_plan
+
+    monkeypatch.setenv("PUZZLE_CACHE_DIR", str(tmp_path / "cache"))
+    parent, corpus = tiny_run_inputs(tmp_path / "inputs", layers=5)
+    plans = []
+    make_plan = prune_stage.make_plan
+    monkeypatch.setattr(prune_stage, "make_plan", lambda *a: plans.append(make_plan(*a)) or plans[-1])
+    data = DataConfig(paths=(str(corpus),), seq_len=64, held_out_fraction=0.2)
+    for fmt in ("decilm", "plain"):
+        cfg = PruneConfig(hidden_size=48, ffn_size=96, drop_layers=1, data=data, calibration_tokens=256,
+                          eval_tokens=128, batch_size=2, output_format=fmt, parent_memory_gb=0.0002)
+        result = prune(parent, tmp_path / fmt, cfg)
+        assert result.quality is not None and result.after.layers == 4
+        expected = apply_plan(load_model(parent, dtype=None), plans[-1])
+        written = _written(tmp_path / fmt)
+        state = {k: v for k, v in expected.state_dict().items() if k in written or k != "lm_head.weight"}
+        assert written.keys() == state.keys() and all(torch.equal(written[k], state[k]) for k in state), fmt
+        if fmt == "decilm":  # against save_model's files
+            info = json.loads((tmp_path / fmt / "puzzle.json").read_text())
+            save_model(expected, tmp_path / "old", source=parent, info={k: v for k, v in info.items() if k not in (
+                "puzzle_version", "created", "architecture", "total_params", "vllm_native", "vllm_serving")})
+            _same_files(tmp_path / "old", tmp_path / fmt)
+        assert load_model(tmp_path / fmt).config.num_hidden_layers == 4
+
+
+FUSE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from puzzle.corpus import DataConfig
+    from puzzle.fusion import FusionConfig, fuse_ffn
+
+    def peak_kib():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+
+    parent, out, corpus = map(Path, sys.argv[1:4])
+    data = DataConfig(paths=(str(corpus),), seq_len=64, held_out_fraction=0.2)
+    before = peak_kib()
+    report = fuse_ffn(parent, out, FusionConfig(threshold=10.0, keep_last=False, data=data, calibration_tokens=128,
+                                                eval_tokens=128, batch_size=2, parent_memory_gb=0.1))
+    print(json.dumps({"after_imports_kib": before, "peak_kib": peak_kib(), "groups": report.fused_groups,
+                      "kl": report.quality.kl}))
+""")
+
+PRUNE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from puzzle.corpus import DataConfig
+    from puzzle.prune import PruneConfig, prune
+
+    def peak_kib():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+
+    parent, out, corpus = map(Path, sys.argv[1:4])
+    data = DataConfig(paths=(str(corpus),), seq_len=64, held_out_fraction=0.2)
+    before = peak_kib()
+    result = prune(parent, out, PruneConfig(hidden_size=768, ffn_size=2048, drop_layers=2, data=data,
+                                            calibration_tokens=128, eval_tokens=128, batch_size=2, parent_memory_gb=0.1))
+    print(json.dumps({"after_imports_kib": before, "peak_kib": peak_kib(), "kept": result.kept_layers,
+                      "kl": result.quality.kl}))
+""")
+
+
+def _peak(script: str, *args: Path) -> dict:
+    run = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_fusing_a_2gb_model_holds_its_fused_group_not_the_model(tmp_path):
+    """fuse-ffn with calibration and the quality check, the model over its memory budget: the dependency and the
+    check run it from its files, the fused model is written tensor by tensor and read back the same way. Fusion
+    holds one group's FFNs and their fused copy at once (and checks them on a probe), so what it holds beyond the
+    imports grows with the largest fused group (here 3 x 50 MB), not with the model (2.3 GB)."""
+    from factories import tiny_corpus, tiny_tokenizer
+
+    corpus = tiny_corpus(tmp_path / "corpus")
+    _write_parent(tmp_path / "parent")
+    config = json.loads((tmp_path / "parent" / "config.json").read_text())
+    for i in (11, 12):  # one run of three FFNs: fusion holds its FFNs and the fused one (2 x 50 MB x 3)
+        config["block_configs"][i]["attention"] = {"no_op": True}
+    (tmp_path / "parent" / "config.json").write_text(json.dumps(config))
+    _drop_attention(tmp_path / "parent", (11, 12))
+    tiny_tokenizer(corpus).save_pretrained(tmp_path / "parent")
+    parent_bytes = LazyWeights(tmp_path / "parent").nbytes()
+    rss = _peak(FUSE, tmp_path / "parent", tmp_path / "fused", corpus)
+    print(f"fuse-ffn of a {parent_bytes / 1e9:.2f} GB model: peak RSS {rss['peak_kib'] / 2**20:.2f} GiB "
+          f"({rss['after_imports_kib'] / 2**20:.2f} GiB after imports)")
+    group_bytes = 3 * 3 * 1024 * 4096 * 4  # three FFNs of gate / up / down, fp32
+    assert (rss["peak_kib"] - rss["after_imports_kib"]) * 1024 < 4 * group_bytes
+    assert rss["peak_kib"] * 1024 < 0.4 * parent_bytes
+    assert [tuple(g) for g in rss["groups"]] == [(10, 11, 12)]
+    fused = load_architecture(tmp_path / "fused")
+    assert fused.blocks[10].ffn.intermediate_size == 3 * 4096 and all(fused.blocks[i].ffn.no_op for i in (11, 12))
+    written = LazyWeights(tmp_path / "fused")
+    assert written["model.layers.10.mlp.down_proj.weight"].shape == (1024, 3 * 4096)
+    assert torch.equal(written["model.layers.33.mlp.up_proj.weight"], LazyWeights(tmp_path / "parent")["model.layers.33.mlp.up_proj.weight"])
+
+
+def test_pruning_a_2gb_parent_holds_a_third_of_it(tmp_path):
+    """prune (hidden size, FFN width, depth) with importance and the quality check, the parent over its memory
+    budget: importance runs it from its files, the child is sliced tensor by tensor from them."""
+    from factories import tiny_corpus, tiny_tokenizer
+
+    corpus = tiny_corpus(tmp_path / "corpus")
+    _write_parent(tmp_path / "parent")
+    tiny_tokenizer(corpus).save_pretrained(tmp_path / "parent")
+    parent_bytes = LazyWeights(tmp_path / "parent").nbytes()
+    rss = _peak(PRUNE, tmp_path / "parent", tmp_path / "pruned", corpus)
+    print(f"prune of a {parent_bytes / 1e9:.2f} GB parent: peak RSS {rss['peak_kib'] / 2**20:.2f} GiB "
+          f"({rss['after_imports_kib'] / 2**20:.2f} GiB after imports)")
+    assert rss["peak_kib"] * 1024 < 0.35 * parent_bytes
+    child = load_architecture(tmp_path / "pruned")
+    assert child.num_layers == LAYERS - 2 and child.shape.hidden_size == 768
+    assert {b.ffn.intermediate_size for b in child.blocks} == {2048}
+    assert len(list((tmp_path / "pruned").glob("model-*-of-*.safetensors"))) > 1  # shards within the budget
+
+
+def _drop_attention(folder: Path, layers) -> None:
+    """Rewrite a written model folder without the attention tensors of `layers` (their attention is no-op)."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    prefixes = tuple(f"model.layers.{i}.{k}" for i in layers for k in ("self_attn.", "input_layernorm."))
+    for file in sorted(set(index["weight_map"].values())):
+        tensors = load_file(folder / file)
+        if any(k.startswith(prefixes) for k in tensors):
+            save_file({k: v for k, v in tensors.items() if not k.startswith(prefixes)}, folder / file, metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith(prefixes)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))

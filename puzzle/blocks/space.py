@@ -155,13 +155,13 @@ def ffn_variants(parent: FFNConfig, space: FFNSpace, moe: MoESpace = MoESpace())
             for per_token in (top_k, *sorted({k for k in moe.experts_per_token if k < top_k}, reverse=True)):
                 if (kept, per_token) != (experts, top_k):
                     variants.append(FFNConfig(moe=replace(parent.moe, num_local_experts=kept, num_experts_per_tok=per_token)))
-    if parent.is_gated:
+    if parent.is_dense:
         for fraction in space.fractions:
             width = max(space.multiple, round(parent.intermediate_size * fraction / space.multiple) * space.multiple)
             if fraction == 1.0 or width >= parent.intermediate_size:
                 continue  # the parent's own width is the parent variant
             variants.append(FFNConfig(intermediate_size=width))
-    if (parent.is_gated or parent.moe is not None) and space.linear:
+    if (parent.is_dense or parent.moe is not None) and space.linear:
         variants.append(FFNConfig(replace_with_linear=True))
     if space.no_op:
         variants.append(FFNConfig(no_op=True))

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from puzzle.cli.options import Device, Exclude, ModelDir, Overwrite, TrustRemoteCode
+from puzzle.cli.options import Device, Exclude, ModelDir, Overwrite, ParentMemory, TrustRemoteCode
 from puzzle.cli.output import console, done, human_count
 
 DEFAULT_THRESHOLD = 0.05  # FusionConfig.threshold; repeated here so --help can show it without importing torch
@@ -30,6 +30,7 @@ def fuse_ffn_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="Print runs, dependency scores, what would be fused and the predicted speed-up; write nothing.")] = False,
     overwrite: Overwrite = False,
     device: Device = None,
+    parent_memory_gb: ParentMemory = None,
     exclude: Exclude = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
@@ -54,7 +55,7 @@ def fuse_ffn_command(
         max_run=max_run, keep_last=keep_last,
         data=DataConfig(paths=tuple(str(p) for p in data), exclude=tuple(exclude or ())) if data else None,
         calibration_tokens=calibration_tokens, eval_tokens=eval_tokens, distill_tokens=distill_tokens,
-        device=device or "auto", trust_remote_code=trust_remote_code,
+        device=device or "auto", trust_remote_code=trust_remote_code, parent_memory_gb=parent_memory_gb,
     )
     report = fuse_ffn(ckpt, None if dry_run else out, cfg, overwrite=overwrite,
                       info={"command": shlex.join(["puzzle", *sys.argv[1:]])})

@@ -17,3 +17,4 @@ Launcher = Annotated[str, typer.Option("--launcher", help="How workers start: lo
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", metavar="", help="Run code shipped in the model folder (a custom tokenizer or model class), as transformers' trust_remote_code; only for folders you trust.")]
 Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="With --data: skip files matching this glob (repeatable); without / it matches any path component (tests, *.min.js), with / the whole relative path.", show_default=False)]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, or auto (default: cuda when available).")]
+ParentMemory = Annotated[Optional[float], typer.Option("--parent-memory-gb", min=0.001, help="Most GiB of the input model's weights held on the device; its other layers are read from its files when they run (default: half the free memory).", show_default=False)]

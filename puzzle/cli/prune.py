@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from puzzle.cli.options import Device, Exclude, ModelDir, OutDir, Overwrite, TrustRemoteCode
+from puzzle.cli.options import Device, Exclude, ModelDir, OutDir, Overwrite, ParentMemory, TrustRemoteCode
 from puzzle.cli.output import console, done, human_count
 
 _Int = lambda flag, text: Annotated[Optional[int], typer.Option(flag, min=1, help=text, show_default=False)]  # noqa: E731
@@ -36,6 +36,7 @@ def prune_command(
     plain: Annotated[Optional[bool], typer.Option("--plain/--decilm", metavar="", help="Force a plain LlamaForCausalLM folder, or puzzle's DeciLM format (default: plain when the child is a uniform Llama).", show_default=False)] = None,
     overwrite: Overwrite = False,
     device: Device = None,
+    parent_memory_gb: ParentMemory = None,
     exclude: Exclude = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
@@ -61,8 +62,7 @@ def prune_command(
         drop_layers=drop_layers, metric=metric, contiguous=contiguous,
         data=DataConfig(paths=tuple(str(p) for p in data), exclude=tuple(exclude or ())) if data else None,
         distill=minitron_kd(distill_tokens, device=device or "auto") if distill_tokens else None,
-        output_format={None: "auto", True: "plain", False: "decilm"}[plain], device=device or "auto",
-        trust_remote_code=trust_remote_code, **{k: v for k, v in optional.items() if v is not None},
+        output_format={None: "auto", True: "plain", False: "decilm"}[plain], device=device or "auto", trust_remote_code=trust_remote_code, parent_memory_gb=parent_memory_gb, **{k: v for k, v in optional.items() if v is not None},
     )
     result = prune(ckpt, out, cfg, overwrite=overwrite, info={"command": shlex.join(["puzzle", *sys.argv[1:]])})
     print_result(result)

@@ -29,8 +29,13 @@ class FusionConfig:
     distill_tokens: int = 0  # > 0: short KD from the unfused model afterwards (puzzle.distill.gkd)
     device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
     trust_remote_code: bool = False  # run code shipped with the checkpoint's tokenizer (user's opt-in)
+    # The most the input model's weights may take on the device (GiB) for calibration and the quality check; layers
+    # beyond it stay in its safetensors files and are read in per forward. None: half the device's free memory.
+    parent_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
+        if self.parent_memory_gb is not None and not self.parent_memory_gb > 0:
+            raise ConfigError(f"fuse.parent_memory_gb must be a positive number of GiB, got {self.parent_memory_gb!r}")
         if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):
             raise ConfigError(f"fuse.threshold must be a non-negative number or null, got {self.threshold!r}")
         check_int("fuse.max_run", self.max_run, minimum=2, optional=True)

@@ -22,7 +22,7 @@ def find_runs(arch: Architecture) -> list[tuple[int, ...]]:
         if not block.attention.no_op or block.ffn.replace_with_linear:
             runs.append(chain)
             chain = []
-        if block.ffn.is_gated:
+        if block.ffn.is_dense:
             chain.append(i)
     runs.append(chain)
     return [tuple(run) for run in runs if len(run) >= 2]

@@ -10,20 +10,23 @@ from typing import Any
 
 import torch
 
-from puzzle.checkpoint import load_architecture, load_model, save_model
+from puzzle.checkpoint import decilm_config, finish_checkpoint_dir, load_architecture, normalized_config
 from puzzle.config import to_mapping
 from puzzle.data import TokenData, load_token_data, load_tokenizer
-from puzzle.distill.activations import logits_from_hidden, run_layers
+from puzzle.distill.activations import layer_weights, logits_from_hidden, run_layers
 from puzzle.distill.gkd import GKDConfig, run_gkd
 from puzzle.distill.losses import cosine_distance
 from puzzle.errors import ConfigError, NothingToFuse, OutputExistsError
+from puzzle.files import atomic_output_dir, read_json, write_json_atomic
 from puzzle.fusion.config import FusionConfig, FusionQuality, FusionReport, RunPlan
 from puzzle.fusion.runs import DecodeCostModel, choose_groups, ffn_depth, find_runs, fused_architecture
-from puzzle.fusion.weights import fuse_layers_
+from puzzle.fusion.weights import fused_tensors
 from puzzle.jobs import Shard, device_for
+from puzzle.memory import load_within_budget, shard_bytes_within
 from puzzle.metrics import QualitySums
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
 from puzzle.progress import log, track
+from puzzle.weights import SHARD_BYTES, checkpoint_tensors, write_model_config, write_tensors
 
 # ----------------------------------------------------------------------------------------------------------
 # Measurements on tokens
@@ -51,8 +54,10 @@ def measure_dependency(
         for ids in batches:  # (B, T)
             _, io = run_layers(model, ids, stop=max(members) + 1, capture=members)
             n = ids.numel()
-            for a, j in pairs:
-                sums[(a, j)] += cosine_distance(layers[j].ffn_branch(io[a].h), io[j].ffn).item() * n
+            for j in sorted({j for _, j in pairs}):
+                with layer_weights(layers[j]):  # a layer left in the files is read once for all its pairs
+                    for a in (a for a, k in pairs if k == j):
+                        sums[(a, j)] += cosine_distance(layers[j].ffn_branch(io[a].h), io[j].ffn).item() * n
             tokens += n
             bar.advance(1)
     return {pair: s / max(tokens, 1) for pair, s in sums.items()}, tokens
@@ -102,6 +107,7 @@ def fuse_ffn(
     ckpt = Path(ckpt)
     _check_request(out, cfg, overwrite)
     arch = load_architecture(ckpt)
+    arch.refuse_hybrid(str(ckpt), "puzzle fuse-ffn")
     runs = find_runs(arch)
     if not runs:
         raise NothingToFuse(
@@ -110,7 +116,7 @@ def fuse_ffn(
         )
     model = data = None
     if out is not None or cfg.threshold is not None:  # a dry run without calibration reads no weights
-        model = load_model(ckpt, dtype=None, device=device_for(Shard(), cfg.device)).requires_grad_(False)
+        model = _load(ckpt, cfg, "fuse-ffn: unfused model")
         data = load_token_data(cfg.data, load_tokenizer(ckpt, cfg.trust_remote_code)) if cfg.data is not None else None
     plans, tokens = _plan(model, runs, data, cfg)
     after, cost = fused_architecture(arch, [g for p in plans for g in p.fused]), DecodeCostModel()
@@ -125,20 +131,48 @@ def fuse_ffn(
         return report
     if not report.fused_groups:
         raise NothingToFuse(f"{ckpt}: {nothing_fused_reason(plans, cfg)}; nothing was written")
-    report = replace(report, quality=_fuse_and_check(model, report.fused_groups, data, cfg))
-    info = {"stage": "fuse-ffn", "parent": str(ckpt.resolve()), **(info or {}), "fusion": report.to_dict()}
-    if not cfg.distill_tokens:
-        save_model(model, Path(out), source=ckpt, overwrite=overwrite, info=info)
-    else:  # run_gkd reads folders: stage the fused model beside `out`
-        staging = Path(out).with_name(f".{Path(out).name}.before-kd")
-        save_model(model, staging, source=ckpt, overwrite=True, info=info)
-        del model  # GKD loads its own student and teacher
+    batches = _check_batches(data, cfg)
+    reference = final_hidden(model, batches) if batches else None  # of the unfused model, before it is let go
+    del model  # the fused model is written from the files, tensor by tensor, then read back for the check
+    info = {"stage": "fuse-ffn", "parent": str(ckpt.resolve()), **(info or {})}
+    target = Path(out) if not cfg.distill_tokens else Path(out).with_name(f".{Path(out).name}.before-kd")
+    with atomic_output_dir(target, overwrite or bool(cfg.distill_tokens)) as tmp:
+        write_fused(ckpt, tmp, report.fused_groups, info={**info, "fusion": report.to_dict()},
+                    max_shard_bytes=shard_bytes_within(cfg.parent_memory_gb, device_for(Shard(), cfg.device)))
+        if reference is not None:
+            fused = _load(tmp, cfg, "fuse-ffn: fused model")
+            report = replace(report, quality=compare_to_reference(fused, batches, reference))
+            del fused
+            _update_info(tmp, "fusion", report.to_dict())
+    if cfg.distill_tokens:  # run_gkd reads folders: the fused model is staged beside `out`
         try:
-            report = _distill(staging, ckpt, Path(out), report, cfg, overwrite)
+            report = _distill(target, ckpt, Path(out), report, cfg, overwrite)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
     log(f"fuse-ffn: {len(report.fused_groups)} fused FFN(s) -> {out}")
     return report
+
+
+def _load(path: Path, cfg: FusionConfig, what: str) -> DeciLMForCausalLM:
+    return load_within_budget(path, cfg.parent_memory_gb, "fuse.parent_memory_gb", what=what, dtype=None,
+                              device=device_for(Shard(), cfg.device))
+
+
+def write_fused(ckpt: Path, folder: Path, groups: Sequence[Sequence[int]], info: dict[str, Any],
+                max_shard_bytes: int = SHARD_BYTES) -> None:
+    """The fused checkpoint of `ckpt` into `folder` (inside `atomic_output_dir`), streamed: each tensor is read
+    from `ckpt`'s shards when reached and written as it comes (one group's FFNs held at a time), with the config,
+    modeling, tokenizer and puzzle.json files `save_model` writes for the fused model held whole."""
+    config = decilm_config(normalized_config(ckpt), fused_architecture(load_architecture(ckpt), groups))
+    dtype, _ = write_tensors(folder, fused_tensors(checkpoint_tensors(ckpt), config, groups), max_shard_bytes)
+    write_model_config(folder, config, "DeciLMForCausalLM", dtype, generation_from=ckpt)
+    finish_checkpoint_dir(folder, read_json(folder / "config.json", "config.json"), ckpt, info)
+
+
+def _update_info(folder: Path, key: str, value: Any) -> None:
+    """puzzle.json with `key` replaced: the report once the written model has been checked."""
+    info = read_json(folder / "puzzle.json", "puzzle.json")
+    write_json_atomic(folder / "puzzle.json", {**info, key: value})
 
 
 def _check_request(out: Path | None, cfg: FusionConfig, overwrite: bool) -> None:
@@ -167,16 +201,12 @@ def _plan(model: DeciLMForCausalLM | None, runs: list[tuple[int, ...]], data: To
     return plans, tokens
 
 
-def _fuse_and_check(model: DeciLMForCausalLM, groups: Sequence[Sequence[int]], data: TokenData | None,
-                    cfg: FusionConfig) -> FusionQuality | None:
+def _check_batches(data: TokenData | None, cfg: FusionConfig) -> list[torch.Tensor]:
+    """The held-out batches of the quality check (none: no check)."""
     if data is None or cfg.eval_tokens == 0:
-        fuse_layers_(model, groups)
-        return None
+        return []
     n_tokens = min(max(cfg.eval_tokens, data.config.seq_len), data.num_tokens("held_out"))
-    batches = list(data.batches("held_out", cfg.batch_size, n_tokens=n_tokens, shuffle=False))
-    reference = final_hidden(model, batches)
-    fuse_layers_(model, groups)
-    return compare_to_reference(model, batches, reference)
+    return list(data.batches("held_out", cfg.batch_size, n_tokens=n_tokens, shuffle=False))
 
 
 def nothing_fused_reason(plans: Sequence[RunPlan], cfg: FusionConfig) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,8 @@ import torch
 from puzzle.arch import Architecture
 from puzzle.checkpoint import decilm_config
 from puzzle.fusion.runs import fused_architecture
-from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, DeciLMMLP
+from puzzle.modeling.configuration_decilm import DeciLMConfig
+from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, DeciLMMLP, DeciLMRMSNorm
 
 # ----------------------------------------------------------------------------------------------------------
 # Weights
@@ -69,39 +71,89 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
+def ffn_module(config: DeciLMConfig, ffn: FFNWeights) -> DeciLMMLP:
+    """A DeciLMMLP holding `ffn`'s matrices (not its norm), without copying them."""
+    with torch.device("meta"):
+        mlp = DeciLMMLP(config, ffn.width)
+    state = {"gate_proj.weight": ffn.gate, "up_proj.weight": ffn.up, "down_proj.weight": ffn.down}
+    if ffn.down_bias is not None:
+        state |= {"gate_proj.bias": ffn.gate_bias, "up_proj.bias": ffn.up_bias, "down_proj.bias": ffn.down_bias}
+    mlp.load_state_dict(state, assign=True)
+    return mlp
+
+
+def _ffn_branch(config: DeciLMConfig, ffn: FFNWeights, h: torch.Tensor) -> torch.Tensor:
+    """f(h) of one FFN sub-block, as DeciLMDecoderLayer.ffn_branch computes it."""
+    with torch.device("meta"):
+        norm = DeciLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    norm.load_state_dict({"weight": ffn.norm}, assign=True)
+    return ffn_module(config, ffn)(norm(h))
+
+
+@torch.no_grad()
+def fuse_group(config: DeciLMConfig, ffns: Sequence[FFNWeights], group: Sequence[int]) -> FFNWeights:
+    """`fuse_ffn_weights(ffns)` (the FFNs of layers `group`), checked against the sum of the original FFNs on a
+    random input: trust but verify."""
+    probe = torch.randn(1, 3, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(ffns[0].gate.device, ffns[0].gate.dtype)  # (1, 3, C)
+    tolerance = 1e-5 if ffns[0].gate.dtype == torch.float32 else 3e-2
+    expected = sum(_ffn_branch(config, f, probe).float() for f in ffns)  # the parallel formulation
+    fused = fuse_ffn_weights(ffns)
+    got = _ffn_branch(config, fused, probe).float()
+    error = ((got - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+    assert error < tolerance, f"fused FFN of layers {tuple(group)} differs from the parallel sum (relative error {error:.2e})"
+    return fused
+
+
 @torch.no_grad()
 def fuse_layers_(model: DeciLMForCausalLM, groups: Iterable[Sequence[int]]) -> DeciLMForCausalLM:
-    """Fuse each group's FFNs into its first layer, in place; the group's other layers become no-op.
-
-    Trust but verify: each fused layer is checked against the sum of the original FFNs on a random input.
-    """
+    """Fuse each group's FFNs into its first layer, in place; the group's other layers become no-op (the model
+    held whole; `fused_tensors` writes the same weights tensor by tensor)."""
     groups = [tuple(g) for g in groups if len(g) > 1]
     layers = model.model.layers
     config = decilm_config(model.config.to_dict(), fused_architecture(Architecture.from_config(model.config.to_dict()), groups))
-    param = next(model.parameters())
-    probe = torch.randn(1, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    probe = probe.to(param.device, param.dtype)  # (1, 3, C)
-    tolerance = 1e-5 if param.dtype == torch.float32 else 3e-2
     for group in groups:
         eps = {layers[i].post_attention_layernorm.variance_epsilon for i in group}
         assert len(eps) == 1, f"layers {group} have different RMSNorm eps {eps}"  # rms_norm_eps is global
-        expected = sum(layers[i].ffn_branch(probe).float() for i in group)  # the parallel formulation
-        fused = fuse_ffn_weights([layer_ffn_weights(layers[i]) for i in group])
-        with torch.device("meta"):
-            mlp = DeciLMMLP(config, fused.width)
-        state = {"gate_proj.weight": fused.gate, "up_proj.weight": fused.up, "down_proj.weight": fused.down}
-        if fused.down_bias is not None:
-            state |= {"gate_proj.bias": fused.gate_bias, "up_proj.bias": fused.up_bias, "down_proj.bias": fused.down_bias}
-        mlp.load_state_dict(state, assign=True)
+        fused = fuse_group(config, [layer_ffn_weights(layers[i]) for i in group], group)
         host = layers[group[0]]
-        host.mlp = mlp
+        host.mlp = ffn_module(config, fused)
         host.post_attention_layernorm.weight.copy_(fused.norm)
         for i in group[1:]:
             layers[i].mlp = layers[i].post_attention_layernorm = None
-        got = host.ffn_branch(probe).float()
-        error = ((got - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-        assert error < tolerance, f"fused FFN of layers {group} differs from the parallel sum (relative error {error:.2e})"
     model.config = model.model.config = config
     return model
 
 
+_FFN_KEYS = ("mlp.", "post_attention_layernorm.")
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def fused_tensors(weights: Mapping[str, torch.Tensor], config: DeciLMConfig, groups: Iterable[Sequence[int]]
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The fused checkpoint's tensors, one at a time, from the unfused one's (`weights`: a state dict, or
+    `LazyWeights` that reads each when reached): every tensor outside the groups' FFNs passes through unchanged,
+    each group's fused FFN (the weights `fuse_layers_` puts in its first layer) comes in place of the first layer's
+    FFN, and the group's other layers lose theirs. Holds one group's FFNs at a time."""
+    groups = [tuple(g) for g in groups if len(g) > 1]
+    host = {g[0]: g for g in groups}
+    fused_away = {i for g in groups for i in g}
+    for name in weights:
+        match = _LAYER_NAME.fullmatch(name)
+        if match is None or int(match.group(1)) not in fused_away or not match.group(2).startswith(_FFN_KEYS):
+            yield name, weights[name]
+        elif int(match.group(1)) in host and match.group(2) == "post_attention_layernorm.weight":
+            group = host[int(match.group(1))]
+            fused = fuse_group(config, [_ffn_weights(weights, i) for i in group], group)
+            prefix = f"model.layers.{group[0]}."
+            yield prefix + "post_attention_layernorm.weight", fused.norm
+            for key, tensor in ffn_module(config, fused).state_dict().items():
+                yield prefix + "mlp." + key, tensor
+
+
+def _ffn_weights(weights: Mapping[str, torch.Tensor], i: int) -> FFNWeights:
+    p = f"model.layers.{i}."
+    bias = lambda proj: weights[p + f"mlp.{proj}.bias"] if p + f"mlp.{proj}.bias" in weights else None  # noqa: E731
+    return FFNWeights(norm=weights[p + "post_attention_layernorm.weight"], gate=weights[p + "mlp.gate_proj.weight"],
+                      up=weights[p + "mlp.up_proj.weight"], down=weights[p + "mlp.down_proj.weight"],
+                      gate_bias=bias("gate_proj"), up_bias=bias("up_proj"), down_bias=bias("down_proj"))

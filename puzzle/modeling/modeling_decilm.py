@@ -8,6 +8,10 @@ Follows transformers' `models/llama/modeling_llama.py`. Per layer, `config.block
              layer), a linear replacement, or no-op.
 Global options cover the families puzzle converts: Llama-3 RoPE scaling (any transformers RoPE type), Qwen2
 q/k/v bias, Qwen3 per-head q/k RMSNorm, Mistral/Qwen2 sliding windows, gpt-oss attention sinks, tied embeddings.
+Hybrid Mamba-Transformer parents (Nemotron-H, transformers' `models/nemotron_h`) use the same layers: a Mamba-2
+mixer sits in the attention slot (`attention.mamba`, NVIDIA's field; its decode state lives in `DeciLMMambaLayer`),
+the relu2 MLP is an FFN with `gated: false`, attention has no positional embedding (`position_embedding_type:
+none`), and the experts route by grouped sigmoid scores with a shared expert.
 
 This file is copied into every puzzle checkpoint and loaded with `trust_remote_code=True` where puzzle is
 not installed, so it imports only torch and public transformers APIs (transformers >= 5.17).
@@ -60,9 +64,15 @@ def ffn_intermediate_size(ffn, hidden_size):
     return _find_multiple(int(2 * ffn.ffn_mult * hidden_size / 3), 256)
 
 
+def mamba_settings(attention):
+    """The Mamba-2 settings of a layer whose sequence mixer is Mamba (None otherwise)."""
+    return None if getattr(attention, "no_op", False) else getattr(attention, "mamba", None)
+
+
 def has_softmax_attention(attention):
     """True when the layer keeps real attention (and therefore a KV cache)."""
-    return not (getattr(attention, "no_op", False) or getattr(attention, "replace_with_linear", False))
+    return not (getattr(attention, "no_op", False) or getattr(attention, "replace_with_linear", False)
+                or mamba_settings(attention) is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,6 +242,7 @@ class DeciLMAttention(nn.Module):
             self.q_norm = self.k_norm = None
         # gpt-oss: one learned sink logit per query head (0 until loaded: the sink then weighs as one key of logit 0).
         self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if getattr(config, "attention_sinks", False) else None
+        self.rope = getattr(config, "position_embedding_type", "rope") != "none"  # Nemotron-H: no positions at all
 
     def forward(self, hidden_states, position_embeddings, masks, past_key_values=None):
         bsz, q_len, _ = hidden_states.shape
@@ -242,8 +253,9 @@ class DeciLMAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if self.rope:
+            cos, sin = position_embeddings
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         mask = masks(k.shape[2], self.window)
@@ -285,6 +297,167 @@ class DeciLMLinearAttention(nn.Module):
         return self.linear_attn(hidden_states)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Mamba-2 (Nemotron-H's mixer; the chunked scan and the one-token update follow transformers' PyTorch reference
+# in models/nemotron_h, so converted parents match it; no mamba_ssm / causal_conv1d kernels are needed)
+
+
+class DeciLMGatedRMSNorm(nn.Module):
+    """RMSNorm of y * silu(z) over groups of channels (one group per Mamba B/C group), in fp32."""
+
+    def __init__(self, hidden_size, group_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size, self.variance_epsilon = group_size, eps
+
+    def forward(self, hidden_states, gate):
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32) * F.silu(gate.to(torch.float32))
+        x = x.view(*x.shape[:-1], -1, self.group_size)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.view(*x.shape[:-2], -1).to(input_dtype)
+
+
+def _segment_sum(x):
+    """(..., T) -> (..., T, T): out[..., i, j] = sum(x[..., j + 1 : i + 1]) for j <= i, -inf above the diagonal."""
+    t = x.size(-1)
+    x = x[..., None].expand(*x.size(), t)
+    x = x.masked_fill(~torch.tril(torch.ones(t, t, device=x.device, dtype=torch.bool), diagonal=-1), 0)
+    x = torch.cumsum(x, dim=-2)
+    return x.masked_fill(~torch.tril(torch.ones(t, t, device=x.device, dtype=torch.bool), diagonal=0), -torch.inf)
+
+
+def mamba_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state=None):
+    """The selective scan over a whole sequence in chunks (Mamba-2's SSD form), in fp32.
+
+    x: (b, T, h, p), dt: (b, T, h) already softplus'd and clamped, A: (h,), B/C: (b, T, g, n), D: (h,),
+    initial_state: (b, h, p, n) or None. Returns y (b, T, h, p) and the final state (b, h, p, n).
+    """
+    b, T, h, p = x.shape
+    B = B.float().repeat_interleave(h // B.shape[2], dim=2)  # (b, T, h, n)
+    C = C.float().repeat_interleave(h // C.shape[2], dim=2)
+    x = x.float()
+    pad = (chunk_size - T % chunk_size) % chunk_size
+    skip = D[..., None] * F.pad(x, (0, 0, 0, 0, 0, pad))  # (b, T + pad, h, p)
+    x = x * dt[..., None].float()
+    A = A.to(x.dtype) * dt.float()  # (b, T, h)
+
+    def chunks(t):  # (b, T, ...) -> (b, c, l, ...), zero-padded to whole chunks
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(b, -1, chunk_size, *t.shape[2:])
+
+    x, A, B, C = chunks(x), chunks(A), chunks(B), chunks(C)
+    A = A.permute(0, 3, 1, 2)  # (b, h, c, l)
+    A_cumsum = torch.cumsum(A, dim=-1)
+    L = torch.exp(_segment_sum(A))  # (b, h, c, l, s): decay from position s to l within a chunk
+    y_diag = torch.einsum("bclsh,bcshp->bclhp", torch.einsum("bclhn,bcshn->bclsh", C, B) * L.permute(0, 2, 3, 4, 1), x)
+    decay_states = torch.exp(A_cumsum[:, :, :, -1:] - A_cumsum)  # (b, h, c, l)
+    states = torch.einsum("bclhn,bclhp->bchpn", B * decay_states.permute(0, 2, 3, 1)[..., None], x)
+    previous = torch.zeros_like(states[:, :1]) if initial_state is None else initial_state[:, None].to(states)
+    states = torch.cat([previous, states], dim=1)  # (b, c + 1, h, p, n)
+    decay_chunk = torch.exp(_segment_sum(F.pad(A_cumsum[:, :, :, -1], (1, 0)))).transpose(1, 3)  # (b, c+1, c+1, h)
+    new_states = torch.einsum("bzch,bzhpn->bchpn", decay_chunk, states)
+    states, final_state = new_states[:, :-1], new_states[:, -1]
+    y_off = torch.einsum("bclhn,bchpn->bclhp", C, states) * torch.exp(A_cumsum).permute(0, 2, 3, 1)[..., None]
+    y = (y_diag + y_off).contiguous().reshape(b, -1, h, p) + skip
+    return y[:, :T], final_state
+
+
+class DeciLMMamba2Mixer(nn.Module):
+    """Mamba-2: in_proj -> (z, xBC, dt); causal depthwise conv + act on xBC; selective scan of x with B, C, dt;
+    gated RMSNorm with z; out_proj. Weight names are Nemotron-H's (in_proj, conv1d, dt_bias, A_log, D, norm,
+    out_proj)."""
+
+    def __init__(self, config, layer_idx, mamba):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = mamba.num_heads, mamba.head_dim
+        self.state_dim, self.num_groups = mamba.state_dim, mamba.num_groups
+        self.conv_kernel = getattr(mamba, "conv_kernel", 4)
+        self.intermediate_size = self.num_heads * self.head_dim
+        self.conv_dim = self.intermediate_size + 2 * self.num_groups * self.state_dim
+        self.chunk_size = getattr(config, "mamba_chunk_size", 128)
+        self.dt_min = getattr(config, "mamba_dt_min", 0.0)  # the chunked scan clamps dt below (Nemotron-H)
+        self.act = ACT2FN[getattr(config, "mamba_hidden_act", "silu")]
+        proj_bias = getattr(config, "mamba_proj_bias", False)
+        self.in_proj = nn.Linear(config.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_kernel, groups=self.conv_dim,
+                                padding=self.conv_kernel - 1, bias=getattr(config, "mamba_conv_bias", True))
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = DeciLMGatedRMSNorm(self.intermediate_size, self.intermediate_size // self.num_groups, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=proj_bias)
+
+    def forward(self, hidden_states, state=None, padding_mask=None):
+        """hidden_states (b, T, C); `state` this layer's DeciLMMambaLayer (updated in place) or None;
+        padding_mask (b, T), 1 for real tokens (padding is zeroed so that it does not enter the state)."""
+        b, T, _ = hidden_states.shape
+        dtype = hidden_states.dtype
+        if padding_mask is not None:
+            hidden_states = (hidden_states * padding_mask[:, :, None]).to(dtype)
+        z, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        A = -torch.exp(self.A_log.float())
+
+        # Causal conv over the last conv_kernel inputs: the cached ones (zeros at the start) and the new ones.
+        xBC = xBC.transpose(1, 2)  # (b, conv_dim, T)
+        previous = state.conv if state is not None and state.conv is not None else None
+        if previous is None:
+            previous = xBC.new_zeros(b, self.conv_dim, self.conv_kernel - 1)
+        window = torch.cat([previous.to(xBC.dtype), xBC], dim=-1)  # (b, conv_dim, K - 1 + T)
+        if state is not None:
+            state.store("conv", window[..., -(self.conv_kernel - 1):].detach())
+        weight = self.conv1d.weight
+        xBC = F.conv1d(window.to(weight.dtype), weight, self.conv1d.bias, groups=self.conv_dim)  # (b, conv_dim, T)
+        xBC = self.act(xBC).to(dtype).transpose(1, 2)  # (b, T, conv_dim)
+        if padding_mask is not None:
+            xBC = (xBC * padding_mask[:, :, None]).to(dtype)
+        x, B, C = xBC.split([self.intermediate_size, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)
+
+        if state is not None and state.ssm is not None and T == 1:
+            y = self._step(x, dt, A, B, C, state)  # (b, 1, I)
+        else:
+            dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).clamp(min=self.dt_min)
+            y, final = mamba_chunk_scan(
+                x.view(b, T, self.num_heads, self.head_dim), dt, A,
+                B.view(b, T, self.num_groups, self.state_dim), C.view(b, T, self.num_groups, self.state_dim),
+                self.D, self.chunk_size, None if state is None else state.ssm,
+            )
+            y = y.reshape(b, T, -1)
+            if state is not None:
+                state.store("ssm", final.to(torch.float32))
+        return self.out_proj(self.norm(y, z).to(dtype))
+
+    def _step(self, x, dt, A, B, C, state):
+        """One token through the recurrence: state = state * exp(dt A) + dt B x; y = C state + D x (fp32 state)."""
+        b = x.shape[0]
+        x = x.view(b, self.num_heads, self.head_dim)
+        dt = F.softplus(dt.view(b, self.num_heads, 1) + self.dt_bias.view(-1, 1).to(dt.dtype))  # (b, h, 1)
+        dA = torch.exp(dt[..., None].float() * A.view(-1, 1, 1).float())  # (b, h, 1, 1)
+        per_group = self.num_heads // self.num_groups
+        B = B.view(b, self.num_groups, 1, self.state_dim).repeat_interleave(per_group, dim=1)  # (b, h, 1, n)
+        C = C.view(b, self.num_groups, self.state_dim, 1).repeat_interleave(per_group, dim=1)  # (b, h, n, 1)
+        ssm = state.ssm * dA + (dt[..., None] * B) * x[..., None]  # (b, h, p, n)
+        state.store("ssm", ssm.to(torch.float32))
+        y = torch.matmul(ssm.to(C.dtype), C).squeeze(-1)  # (b, h, p)
+        y = y + x * self.D.view(-1, 1)
+        return y.reshape(b, 1, -1).to(x.dtype)
+
+
+class DeciLMMambaAttention(nn.Module):
+    """The attention slot of a Mamba layer (NVIDIA's DeciLM layout: `self_attn.mamba_mixer.*`)."""
+
+    def __init__(self, config, layer_idx, mamba):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mamba_mixer = DeciLMMamba2Mixer(config, layer_idx, mamba)
+
+    def forward(self, hidden_states, position_embeddings=None, masks=None, past_key_values=None):
+        state = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        padding = None if masks is None or masks.padding_mask is None else masks.padding_mask[:, -hidden_states.shape[1]:]
+        return self.mamba_mixer(hidden_states, state, padding)
+
+
 class DeciLMMLP(nn.Module):
     """Gated FFN (SwiGLU for Llama): down(act(gate(x)) * up(x))."""
 
@@ -302,6 +475,20 @@ class DeciLMMLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(self.activate(self.gate_proj(x), self.up_proj(x)))
+
+
+class DeciLMPlainMLP(nn.Module):
+    """FFN without a gate (Nemotron-H's relu2 MLP): down(act(up(x)))."""
+
+    def __init__(self, config, intermediate_size, bias=None, act=None):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False) if bias is None else bias
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = ACT2FN[act or config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.up_proj(x)))
 
 
 def clamped_swiglu(gate, up, alpha, limit):
@@ -325,12 +512,29 @@ class DeciLMClampedMLP(DeciLMMLP):
         return clamped_swiglu(gate, up, self.alpha, self.limit)
 
 
-def route_tokens(router_logits, top_k, norm_topk_prob, routing="softmax_topk"):
+def route_tokens(router_logits, top_k, norm_topk_prob, routing="softmax_topk", moe=None, correction_bias=None):
     """Routing weights (N, top_k) and expert indices (N, top_k) from router_logits (N, E).
 
     "softmax_topk" (Mixtral / Qwen3-MoE): softmax over the experts in fp32, the top-k, optionally renormalised.
     "topk_softmax" (gpt-oss): the top-k logits, then a softmax over those k in the logits' dtype.
+    "sigmoid_group_topk" (Nemotron-H): sigmoid scores plus `correction_bias` pick `moe.topk_group` of the
+    `moe.n_group` expert groups (a group's strength: its best two corrected scores) and the top-k experts inside
+    them; the weights are the uncorrected scores, optionally renormalised, times `moe.routed_scaling_factor`.
     """
+    if routing == "sigmoid_group_topk":
+        scores = router_logits.float().sigmoid()  # (N, E)
+        choice = scores + correction_bias.float()
+        n, e = scores.shape
+        groups, per_group = getattr(moe, "n_group", 1), e // getattr(moe, "n_group", 1)
+        group_scores = choice.view(n, groups, per_group).topk(min(2, per_group), dim=-1)[0].sum(dim=-1)  # (N, G)
+        best = torch.topk(group_scores, k=getattr(moe, "topk_group", 1), dim=-1, sorted=False)[1]
+        allowed = torch.zeros_like(group_scores).scatter_(1, best, 1).bool()
+        allowed = allowed[:, :, None].expand(n, groups, per_group).reshape(n, e)
+        experts = torch.topk(choice.masked_fill(~allowed, float("-inf")), k=top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, experts)
+        if norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * getattr(moe, "routed_scaling_factor", 1.0), experts
     if routing == "topk_softmax":
         top, experts = torch.topk(router_logits, top_k, dim=-1)  # (N, top_k)
         return F.softmax(top, dim=-1, dtype=top.dtype), experts
@@ -341,20 +545,39 @@ def route_tokens(router_logits, top_k, norm_topk_prob, routing="softmax_topk"):
     return weights, experts
 
 
-_ROUTINGS = ("softmax_topk", "topk_softmax")
-_EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
+_ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk")
+_EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu", "relu2")
 
 
 def _expert(config, moe):
-    """One expert module of an MoE layer: a plain SwiGLU, or gpt-oss's clamped one."""
+    """One expert module of an MoE layer: a plain SwiGLU, gpt-oss's clamped one, or Nemotron-H's relu2 MLP."""
     activation = getattr(moe, "expert_activation", "swiglu")
     if activation not in _EXPERT_ACTIVATIONS:  # a checkpoint newer than this file: refuse, do not guess
         raise ValueError(f"config.json: ffn.moe.expert_activation {activation!r} is not known to this modeling file "
                          f"(known: {', '.join(_EXPERT_ACTIVATIONS)}); use the modeling_decilm.py of a newer puzzle")
     bias = getattr(moe, "expert_bias", False) or None  # None: the global mlp_bias, as Mixtral / Qwen3-MoE experts
+    return _dense_expert(config, moe, moe.expert_intermediate_dim, bias)
+
+
+def _dense_expert(config, moe, width, bias):
+    activation = getattr(moe, "expert_activation", "swiglu")
     if activation == "clamped_swiglu":
-        return DeciLMClampedMLP(config, moe.expert_intermediate_dim, bias, moe.swiglu_alpha, moe.swiglu_limit)
-    return DeciLMMLP(config, moe.expert_intermediate_dim, bias)
+        return DeciLMClampedMLP(config, width, bias, moe.swiglu_alpha, moe.swiglu_limit)
+    if activation == "relu2":
+        return DeciLMPlainMLP(config, width, bias, act="relu2")
+    return DeciLMMLP(config, width, bias)
+
+
+class DeciLMSigmoidRouter(nn.Module):
+    """Nemotron-H's router: fp32 logits and a per-expert correction bias that only affects which experts win."""
+
+    def __init__(self, config, num_experts):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+
+    def forward(self, x):
+        return F.linear(x.float(), self.weight.float())
 
 
 class DeciLMSparseMoE(nn.Module):
@@ -373,19 +596,30 @@ class DeciLMSparseMoE(nn.Module):
         if self.routing not in _ROUTINGS:
             raise ValueError(f"config.json: ffn.moe.routing {self.routing!r} is not known to this modeling file "
                              f"(known: {', '.join(_ROUTINGS)}); use the modeling_decilm.py of a newer puzzle")
-        self.gate = nn.Linear(config.hidden_size, moe.num_local_experts, bias=getattr(moe, "router_bias", False))
+        self.moe = moe
+        if self.routing == "sigmoid_group_topk":
+            self.gate = DeciLMSigmoidRouter(config, moe.num_local_experts)
+        else:
+            self.gate = nn.Linear(config.hidden_size, moe.num_local_experts, bias=getattr(moe, "router_bias", False))
         self.experts = nn.ModuleList([_expert(config, moe) for _ in range(moe.num_local_experts)])
+        shared = getattr(moe, "shared_expert_intermediate_dim", 0)
+        self.shared_expert = _dense_expert(config, moe, shared, getattr(moe, "expert_bias", False) or None) if shared else None
 
     def forward(self, x):
         bsz, seq_len, hidden = x.shape
         x = x.reshape(-1, hidden)  # (N, C)
-        weights, chosen = route_tokens(self.gate(x), self.top_k, self.norm_topk_prob, self.routing)  # (N, top_k) each
-        out = torch.zeros_like(x)
+        weights, chosen = route_tokens(self.gate(x), self.top_k, self.norm_topk_prob, self.routing, self.moe,
+                                       getattr(self.gate, "e_score_correction_bias", None))  # (N, top_k) each
+        # Nemotron-H sums its experts in fp32 (the routing weights' dtype); the others in the activations' dtype.
+        out = torch.zeros_like(x, dtype=weights.dtype if self.routing == "sigmoid_group_topk" else x.dtype)
         # Only the experts some token chose run, in ascending order as in transformers (same sums, same bits).
         for expert in torch.unique(chosen).tolist():
             token, slot = torch.where(chosen == expert)
             y = self.experts[expert](x[token]) * weights[token, slot, None]  # (n, C), fp32 weights as Mixtral
             out.index_add_(0, token, y.to(out.dtype))
+        out = out.to(x.dtype)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
         return out.view(bsz, seq_len, hidden)
 
 
@@ -412,6 +646,8 @@ class DeciLMDecoderLayer(nn.Module):
             self.input_layernorm = DeciLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             if getattr(attention, "replace_with_linear", False):
                 self.self_attn = DeciLMLinearAttention(config)
+            elif mamba_settings(attention) is not None:
+                self.self_attn = DeciLMMambaAttention(config, layer_idx, attention.mamba)
             else:
                 self.self_attn = DeciLMAttention(config, layer_idx, attention)
         self.mlp = self.post_attention_layernorm = None
@@ -421,6 +657,8 @@ class DeciLMDecoderLayer(nn.Module):
                 self.mlp = DeciLMLinearMLP(config)
             elif getattr(ffn, "moe", None) is not None:
                 self.mlp = DeciLMSparseMoE(config, ffn.moe)
+            elif getattr(ffn, "gated", True) is False:
+                self.mlp = DeciLMPlainMLP(config, ffn_intermediate_size(ffn, config.hidden_size))
             else:
                 self.mlp = DeciLMMLP(config, ffn_intermediate_size(ffn, config.hidden_size))
 
@@ -450,11 +688,52 @@ class DeciLMDecoderLayer(nn.Module):
 # KV cache
 
 
+class DeciLMMambaLayer(DynamicLayer):
+    """A Mamba layer's decode state: the last conv_kernel - 1 conv inputs (b, conv_dim, K - 1) and the scan state
+    (b, heads, head_dim, state_dim) in fp32. It holds no keys or values; its size does not grow with the text."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = self.ssm = None
+
+    def get_seq_length(self, *args, **kwargs):
+        return 0
+
+    def store(self, name, value):
+        """Keep `value` as the conv or scan state: written into the existing tensor when the shapes match (a
+        server's state slots; static addresses for CUDA graphs), else kept as given."""
+        current = getattr(self, name)
+        if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+            current.copy_(value)
+        else:
+            setattr(self, name, value)
+
+    def reset(self):
+        self.conv = self.ssm = None
+
+    def _select(self, fn):
+        self.conv = None if self.conv is None else fn(self.conv)
+        self.ssm = None if self.ssm is None else fn(self.ssm)
+
+    def reorder_cache(self, beam_idx):
+        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats):
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        self._select(lambda t: t[indices, ...])
+
+    def crop(self, max_length):
+        # A recurrent state cannot forget tokens (assisted decoding rewinds the cache): refuse rather than be wrong.
+        raise NotImplementedError("a Mamba layer's state cannot be cropped to fewer tokens")
+
+
 class DeciLMCache(DynamicCache):
     """KV cache for heterogeneous layers.
 
-    Layers with softmax attention get a cache layer (a window layer keeps only its window); no-op and linear
-    layers hold nothing. The sequence length is read from the first attention layer, so a model whose layer 0
+    Layers with softmax attention get a cache layer (a window layer keeps only its window); Mamba layers keep
+    their conv and scan state (`DeciLMMambaLayer`); no-op and linear layers hold nothing. The sequence length is read from the first attention layer, so a model whose layer 0
     has no attention still reports the right length to `generate`; a model with no attention at all counts
     tokens itself.
     """
@@ -463,7 +742,10 @@ class DeciLMCache(DynamicCache):
         layers = []
         for block in config.block_configs:
             window = getattr(block.attention, "window_length", None)
-            layers.append(DynamicSlidingWindowLayer(sliding_window=window) if window else DynamicLayer())
+            if mamba_settings(block.attention) is not None:
+                layers.append(DeciLMMambaLayer())
+            else:
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window) if window else DynamicLayer())
         Cache.__init__(self, layers=layers)
         self.attention_layers = [
             i for i, block in enumerate(config.block_configs) if has_softmax_attention(block.attention)
@@ -564,7 +846,8 @@ class DeciLMModel(DeciLMPreTrainedModel):
         masks = MaskProvider(padding_mask, past_len, q_len, inputs_embeds.device)
 
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        rope = getattr(self.config, "position_embedding_type", "rope") != "none"
+        position_embeddings = self.rotary_emb(hidden_states, position_ids) if rope else None
         all_hidden_states = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:

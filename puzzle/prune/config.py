@@ -55,8 +55,13 @@ class PruneConfig:
     output_format: Literal["auto", "decilm", "plain"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False  # run code shipped with the checkpoint's tokenizer (user's opt-in)
+    # The most the parent's (and then the child's) weights may take on the device (GiB) for calibration and the
+    # quality check; layers beyond it stay in their safetensors files, read in per forward. None: half the free memory.
+    parent_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
+        if self.parent_memory_gb is not None and not self.parent_memory_gb > 0:
+            raise ConfigError(f"prune.parent_memory_gb must be a positive number of GiB, got {self.parent_memory_gb!r}")
         for name in ("hidden_size", "heads", "kv_heads", "experts", "expert_ffn_size"):
             check_int(f"prune.{name}", getattr(self, name), optional=True)
         sizes = self.ffn_size if isinstance(self.ffn_size, tuple) else (self.ffn_size,)

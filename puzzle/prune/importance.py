@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from puzzle.blocks.experts import ExpertStats
-from puzzle.distill.activations import embed, logits_from_hidden, run_layers
+from puzzle.distill.activations import embed, layer_weights, logits_from_hidden, run_layers
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, DeciLMSparseMoE, route_tokens
 from puzzle.progress import track
 
@@ -186,12 +186,13 @@ def _expert_neurons(model: DeciLMForCausalLM, needs: Needs, sums: _Sums, importa
     unrouted = []
     for i in needs.expert_ffn:
         scores = []
-        for e, expert in enumerate(model.model.layers[i].mlp.experts):
-            if ("expert_ffn", i, e) in sums.sums:
-                scores.append(sums.l2(("expert_ffn", i, e)))
-            else:
-                scores.append(expert_weight_norms(expert))
-                unrouted.append((i, e))
+        with layer_weights(model.model.layers[i]):  # a layer left in the files: its weights read in for the norms
+            for e, expert in enumerate(model.model.layers[i].mlp.experts):
+                if ("expert_ffn", i, e) in sums.sums:
+                    scores.append(sums.l2(("expert_ffn", i, e)))
+                else:
+                    scores.append(expert_weight_norms(expert))
+                    unrouted.append((i, e))
         importance.expert_ffn[i] = scores
     importance.unrouted = tuple(unrouted)
 

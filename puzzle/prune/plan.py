@@ -87,7 +87,7 @@ def drop_window(window_scores: torch.Tensor, n: int) -> tuple[int, ...]:
 
 def ffn_targets(arch: Architecture, ffn_size: int | tuple[int | None, ...] | None) -> tuple[int | None, ...]:
     """Per layer: the new FFN width, or None to keep the layer's FFN as it is."""
-    widths = [b.ffn.intermediate_size if b.ffn.is_gated else None for b in arch.blocks]
+    widths = [b.ffn.intermediate_size if b.ffn.is_dense else None for b in arch.blocks]
     if ffn_size is None:
         return (None,) * arch.num_layers
     if isinstance(ffn_size, int):

@@ -16,6 +16,7 @@ layer i is parent layer kept[i].
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from puzzle.arch import Architecture
 from puzzle.blocks.experts import slice_experts
 from puzzle.checkpoint import decilm_config
+from puzzle.modeling.configuration_decilm import DeciLMConfig
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, DeciLMRotaryEmbedding
 from puzzle.prune.plan import LayerPlan, PrunePlan, pruned_architecture
 
@@ -116,21 +118,27 @@ def slice_tensor(t: torch.Tensor, axes: tuple[str | None, ...], index: dict[str,
 
 def slice_state_dict(state: dict[str, torch.Tensor], plan: PrunePlan, head_dim: int) -> dict[str, torch.Tensor]:
     """The child's state dict: kept layers renumbered 0..n-1, every tensor sliced by the plan."""
+    return dict(sliced_tensors(state, plan, head_dim))
+
+
+def sliced_tensors(weights: Mapping[str, torch.Tensor], plan: PrunePlan, head_dim: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The child's tensors one at a time, from the parent's (`weights`: a state dict, or `LazyWeights` that reads
+    each when reached): the global tensors, then each kept layer's (renumbered), sliced as it is read. Holds one
+    parent layer at a time (a mixture-of-experts layer's experts are chosen together)."""
     new_index = {layer.source: i for i, layer in enumerate(plan.layers)}
     global_index = _indices(plan, None, head_dim)
-    layer_index = {layer.source: _indices(plan, layer, head_dim) for layer in plan.layers}
-    out, by_layer = {}, {}
-    for name, tensor in state.items():
+    by_layer: dict[int, list[tuple[str, str]]] = {}  # parent layer -> (checkpoint name, name inside the layer)
+    for name in weights:
         match = _LAYER_NAME.fullmatch(name)
         if match is None:
             assert name in _GLOBAL_AXES, f"no pruning rule for tensor {name}"
-            out[name] = slice_tensor(tensor, _GLOBAL_AXES[name], global_index)
+            yield name, slice_tensor(weights[name], _GLOBAL_AXES[name], global_index)
         elif int(match.group(1)) in new_index:  # else a dropped layer
-            by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
+            by_layer.setdefault(int(match.group(1)), []).append((name, match.group(2)))
     for layer in plan.layers:
-        for rest, tensor in _slice_layer(by_layer.get(layer.source, {}), layer, layer_index[layer.source]).items():
-            out[f"model.layers.{new_index[layer.source]}.{rest}"] = tensor
-    return out
+        tensors = {rest: weights[name] for name, rest in by_layer.get(layer.source, [])}
+        for rest, tensor in _slice_layer(tensors, layer, _indices(plan, layer, head_dim)).items():
+            yield f"model.layers.{new_index[layer.source]}.{rest}", tensor
 
 
 def pruned_config(config: dict[str, Any], arch: Architecture) -> dict[str, Any]:
@@ -142,23 +150,31 @@ def pruned_config(config: dict[str, Any], arch: Architecture) -> dict[str, Any]:
     return config
 
 
+def child_config(config: dict[str, Any], plan: PrunePlan) -> tuple[DeciLMConfig, Architecture]:
+    """The pruned child's config and architecture, from the parent's config dict."""
+    arch = pruned_architecture(Architecture.from_config(config), plan)
+    return decilm_config(pruned_config(config, arch), arch), arch
+
+
 @torch.no_grad()
 def apply_plan(model: DeciLMForCausalLM, plan: PrunePlan) -> DeciLMForCausalLM:
-    """A new model (same device and dtype, eval mode) holding the plan's slice of `model`'s weights.
+    """A new model (same device and dtype, eval mode) holding the plan's slice of `model`'s weights (the parent
+    held whole; the prune stage writes the same tensors streamed, `sliced_tensors`).
 
     Trust but verify: the child's parameter count must equal what the architecture description accounts.
     """
-    config = model.config.to_dict()
-    arch = pruned_architecture(Architecture.from_config(config), plan)
-    child_config = decilm_config(pruned_config(config, arch), arch)
+    child_cfg, arch = child_config(model.config.to_dict(), plan)
     state = slice_state_dict(model.state_dict(), plan, model.config.head_dim)
     with torch.device("meta"):
-        child = DeciLMForCausalLM(child_config)
+        child = DeciLMForCausalLM(child_cfg)
     child.load_state_dict(state, strict=True, assign=True)
     # inv_freq is a non-persistent buffer: not in the state dict, so build it for real.
-    child.model.rotary_emb = DeciLMRotaryEmbedding(child_config).to(model.device)
-    if child_config.tie_word_embeddings:
+    child.model.rotary_emb = DeciLMRotaryEmbedding(child_cfg).to(model.device)
+    if child_cfg.tie_word_embeddings:
         child.lm_head.weight = child.model.embed_tokens.weight
-    counted = sum(p.numel() for p in child.parameters())
-    assert counted == arch.total_params(), f"pruned model has {counted} parameters, its description {arch.total_params()}"
+    check_params(sum(p.numel() for p in child.parameters()), arch)
     return child.eval()
+
+
+def check_params(counted: int, arch: Architecture) -> None:
+    assert counted == arch.total_params(), f"pruned model has {counted} parameters, its description {arch.total_params()}"

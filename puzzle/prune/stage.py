@@ -1,16 +1,18 @@
 """The prune stage: checkpoint in, pruned (and optionally distilled) checkpoint out; behind `puzzle prune`.
 
-Checks everything the config files allow, loads the parent, measures importance on the calibration data
-(importance.py), turns the targets into a plan (plan.py), slices the weights (slicing.py), measures the child
-against the parent on held-out tokens, and writes it: as a plain LlamaForCausalLM folder when every layer is
+Checks everything the config files allow, loads the parent within its memory budget (`parent_memory_gb`: layers
+beyond it are read from its files per forward), measures importance on the calibration data (importance.py), turns
+the targets into a plan (plan.py), writes the child tensor by tensor, each parent tensor sliced as it is read from
+its shards (slicing.py; neither model is ever held whole), then measures the written child against the parent on
+held-out tokens. The child is written as a plain LlamaForCausalLM folder when every layer is
 the same Llama layer (export.py), else in puzzle's DeciLM format. With `cfg.distill` the child first
 learns from the parent (puzzle.distill.gkd); a killed KD resumes when the same call is repeated.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,18 +20,20 @@ from typing import Any
 import torch
 
 from puzzle.arch import Architecture
-from puzzle.checkpoint import finish_checkpoint_dir, load_model, normalized_config, save_model
+from puzzle.checkpoint import decilm_config, finish_checkpoint_dir, normalized_config
 from puzzle.config import to_mapping
 from puzzle.data import TokenData, load_token_data, load_tokenizer
 from puzzle.distill.gkd import run_gkd
 from puzzle.errors import ConfigError, OutputExistsError
-from puzzle.files import atomic_output_dir, read_json
+from puzzle.files import atomic_output_dir, read_json, write_json_atomic
 from puzzle.jobs import Shard, device_for
+from puzzle.memory import load_within_budget, shard_bytes_within
 from puzzle.metrics import Quality
+from puzzle.modeling.configuration_decilm import DeciLMConfig
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
 from puzzle.progress import log
 from puzzle.prune.config import PruneConfig, PruneResult, ShapeSummary, size_range
-from puzzle.prune.export import plain_llama_blockers, save_plain_llama
+from puzzle.prune.export import plain_llama_blockers, write_plain_llama
 from puzzle.prune.importance import Importance, Needs, measure_importance
 from puzzle.prune.plan import (
     PrunePlan,
@@ -40,8 +44,9 @@ from puzzle.prune.plan import (
     make_plan,
     needs_calibration,
 )
-from puzzle.prune.slicing import apply_plan
+from puzzle.prune.slicing import check_params, child_config, sliced_tensors
 from puzzle.scoring import model_quality
+from puzzle.weights import SHARD_BYTES, LazyWeights, checkpoint_tensors, write_model_config, write_tensors
 
 
 def prune(ckpt: Path, out: Path, cfg: PruneConfig = PruneConfig(), *, overwrite: bool = False,
@@ -55,13 +60,14 @@ def prune(ckpt: Path, out: Path, cfg: PruneConfig = PruneConfig(), *, overwrite:
     """
     ckpt, out = Path(ckpt), Path(out)
     config, arch = _check_request(ckpt, out, cfg, overwrite)
-    parent = load_model(ckpt, dtype=None, device=device_for(Shard(), cfg.device)).requires_grad_(False)
     data = load_token_data(cfg.data, load_tokenizer(ckpt, cfg.trust_remote_code)) if cfg.data is not None else None
+    check = data is not None and cfg.eval_tokens > 0
+    # the parent runs (importance, quality check) within its memory budget; the child is sliced from its files
+    parent = _load(ckpt, cfg, "prune: parent") if needs_calibration(arch, cfg) or check else None
     importance = _importance(parent, arch, cfg, data)
     plan = make_plan(arch, cfg, importance)
-    child = apply_plan(parent, plan)
+    child_cfg, child_arch = child_config(decilm_config(config).to_dict(), plan)
     unrouted = _unrouted_experts(plan, importance)
-    child_arch = Architecture.from_config(child.config.to_dict())
     result = PruneResult(
         source=str(ckpt), out=str(out), output_format=_output_format(config, child_arch, cfg),
         before=summarize(arch), after=summarize(child_arch), kept_layers=tuple(p.source for p in plan.layers),
@@ -69,15 +75,35 @@ def prune(ckpt: Path, out: Path, cfg: PruneConfig = PruneConfig(), *, overwrite:
         layer_scores=_floats(importance.layers), window_scores=_floats(importance.windows) if cfg.contiguous else None,
         calibration_tokens=importance.tokens,
         kept_experts=tuple(p.experts for p in plan.layers) if any(p.experts for p in plan.layers) else None,
-        unrouted_experts=unrouted,
-        quality=_quality(parent, child, data, cfg), config=to_mapping(cfg),
+        unrouted_experts=unrouted, config=to_mapping(cfg),
     )
-    del parent
     details = {"stage": "prune", "parent": str(ckpt.resolve()), **(info or {})}
+    tensors = sliced_tensors(checkpoint_tensors(ckpt), plan, arch.shape.head_dim)
+    target = out if cfg.distill is None else out.with_name(f".{out.name}.pruned")
+    with atomic_output_dir(target, overwrite or cfg.distill is not None) as tmp:
+        # KD reads a DeciLM folder: the staged child is one whatever the final format
+        fmt = result.output_format if cfg.distill is None else "decilm"
+        _write_child(tmp, tensors, child_cfg, fmt, source=ckpt, info={**details, "prune": result.to_dict()},
+                     max_shard_bytes=shard_bytes_within(cfg.parent_memory_gb, device_for(Shard(), cfg.device)))
+        if check:
+            result = replace(result, quality=_quality(parent, _load(tmp, cfg, "prune: child"), data, cfg))
+            _update_info(tmp, "prune", result.to_dict())
+    del parent
     if cfg.distill is not None:
-        return _distill_and_write(child, ckpt, result, cfg, details, overwrite)
-    _write(child, out, result, ckpt, details, overwrite)
+        return _distill_and_write(target, ckpt, result, cfg, details, overwrite)
+    _log_written(result, out)
     return result
+
+
+def _load(path: Path, cfg: PruneConfig, what: str) -> DeciLMForCausalLM:
+    return load_within_budget(path, cfg.parent_memory_gb, "prune.parent_memory_gb", what=what, dtype=None,
+                              device=device_for(Shard(), cfg.device))
+
+
+def _update_info(folder: Path, key: str, value: Any) -> None:
+    """puzzle.json with `key` replaced: the result once the written child has been checked."""
+    info = read_json(folder / "puzzle.json", "puzzle.json")
+    write_json_atomic(folder / "puzzle.json", {**info, key: value})
 
 
 def _unrouted_experts(plan: PrunePlan, importance: Importance) -> tuple[str, ...]:
@@ -118,6 +144,7 @@ def _check_request(ckpt: Path, out: Path, cfg: PruneConfig, overwrite: bool) -> 
         raise OutputExistsError(f"{out} is the input checkpoint; choose another output path")
     config = normalized_config(ckpt)
     arch = Architecture.from_config(config, str(ckpt / "config.json"))
+    arch.refuse_hybrid(str(ckpt), "puzzle prune")
     check_targets(arch, cfg)
     if cfg.data is None and needs_calibration(arch, cfg):
         raise ConfigError("pruning ranks channels, heads and layers on calibration text: give --data PATH "
@@ -152,9 +179,7 @@ def _importance(model: DeciLMForCausalLM, arch: Architecture, cfg: PruneConfig, 
     return measure_importance(model, data.batches("train", cfg.batch_size, n_tokens=n_tokens, seed=0), needs)
 
 
-def _quality(parent: DeciLMForCausalLM, child: DeciLMForCausalLM, data: TokenData | None, cfg: PruneConfig) -> Quality | None:
-    if data is None or cfg.eval_tokens == 0:
-        return None
+def _quality(parent: DeciLMForCausalLM, child: DeciLMForCausalLM, data: TokenData, cfg: PruneConfig) -> Quality:
     n_tokens = min(max(cfg.eval_tokens, data.config.seq_len), data.num_tokens("held_out"))
     return model_quality(parent, child, data.batches("held_out", cfg.batch_size, n_tokens=n_tokens, shuffle=False))
 
@@ -171,17 +196,27 @@ def _floats(scores: torch.Tensor | None) -> tuple[float, ...] | None:
     return None if scores is None else tuple(round(float(s), 6) for s in scores)
 
 
-def _write(child: DeciLMForCausalLM, out: Path, result: PruneResult, source: Path, details: dict[str, Any],
-           overwrite: bool, extra_files: tuple[Path, ...] = ()) -> None:
-    info = {**details, "prune": result.to_dict()}
-    if result.output_format == "plain":
-        save_plain_llama(child, out, source=source, info=info, overwrite=overwrite, extra_files=extra_files)
+def _write_child(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], config: DeciLMConfig, fmt: str, *,
+                 source: Path, info: dict[str, Any], generation_from: Path | None = None,
+                 extra_files: tuple[Path, ...] = (), max_shard_bytes: int = SHARD_BYTES) -> None:
+    """The child of `config` into `folder` (inside atomic_output_dir) as its tensors come, in `fmt` (plain: a
+    LlamaForCausalLM folder; decilm: what `save_model` writes), checking its parameter count."""
+    arch = Architecture.from_config(config.to_dict())
+    if config.tie_word_embeddings:  # one tensor, stored once (as save_pretrained does)
+        tensors = ((k, v) for k, v in tensors if k != "lm_head.weight")
+    if fmt == "plain":
+        numel = write_plain_llama(folder, tensors, config.to_dict(), source=source, info=info, extra_files=extra_files,
+                                  max_shard_bytes=max_shard_bytes)
     else:
-        with atomic_output_dir(out, overwrite) as tmp:
-            child.save_pretrained(tmp, max_shard_size="5GB", safe_serialization=True)
-            finish_checkpoint_dir(tmp, json.loads((tmp / "config.json").read_text()), source, info)
-            for file in extra_files:
-                shutil.copy2(file, tmp / file.name)
+        dtype, numel = write_tensors(folder, tensors, max_shard_bytes)
+        write_model_config(folder, config, "DeciLMForCausalLM", dtype, generation_from=generation_from)
+        finish_checkpoint_dir(folder, read_json(folder / "config.json", "config.json"), source, info)
+        for file in extra_files:
+            shutil.copy2(file, folder / file.name)
+    check_params(numel, arch)
+
+
+def _log_written(result: PruneResult, out: Path) -> None:
     experts = ""
     if result.before.experts:
         b, a = result.before, result.after
@@ -190,14 +225,13 @@ def _write(child: DeciLMForCausalLM, out: Path, result: PruneResult, source: Pat
     log(f"prune: {result.before.params:,} -> {result.after.params:,} parameters{experts} -> {out}")
 
 
-def _distill_and_write(child: DeciLMForCausalLM, ckpt: Path, result: PruneResult, cfg: PruneConfig,
+def _distill_and_write(staging: Path, ckpt: Path, result: PruneResult, cfg: PruneConfig,
                        details: dict[str, Any], overwrite: bool) -> PruneResult:
-    """KD of the pruned child from `ckpt` (puzzle.distill.gkd) in two hidden folders beside `out`, then the
-    final write. Both folders stay when KD fails, so repeating the call resumes the KD."""
+    """KD of the pruned child staged in `staging` (a hidden folder beside `out`) from `ckpt` (puzzle.distill.gkd)
+    into another, then the final write, streamed from the trained child. Both folders stay when KD fails, so
+    repeating the call resumes the KD."""
     out = Path(result.out)
-    staging, trained = out.with_name(f".{out.name}.pruned"), out.with_name(f".{out.name}.kd")
-    save_model(child, staging, source=ckpt, overwrite=True, info={**details, "prune": result.to_dict()})
-    del child  # GKD loads its own student and teacher
+    trained = out.with_name(f".{out.name}.kd")
     gkd = replace(cfg.distill, trust_remote_code=cfg.trust_remote_code)
     if gkd.cosine_weight > 0 and gkd.layer_map is None:  # hidden states are compared layer by kept layer
         gkd = replace(gkd, layer_map=result.kept_layers)
@@ -207,7 +241,11 @@ def _distill_and_write(child: DeciLMForCausalLM, ckpt: Path, result: PruneResult
     result = replace(result, distill_tokens=kd.tokens,
                      quality_distilled=Quality(kl=a.kl, lm_loss=a.lm_loss, top1=a.top1, tokens=a.positions,
                                                reference_lm_loss=a.teacher_lm_loss))
-    _write(load_model(trained, dtype=None), out, result, ckpt, details, overwrite, extra_files=(trained / "gkd.json",))
+    with atomic_output_dir(out, overwrite) as tmp:
+        _write_child(tmp, LazyWeights(trained).items(), decilm_config(normalized_config(trained)), result.output_format,
+                     source=ckpt, info={**details, "prune": result.to_dict()}, generation_from=trained,
+                     extra_files=(trained / "gkd.json",))
+    _log_written(result, out)
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(trained, ignore_errors=True)
     return result
