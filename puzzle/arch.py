@@ -427,6 +427,7 @@ class ModelShape:
     hidden_act: str = "silu"
     mamba_conv_bias: bool = True  # Mamba-2 mixers (Nemotron-H's use_conv_bias / use_bias)
     mamba_proj_bias: bool = False
+    rope: bool = True  # False: attention without positional embedding (Nemotron-H, `position_embedding_type: none`)
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config.json") -> ModelShape:
@@ -451,6 +452,7 @@ class ModelShape:
             hidden_act=config.get("hidden_act", "silu"),
             mamba_conv_bias=bool(config.get("mamba_conv_bias", True)),
             mamba_proj_bias=bool(config.get("mamba_proj_bias", False)),
+            rope=config.get("position_embedding_type", "rope") != "none",
         )
 
 
@@ -593,8 +595,8 @@ class Architecture:
 
     # -- hybrid Mamba-Transformer layers (Nemotron-H) ---------------------------------------------------------
     def hybrid_parts(self) -> list[str]:
-        """The layers of a hybrid parent that only conversion, loading and generation handle so far (empty for
-        attention-only models): Mamba mixers, FFNs without a gate, grouped sigmoid-routed experts."""
+        """The layers of a hybrid parent that prune and fuse-ffn do not handle yet (empty for attention-only
+        models): Mamba mixers, FFNs without a gate, grouped sigmoid-routed experts."""
         kinds = {"Mamba-2 mixers": [i for i, b in enumerate(self.blocks) if b.attention.mamba is not None],
                  "FFNs without a gate": [i for i, b in enumerate(self.blocks) if b.ffn.is_dense and not b.ffn.gated],
                  "grouped sigmoid-routed experts": [i for i, b in enumerate(self.blocks)
@@ -606,8 +608,36 @@ class Architecture:
         parts = self.hybrid_parts()
         if parts:
             raise UnsupportedModelError(
-                f"{where}: {stage} does not handle hybrid Mamba-Transformer layers yet ({'; '.join(parts)}); such a "
-                "parent converts, loads and generates exactly (`puzzle convert`, `puzzle inspect`), nothing more so far")
+                f"{where}: {stage} does not handle hybrid Mamba-Transformer layers yet ({'; '.join(parts)}); `puzzle "
+                "search` does (Mamba heads, KV heads, MLP widths and experts per layer)")
+
+    def nemotron_h_unsupported(self) -> list[str]:
+        """Why vLLM's Nemotron-H model (`NemotronHPuzzleForCausalLM`: one mixer per layer, per-layer KV heads,
+        windows, MLP widths and expert counts, one Mamba shape for the whole model) cannot serve this model
+        (empty: it can, from the folder `puzzle.nemotron_h_puzzle` writes). Each non-no-op sub-block becomes one
+        of its layers."""
+        reasons = []
+        if self.shape.rope:
+            reasons.append("attention with RoPE (Nemotron-H's attention has no positional embedding)")
+        if self.shape.qk_norm or self.shape.attention_sinks or self.shape.qkv_bias or self.shape.o_proj_bias:
+            reasons.append("q/k norms, attention sinks or attention biases")
+        if self.shape.mamba_proj_bias != self.shape.mlp_bias and any(b.attention.mamba for b in self.blocks):
+            reasons.append("Mamba projection biases that differ from the MLP biases (one use_bias in Nemotron-H)")
+        mambas = {b.attention.mamba for b in self.blocks if b.attention.mamba is not None}
+        if len(mambas) > 1:
+            reasons.append(f"Mamba layers of different shapes ({', '.join(sorted(m.label() for m in mambas))}): vLLM "
+                           "reads one Mamba shape for every layer")
+        for i, block in enumerate(self.blocks):
+            if block.attention.replace_with_linear or block.ffn.replace_with_linear:
+                reasons.append(f"layer {i}: linear replacement")
+            if block.ffn.is_dense and block.ffn.gated:
+                reasons.append(f"layer {i}: gated FFN (Nemotron-H's MLP has no gate)")
+            moe = block.ffn.moe
+            if moe is not None and (moe.routing != "sigmoid_group_topk" or moe.expert_activation != "relu2"):
+                reasons.append(f"layer {i}: experts routed or activated otherwise than Nemotron-H's")
+        if all(b.attention.no_op and b.ffn.no_op for b in self.blocks):
+            reasons.append("no layer left")
+        return reasons
 
     # -- serving ------------------------------------------------------------------------------------------
     def vllm_unsupported(self) -> list[str]:
@@ -617,6 +647,8 @@ class Architecture:
             reasons.append("q/k RMSNorm (Qwen3) is not in vLLM's DeciLM model")
         if self.shape.attention_sinks:
             reasons.append("attention sinks (gpt-oss) are not in vLLM's DeciLM model")
+        if not self.shape.rope:
+            reasons.append("attention without RoPE (Nemotron-H) is not in vLLM's DeciLM model")
         for i, block in enumerate(self.blocks):
             reasons += [f"layer {i}: {reason}" for reason in block.vllm_unsupported]
         return reasons
@@ -638,8 +670,11 @@ class Architecture:
         return reasons
 
     def vllm_serving(self) -> str:
-        """How vLLM serves this model: "native" (its DeciLMForCausalLM), "transformers" (its Transformers backend,
+        """How vLLM serves this model: "native" (its DeciLMForCausalLM), "nemotron_h" (its NemotronHPuzzleForCausalLM,
+        from the folder `puzzle.nemotron_h_puzzle` writes beside the child), "transformers" (its Transformers backend,
         `LLM(model, model_impl="transformers", trust_remote_code=True, enforce_eager=True)`) or "none"."""
+        if not self.shape.rope or any(b.attention.mamba is not None for b in self.blocks):  # a Nemotron-H child
+            return "none" if self.nemotron_h_unsupported() else "nemotron_h"
         if not self.vllm_unsupported():
             return "native"
         return "none" if self.vllm_transformers_unsupported() else "transformers"

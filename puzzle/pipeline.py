@@ -233,7 +233,6 @@ class Search:
                 f"{self.paths.parent} and {self.paths.library} to redo this run)")
 
     def library(self) -> Manifest:
-        load_architecture(self.paths.parent).refuse_hybrid(str(self.paths.parent), "puzzle search")
         windows, seq_len, context = self.cfg.space.attention.windows, self.data().config.seq_len, self.cfg.profile.context_len
         if windows and seq_len < context:
             log(f"[yellow]note[/]: window attention is trained and scored on {seq_len}-token sequences but profiled at "

@@ -131,6 +131,7 @@ class VariantCost:
     kv_window: int | None
     # how the times were taken: "cuda" for MoE variants in a "cuda_graphs" profile (not capturable), else the profile's
     method: Literal["cuda_graphs", "cuda", "cpu", "analytic"]
+    state_bytes: int = 0  # a Mamba mixer's decode state per sequence (conv window at kv_dtype + fp32 scan state)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -461,6 +462,10 @@ def analytic_timing(shape: ModelShape, kind: str, variant, cfg: ProfileConfig, d
         if kind == "attention" and variant.has_softmax:
             moved += batch * kv_tokens * attention_kv_bytes_per_token(shape, variant, cfg.kv_dtype)
             flops += 4 * tokens * kv_tokens * shape.num_attention_heads * shape.head_dim
+        mamba = getattr(variant, "mamba", None) if kind == "attention" else None
+        if mamba is not None:  # each sequence's state is read and written once per call; the scan's FLOPs per token
+            moved += 2 * batch * mamba.state_bytes(kv_dtype_bytes(cfg.kv_dtype))
+            flops += 6 * tokens * mamba.intermediate_size * mamba.state_dim
         return max(moved / hw.memory_bandwidth, flops / hw.flops)
 
     window = getattr(variant, "window_length", None)
@@ -516,12 +521,14 @@ def profile_variants(parent: DeciLMConfig, variants: list[tuple[str, AttentionCo
                 time_layers(parent, block, cfg, device, dtype)
             params = attention_params(shape, variant) if kind == "attention" else ffn_params(shape, variant)
             kv = attention_kv_bytes_per_token(shape, variant, cfg.kv_dtype) if kind == "attention" else 0
+            mamba = getattr(variant, "mamba", None)
+            state = mamba.state_bytes(kv_dtype_bytes(cfg.kv_dtype)) if mamba is not None else 0
             name = (names or {}).get((kind, variant)) or (variant.label(shape.num_attention_heads) if kind == "attention" else variant.label())
             method = "analytic" if cfg.analytic else timing_method(cfg, device)
             costs.append(VariantCost(kind=kind, name=name, variant=variant.to_dict(), decode_time_s=timing.decode_time_s,
                                      prefill_time_s=timing.prefill_time_s, param_bytes=params * param_bytes,
                                      kv_bytes_per_token=kv, kv_window=getattr(variant, "window_length", None),
-                                     method=method))
+                                     method=method, state_bytes=state))
             bar.advance(1)
     embed_params = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
     method = "analytic" if cfg.analytic else timing_method(cfg, device)

@@ -70,7 +70,8 @@ class ModelReport:
 
 
 # How the report names Architecture.vllm_serving; the note under the table says what "Transformers backend" takes.
-VLLM_SERVING = {"native": "native", "transformers": "Transformers backend", "none": "no"}
+VLLM_SERVING = {"native": "native", "nemotron_h": "Nemotron-H (NAME-nemotron-h)", "transformers": "Transformers backend",
+                "none": "no"}
 
 
 def family(name: str, kind: str, parent_width: int | None) -> str:

@@ -21,6 +21,7 @@ from puzzle.fusion import fuse_ffn
 from puzzle.jobs import shard_from_env
 from puzzle.memory import free_bytes
 from puzzle.mip.stage import ChildPlan, build_problem, solve_targets, sweep
+from puzzle.nemotron_h_puzzle import VLLM_SUFFIX, write_nemotron_h_puzzle
 from puzzle.profiling import Profile, measure_model, predicted_timing, profile_variants, resolve_device_dtype
 from puzzle.progress import log, track
 from puzzle.prune import prune
@@ -104,6 +105,9 @@ def realize_stage(search: Search) -> list[Path]:
     manifest = search.manifest()
     arch = load_architecture(search.paths.parent)
     out = [realize(plan, arch, manifest, search.paths, search.dtype) for plan in plans_of(search)]
+    for child in out:  # hybrids: also the layout vLLM's Nemotron-H model serves, where the child fits it
+        if load_architecture(child).vllm_serving() == "nemotron_h":
+            write_nemotron_h_puzzle(child, child.with_name(child.name + VLLM_SUFFIX))
     search.mark_done("realize")
     return out
 

@@ -40,18 +40,13 @@ class ModelSummary:
     kv_bytes_per_token: int
     vllm_unsupported: tuple[str, ...]
     vllm_transformers_unsupported: tuple[str, ...]  # why vLLM's Transformers backend cannot serve it either
+    nemotron_h_unsupported: tuple[str, ...]  # why vLLM's Nemotron-H model cannot serve it (hybrids)
+    vllm_serving: str  # Architecture.vllm_serving: native, nemotron_h, transformers or none
     provenance: dict[str, Any] | None
 
     @property
     def vllm_native(self) -> bool:
         return not self.vllm_unsupported
-
-    @property
-    def vllm_serving(self) -> str:
-        """"native", "transformers" (vLLM's Transformers backend) or "none" (Architecture.vllm_serving)."""
-        if self.vllm_native:
-            return "native"
-        return "none" if self.vllm_transformers_unsupported else "transformers"
 
 
 def summarize(path: Path, kv_dtype: str = "bf16") -> ModelSummary:
@@ -88,5 +83,7 @@ def summarize(path: Path, kv_dtype: str = "bf16") -> ModelSummary:
         kv_bytes_per_token=arch.kv_bytes_per_token(kv_dtype),
         vllm_unsupported=tuple(arch.vllm_unsupported()),
         vllm_transformers_unsupported=tuple(arch.vllm_transformers_unsupported()),
+        nemotron_h_unsupported=tuple(arch.nemotron_h_unsupported()),
+        vllm_serving=arch.vllm_serving(),
         provenance=info,
     )

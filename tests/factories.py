@@ -182,10 +182,22 @@ def tiny_parent_with_tokenizer(root: Path, layers: int = 4, seed: int = 0, hidde
                                intermediate_size: int = 128, max_position_embeddings: int = 256,
                                family: str = "llama", experts: int = 4) -> tuple[Path, Path]:
     """(parent folder, corpus folder): a random tiny Llama (4 heads, 4 KV heads) with a BPE tokenizer; or, with
-    family="mixtral", a tiny Mixtral of the same shape with `experts` experts of that width, 2 per token."""
+    family="mixtral", a tiny Mixtral of the same shape with `experts` experts of that width, 2 per token; or, with
+    family="nemotron_h", a hybrid of Mamba, attention, MLP and MoE layers in turn (`experts` in 2 groups)."""
     corpus = tiny_corpus(root / "corpus")
     tokenizer = tiny_tokenizer(corpus)
     torch.manual_seed(seed)
+    if family == "nemotron_h":
+        config = NemotronHConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, hybrid_override_pattern=("M*-E" * layers)[:layers],
+            num_attention_heads=4, num_key_value_heads=4, head_dim=hidden_size // 4, intermediate_size=intermediate_size,
+            mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16, n_routed_experts=experts,
+            num_experts_per_tok=2, moe_intermediate_size=intermediate_size // 2, moe_shared_expert_intermediate_size=32,
+            n_group=2, topk_group=2, max_position_embeddings=max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        randomize_(NemotronHForCausalLM(config).eval(), seed).save_pretrained(root / "parent")
+        tokenizer.save_pretrained(root / "parent")
+        return root / "parent", corpus
     cls, config_cls, extra = {"llama": (LlamaForCausalLM, LlamaConfig, {}),
                               "mixtral": (MixtralForCausalLM, MixtralConfig,
                                           {"num_local_experts": experts, "num_experts_per_tok": 2})}[family]

@@ -1,4 +1,4 @@
-"""Hybrid Mamba-Transformer parents (Nemotron-H): what works today and what is refused.
+"""Hybrid Mamba-Transformer parents (Nemotron-H): conversion, the Mamba state, Mamba head pruning, and the stages that refuse them.
 
 Conversion exactness and cached generation against transformers' own NemotronH model run with every family in
 tests/test_checkpoint.py and tests/modeling/test_generation_compat.py ("nemotron_h" in factories.FAMILIES); the
@@ -58,10 +58,48 @@ def test_the_mamba_state_is_updated_in_place_during_decode(nemotron_h):
     torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
 
 
-def test_stages_that_do_not_handle_hybrids_yet_refuse_them_naming_the_layers(nemotron_h):
+def test_prune_and_fuse_refuse_hybrid_layers_naming_them(nemotron_h):
     parent = nemotron_h / "parent"
     with pytest.raises(UnsupportedModelError, match=r"puzzle prune does not handle hybrid .*Mamba-2 mixers \(layers 0, 4\)"):
         prune(parent, nemotron_h / "pruned", PruneConfig(ffn_size=48))
     with pytest.raises(UnsupportedModelError, match=r"FFNs without a gate \(layers 3\)"):
         fuse_ffn(parent, None, FusionConfig(threshold=None))
     assert not (nemotron_h / "pruned").exists()
+
+
+def test_a_mamba_mixer_with_fewer_heads_keeps_the_best_heads_of_each_group_exactly():
+    """Heads are independent given the shared B and C: the pruned mixer's scan output (before the gated norm) is the
+    parent's on the kept heads, and its gate is the parent's gate on their channels."""
+    from factories import decilm_model
+
+    from puzzle.arch import AttentionConfig, MambaConfig
+    from puzzle.blocks.init import init_attention
+    from puzzle.blocks.subblock import SubBlock
+
+    parent = decilm_model([("mamba", "no_op")], seed=4)
+    mixer = parent.model.layers[0].self_attn.mamba_mixer
+    old = AttentionConfig(mamba=MambaConfig(num_heads=8, head_dim=16, state_dim=8, num_groups=2))
+    new = AttentionConfig(mamba=MambaConfig(num_heads=4, head_dim=16, state_dim=8, num_groups=2))
+    score = torch.tensor([0.1, 5.0, 0.2, 3.0, 9.0, 0.3, 8.0, 0.0])  # best two of heads 0-3: 1, 3; of 4-7: 4, 6
+    state = {k: v.detach() for k, v in parent.model.layers[0].state_dict().items()}
+    weights = init_attention(state, old, new, 4, 16, {"mamba_head_score": score})
+    child = SubBlock(parent.config, "attention", new)
+    child.layer.load_state_dict(weights, strict=True)
+
+    captured = {}
+
+    def keep_norm_input(name):
+        return lambda module, args: captured.__setitem__(name, args)
+
+    hooks = [mixer.norm.register_forward_pre_hook(keep_norm_input("parent")),
+             child.layer.self_attn.mamba_mixer.norm.register_forward_pre_hook(keep_norm_input("child"))]
+    x = torch.randn(2, 11, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        parent.model.layers[0].attention_branch(x)
+        child(x)
+    for h in hooks:
+        h.remove()
+    channels = (torch.tensor([1, 3, 4, 6])[:, None] * 16 + torch.arange(16)).flatten()
+    (y_parent, z_parent), (y_child, z_child) = captured["parent"], captured["child"]
+    torch.testing.assert_close(y_child, y_parent[..., channels], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z_child, z_parent[..., channels])

@@ -47,9 +47,9 @@ def _children(tmp_path: Path) -> list[Path]:
 PROMPTS = [[3, 17, 42], [5, 9, 100, 200, 7], [11] * 9]
 
 
-def _vllm_tokens_equal_transformers(folder: Path, tmp_path: Path, *options: str) -> dict:
-    """Greedy tokens of `folder` from vLLM (scripts/vllm_greedy.py, float32) equal transformers' own `generate`;
-    returns the script's result."""
+def _vllm_tokens_equal_transformers(folder: Path, tmp_path: Path, *options: str, reference: Path | None = None) -> dict:
+    """Greedy tokens of `folder` from vLLM (scripts/vllm_greedy.py, float32) equal transformers' own `generate` (of
+    the puzzle checkpoint `reference`, default `folder` itself); returns the script's result."""
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     out = tmp_path / f"{folder.name}.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""}
@@ -59,7 +59,7 @@ def _vllm_tokens_equal_transformers(folder: Path, tmp_path: Path, *options: str)
                          timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(out.read_text())
-    model = checkpoint.load_model(folder)
+    model = checkpoint.load_model(reference or folder)
     for prompt, vllm_tokens in zip(PROMPTS, result["tokens"]):
         ids = torch.tensor([prompt])
         expected = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)[0, len(prompt):]
@@ -105,3 +105,41 @@ def test_vllm_transformers_backend_serves_expert_pruned_child(tmp_path):
     result = _vllm_tokens_equal_transformers(folder, tmp_path, "--model-impl", "transformers")
     # vLLM's Transformers backend running puzzle's own modeling_decilm.py, not its native DeciLM
     assert result["vllm_model_class"] == "vllm.model_executor.models.transformers.TransformersForCausalLM", result
+
+
+def _hybrid_child(tmp_path: Path) -> Path:
+    """A Nemotron-H child with a variant of each layer type vLLM's CPU build runs: Mamba layers (half the heads,
+    the same in both), fewer KV heads, a window, a narrowed gate-less MLP, a removed layer (no MoE: vLLM's CPU
+    build refuses Nemotron-H's gate-less experts, "is_act_and_mul=False is supported only for CUDA, XPU and ROCm")."""
+    from factories import ATTENTION_VARIANTS, decilm_dict
+
+    from puzzle.arch import Architecture
+    from puzzle.modeling.configuration_decilm import DeciLMConfig
+
+    mamba = {"mamba": {"num_heads": 4, "head_dim": 64, "state_dim": 16, "num_groups": 2, "conv_kernel": 4}}
+    blocks = [("mamba", "no_op"), ("kv1", "no_op"), ("no_op", "ungated"), ("no_op", "no_op"), ("mamba", "no_op"),
+              ("window", "no_op"), ("no_op", "ungated")]
+    config = decilm_dict(blocks, **HEAD_DIM_64, hidden_act="relu2", position_embedding_type="none",
+                         mamba_chunk_size=8, mamba_dt_min=0.001, rms_norm_eps=1e-5)
+    for entry, (attention, _) in zip(config["block_configs"], blocks):
+        if attention == "mamba":
+            entry["attention"] = dict(mamba)
+    assert ATTENTION_VARIANTS["window"]["window_length"] < 16  # shorter than prompt + generated tokens
+    torch.manual_seed(10)
+    model = randomize_(checkpoint.build_model(DeciLMConfig(**config)))
+    with torch.no_grad():  # sharper weights: every token depends on the context
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    child = checkpoint.save_model(model, tmp_path / "hybrid-child")
+    assert Architecture.from_config(checkpoint.read_config(child)).vllm_serving() == "nemotron_h"
+    return child
+
+
+def test_vllm_nemotron_h_model_serves_a_hybrid_child(tmp_path):
+    from puzzle.nemotron_h_puzzle import write_nemotron_h_puzzle
+
+    child = _hybrid_child(tmp_path)
+    folder = write_nemotron_h_puzzle(child, tmp_path / "hybrid-child-nemotron-h")
+    result = _vllm_tokens_equal_transformers(folder, tmp_path, reference=child)
+    assert result["vllm_architecture"] == "NemotronHPuzzleForCausalLM", result

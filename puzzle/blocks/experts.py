@@ -8,7 +8,8 @@ Experts are ranked on calibration tokens (`collect_layer_stats` calls `ExpertSta
 The kept experts keep their relative order and the router keeps their rows (and bias entries, gpt-oss), so the
 pruned layer routes among them by the family's own rule (softmax over the kept experts, top-k, renormalised when
 `norm_topk_prob`; gpt-oss: top-k of the kept experts' logits, softmax over those). Expert biases go with their
-experts.
+experts. Grouped sigmoid routing (Nemotron-H) keeps the same number of experts in every group (the best of each),
+their correction-bias entries, and the shared expert; its router mass is the mean sigmoid score.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ class ExpertStats:
     def __call__(self, module: DeciLMSparseMoE, args, output) -> None:
         x = args[0].reshape(-1, args[0].shape[-1])  # (N, C), the layer's normalised input
         logits = module.gate(x)  # (N, E)
+        sigmoid = module.routing == "sigmoid_group_topk"
         if self.ranking == "router_mass":
-            score = F.softmax(logits, dim=-1, dtype=torch.float).sum(0)
+            score = (logits.float().sigmoid() if sigmoid else F.softmax(logits, dim=-1, dtype=torch.float)).sum(0)
         else:
             score = torch.zeros(logits.shape[-1], dtype=torch.float, device=x.device)
-            weights, chosen = route_tokens(logits, module.top_k, module.norm_topk_prob, module.routing)  # (N, top_k) each
+            weights, chosen = route_tokens(logits, module.top_k, module.norm_topk_prob, module.routing, module.moe,
+                                           getattr(module.gate, "e_score_correction_bias", None))  # (N, top_k) each
             for expert in torch.unique(chosen).tolist():
                 token, slot = torch.where(chosen == expert)
                 norms = module.experts[expert](x[token]).float().norm(dim=-1)  # (n,)
@@ -70,8 +73,10 @@ def slice_experts(parent: dict[str, torch.Tensor], keep: tuple[int, ...]) -> dic
     0..k-1 in that order. Router rows are copies; expert tensors are the parent's (callers clone)."""
     index = torch.tensor(keep, dtype=torch.long, device=parent["mlp.gate.weight"].device)
     out = {"mlp.gate.weight": parent["mlp.gate.weight"][index]}
-    if "mlp.gate.bias" in parent:  # gpt-oss's router bias: one entry per expert, sliced as the rows
-        out["mlp.gate.bias"] = parent["mlp.gate.bias"][index]
+    for name in ("mlp.gate.bias", "mlp.gate.e_score_correction_bias"):  # one entry per expert: sliced as the rows
+        if name in parent:
+            out[name] = parent[name][index]
+    out |= {name: t for name, t in parent.items() if name.startswith("mlp.shared_expert.")}  # always on: kept
     for new, old in enumerate(keep):
         for tensor in _EXPERT_TENSORS:
             for suffix in ("weight", "bias"):
@@ -94,10 +99,14 @@ def keep_experts(parent: dict[str, torch.Tensor], variant: MoEConfig,
                          "expert pruning keeps whole experts")
     if k > experts:
         raise ValueError(f"cannot keep {k} experts of a layer that has {experts}")
+    groups = variant.n_group
     if k == experts:
         keep = tuple(range(experts))
     elif score is None:
         raise ValueError("expert pruning needs calibration statistics (expert_score)")
+    elif groups > 1:  # the same number from every group, so the groups stay the router's unit
+        size, kept = experts // groups, k // groups
+        keep = tuple(g * size + e for g in range(groups) for e in best_experts(score[g * size:(g + 1) * size], kept))
     else:
         keep = best_experts(score, k)
     return {name: t.clone() for name, t in slice_experts(parent, keep).items()}

@@ -11,6 +11,9 @@
   down_proj) x the norm of the channel's down_proj column, measured on calibration tokens;
 - linear FFN: least squares from the FFN's normalised input to its output on calibration tokens;
 - pruned experts: keep the best-ranked experts and their router rows (`blocks/experts.py`);
+- a Mamba-2 mixer with fewer heads: in every B/C group keep the heads with the largest contribution, mean squared
+  input of out_proj over the head's channels x their out_proj column norms, on calibration tokens; each kept head
+  keeps its z, x and dt projections, conv channels, decay, skip and norm gains (B and C are shared: all kept);
 - no-op: nothing.
 The calibration statistics come from one parent pass (`collect_layer_stats`).
 """
@@ -28,7 +31,7 @@ from puzzle.blocks.subblock import SubBlock
 from puzzle.distill.activations import layer_weights, offloaded, run_layers
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
 
-# "ffn_channel_score" (I,), "expert_score" (E,), "ffn_linear" (C, C), "attn_linear" (C, C)
+# "ffn_channel_score" (I,), "expert_score" (E,), "ffn_linear" (C, C), "attn_linear" (C, C), "mamba_head_score" (H,)
 LayerStats = dict[str, torch.Tensor]
 
 
@@ -47,7 +50,17 @@ def collect_layer_stats(model: DeciLMForCausalLM, batches: Iterable[torch.Tensor
 
     for i in layers:
         attn = model.model.layers[i].self_attn
-        if linear and attn is not None and hasattr(attn, "o_proj"):
+        if attn is not None and hasattr(attn, "mamba_mixer"):
+            out_proj, heads = attn.mamba_mixer.out_proj, attn.mamba_mixer.num_heads
+
+            def on_mamba(module, args, i=i, heads=heads):
+                y = args[0].flatten(0, -2).double()  # (N, I), the gated-normed scan output
+                column = module.weight.double().pow(2).sum(0)  # (I,) squared out_proj column norms
+                add(i, "mamba_head", (y.pow(2).sum(0) * column).view(heads, -1).sum(-1))
+                add(i, "mamba_tokens", torch.tensor(y.shape[0], dtype=torch.float64))
+
+            hooks.append(out_proj.register_forward_pre_hook(on_mamba))
+        if linear and attn is not None and (hasattr(attn, "o_proj") or hasattr(attn, "mamba_mixer")):
             def on_attn(module, args, output, i=i):
                 x, y = args[0].flatten(0, -2).double(), output.flatten(0, -2).double()  # (N, C)
                 add(i, "attn_xtx", x.T @ x)
@@ -93,6 +106,8 @@ def collect_layer_stats(model: DeciLMForCausalLM, batches: Iterable[torch.Tensor
             out["ffn_linear"] = least_squares(s["xtx"], s["xty"]).float()
         if "attn_xtx" in s:
             out["attn_linear"] = least_squares(s["attn_xtx"], s["attn_xty"]).float()
+        if "mamba_head" in s:
+            out["mamba_head_score"] = (s["mamba_head"] / s["mamba_tokens"]).float()
         if out:
             stats[i] = out
     return stats
@@ -125,11 +140,13 @@ def init_attention(parent: dict[str, torch.Tensor], parent_variant: AttentionCon
     if variant.no_op:
         return {}
     out = {"input_layernorm.weight": parent["input_layernorm.weight"].clone()}
-    if variant.replace_with_linear and linear_init == "least_squares":
+    if variant.replace_with_linear and (linear_init == "least_squares" or parent_variant.mamba is not None):
         if stats is None or "attn_linear" not in stats:
             raise ValueError("least-squares linear attention needs calibration statistics (attn_linear)")
-        out["self_attn.linear_attn.weight"] = stats["attn_linear"].to(parent["self_attn.o_proj.weight"].dtype).clone()
+        out["self_attn.linear_attn.weight"] = stats["attn_linear"].to(out["input_layernorm.weight"].dtype).clone()
         return out
+    if variant.mamba is not None:
+        return out | init_mamba(parent, parent_variant.mamba, variant.mamba, stats)
     if variant.replace_with_linear:
         kv = parent_variant.num_kv_heads(num_heads)
         w_v = parent["self_attn.v_proj.weight"].reshape(kv, head_dim, -1)  # (KV, D, C)
@@ -144,6 +161,37 @@ def init_attention(parent: dict[str, torch.Tensor], parent_variant: AttentionCon
             out[name] = _pool_heads(tensor, old_kv, new_kv)
         else:
             out[name] = tensor.clone()
+    return out
+
+
+def init_mamba(parent: dict[str, torch.Tensor], parent_mamba, mamba, stats: LayerStats | None) -> dict[str, torch.Tensor]:
+    """Layer-relative weights of a Mamba-2 mixer keeping `mamba.num_heads` of the parent's heads, the same number in
+    every B/C group (the best-scored ones, in their parent order)."""
+    prefix = "self_attn.mamba_mixer."
+    mixer = {k[len(prefix):]: v for k, v in parent.items() if k.startswith(prefix)}
+    if mamba == parent_mamba:
+        return {prefix + k: v.clone() for k, v in mixer.items()}
+    if stats is None or "mamba_head_score" not in stats:
+        raise ValueError("a Mamba mixer with fewer heads needs calibration statistics (mamba_head_score)")
+    groups, p = parent_mamba.num_groups, parent_mamba.head_dim
+    old, new = parent_mamba.num_heads // groups, mamba.num_heads // groups  # heads per group
+    score = stats["mamba_head_score"].cpu()
+    heads = torch.cat([g * old + score[g * old:(g + 1) * old].topk(new).indices.sort().values for g in range(groups)])
+    channels = (heads[:, None] * p + torch.arange(p)).flatten()  # (H' * P,) of the parent's I channels
+    inner, bc = parent_mamba.intermediate_size, 2 * groups * parent_mamba.state_dim
+    # in_proj rows: z (I) | x (I) | B, C (2 G N) | dt (H); conv channels: x (I) | B, C (2 G N)
+    in_rows = torch.cat([channels, inner + channels, 2 * inner + torch.arange(bc), 2 * inner + bc + heads])
+    conv_rows = torch.cat([channels, inner + torch.arange(bc)])
+    rows = {"in_proj.weight": in_rows, "in_proj.bias": in_rows, "conv1d.weight": conv_rows, "conv1d.bias": conv_rows,
+            "dt_bias": heads, "A_log": heads, "D": heads, "norm.weight": channels}
+    out = {}
+    for name, tensor in mixer.items():
+        if name in rows:
+            out[prefix + name] = tensor[rows[name].to(tensor.device)].clone()
+        elif name == "out_proj.weight":
+            out[prefix + name] = tensor[:, channels.to(tensor.device)].clone()
+        else:  # out_proj.bias
+            out[prefix + name] = tensor.clone()
     return out
 
 
@@ -168,7 +216,7 @@ def init_ffn(parent: dict[str, torch.Tensor], variant: FFNConfig, stats: LayerSt
             raise ValueError("narrowed FFN initialisation needs calibration statistics (ffn_channel_score)")
         contribution = stats["ffn_channel_score"].to(down.device) * down.float().norm(dim=0)  # (I,)
         keep = contribution.topk(width).indices.sort().values
-    for name in ("gate_proj", "up_proj"):
+    for name in ("gate_proj", "up_proj") if variant.gated else ("up_proj",):
         out[f"mlp.{name}.weight"] = parent[f"mlp.{name}.weight"][keep].clone()
         if f"mlp.{name}.bias" in parent:
             out[f"mlp.{name}.bias"] = parent[f"mlp.{name}.bias"][keep].clone()

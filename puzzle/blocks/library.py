@@ -100,7 +100,7 @@ def needs_calibration(candidates: list[Candidate]) -> tuple[set[int], bool]:
             if getattr(v, "replace_with_linear", False):
                 layers.add(c.layer)
                 linear = True
-            if getattr(v, "intermediate_size", None) is not None or getattr(v, "moe", None) is not None:
+            if any(getattr(v, field, None) is not None for field in ("intermediate_size", "moe", "mamba")):
                 layers.add(c.layer)
     return layers, linear
 

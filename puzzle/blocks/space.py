@@ -3,7 +3,9 @@
 Puzzle (Bercovich et al. 2024), section 3: per layer, attention with the parent's KV heads halved down to 1,
 window attention, a linear replacement or no-op; FFN at fractions of the parent's width (rounded to a
 multiple the device likes), linear or no-op; a mixture-of-experts FFN also keeps fractions of its experts
-(Puzzle for MoE: expert pruning; optionally fewer experts per token). Decoupled mode trains attention and FFN candidates separately
+(Puzzle for MoE: expert pruning; optionally fewer experts per token). Hybrid parents (Nemotron-H) get, per layer, the
+variants of its type: a Mamba mixer with fewer heads (the same number kept in every B/C group), linear or no-op;
+attention, MLP and MoE layers as above (an MLP without a gate stays without one). Decoupled mode trains attention and FFN candidates separately
 ((m + n) units per layer); coupled mode trains every (attention, FFN) pair as a whole block (m x n).
 """
 
@@ -62,10 +64,22 @@ class MoESpace:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MambaSpace:
+    # Fractions of a Mamba-2 layer's heads to keep (rounded down to whole heads per B/C group, at least one each);
+    # the attention section's `linear` and `no_op` apply to Mamba layers too.
+    heads: tuple[float, ...] = (0.75, 0.5, 0.25)
+
+    def __post_init__(self) -> None:
+        if not all(0 < f <= 1 for f in self.heads):
+            raise ConfigError(f"space.mamba.heads must lie in (0, 1], got {list(self.heads)}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SearchSpace:
     attention: AttentionSpace = field(default_factory=AttentionSpace)
     ffn: FFNSpace = field(default_factory=FFNSpace)
     moe: MoESpace = field(default_factory=MoESpace)
+    mamba: MambaSpace = field(default_factory=MambaSpace)
     layers: tuple[int, ...] | None = None  # only these layers get candidates; the others keep the parent's
     mode: Literal["decoupled", "coupled"] = "decoupled"
 
@@ -121,9 +135,18 @@ def variant_name(variant: AttentionConfig | FFNConfig | BlockConfig, num_heads: 
     return f"{variant.attention.label(num_heads)}+{variant.ffn.label()}"
 
 
-def attention_variants(parent: AttentionConfig, num_heads: int, space: AttentionSpace) -> list[AttentionConfig]:
-    """The parent's attention first, then cheaper ones; duplicates removed."""
+def attention_variants(parent: AttentionConfig, num_heads: int, space: AttentionSpace,
+                       mamba: MambaSpace = MambaSpace()) -> list[AttentionConfig]:
+    """The parent's attention (or Mamba mixer) first, then cheaper ones; duplicates removed."""
     variants = [parent]
+    if parent.mamba is not None:
+        m = parent.mamba
+        for fraction in sorted(mamba.heads, reverse=True):
+            per_group = max(1, int(m.num_heads // m.num_groups * fraction))
+            if per_group * m.num_groups < m.num_heads:
+                variants.append(AttentionConfig(mamba=replace(m, num_heads=per_group * m.num_groups)))
+        if space.linear:
+            variants.append(AttentionConfig(replace_with_linear=True))
     if parent.has_softmax:
         parent_kv = parent.num_kv_heads(num_heads)
         if space.kv_heads is None:
@@ -149,8 +172,11 @@ def attention_variants(parent: AttentionConfig, num_heads: int, space: Attention
 def ffn_variants(parent: FFNConfig, space: FFNSpace, moe: MoESpace = MoESpace()) -> list[FFNConfig]:
     variants = [parent]
     if parent.moe is not None:
-        experts, top_k = parent.moe.num_local_experts, parent.moe.num_experts_per_tok
+        experts, top_k, groups = parent.moe.num_local_experts, parent.moe.num_experts_per_tok, parent.moe.n_group
         counts = [experts] + [max(top_k, round(experts * fraction)) for fraction in moe.experts]
+        # Grouped routing keeps whole groups' worth: the same number of experts in each group, enough in the
+        # groups a token may use for its top-k.
+        counts = [c // groups * groups for c in counts if c // groups * parent.moe.topk_group >= top_k]
         for kept in dict.fromkeys(counts):
             for per_token in (top_k, *sorted({k for k in moe.experts_per_token if k < top_k}, reverse=True)):
                 if (kept, per_token) != (experts, top_k):
@@ -160,7 +186,7 @@ def ffn_variants(parent: FFNConfig, space: FFNSpace, moe: MoESpace = MoESpace())
             width = max(space.multiple, round(parent.intermediate_size * fraction / space.multiple) * space.multiple)
             if fraction == 1.0 or width >= parent.intermediate_size:
                 continue  # the parent's own width is the parent variant
-            variants.append(FFNConfig(intermediate_size=width))
+            variants.append(replace(parent, intermediate_size=width))  # a gate-less MLP stays gate-less
     if (parent.is_dense or parent.moe is not None) and space.linear:
         variants.append(FFNConfig(replace_with_linear=True))
     if space.no_op:
@@ -177,7 +203,7 @@ def build_candidates(arch: Architecture, space: SearchSpace) -> list[Candidate]:
         if not 0 <= i < arch.num_layers:
             raise ConfigError(f"space.layers: layer {i} does not exist (the parent has {arch.num_layers} layers)")
         parent = arch.blocks[i]
-        attns = attention_variants(parent.attention, heads, space.attention)
+        attns = attention_variants(parent.attention, heads, space.attention, space.mamba)
         ffns = ffn_variants(parent.ffn, space.ffn, space.moe)
         if space.mode == "decoupled":
             out += [_candidate(i, "attention", a, a == parent.attention, heads) for a in attns]

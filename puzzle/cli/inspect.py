@@ -44,6 +44,12 @@ def inspect_command(ckpt: ModelDir, kv_dtype: KvDtype = "bf16", as_json: JsonOut
         converted = "vLLM-native there too" if s.vllm_native else "not vLLM-native there: " + "; ".join(s.vllm_unsupported)
         console.print(f"a plain {s.model_type} folder: vLLM serves it with its {s.model_type} model; in puzzle's "
                       f"format (`puzzle convert`) it is {converted}")
+    elif s.vllm_serving == "nemotron_h":
+        console.print("[green]vLLM serves it as NemotronHPuzzleForCausalLM[/] from its Nemotron-H-format folder (a "
+                      "search writes children/NAME-nemotron-h beside each hybrid child; puzzle.nemotron_h_puzzle)")
+    elif s.parent_family == "nemotron_h":
+        console.print("[yellow]vLLM cannot serve it[/]: " + "; ".join(s.nemotron_h_unsupported)
+                      + "; transformers loads it (trust_remote_code=True)")
     elif s.vllm_native:
         console.print("[green]vLLM-native[/]: every layer is one vLLM's DeciLMForCausalLM implements")
     else:

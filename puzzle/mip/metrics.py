@@ -63,7 +63,7 @@ def evaluate(
     params = problem.fixed_param_bytes + sum(option.param_bytes for option in chosen)
     memory = None
     if context_len is not None:
-        kv_cache = sum(option.kv_bytes_per_token * option.kv_tokens(context_len) for option in chosen)
+        kv_cache = sum(option.kv_bytes_per_token * option.kv_tokens(context_len) + option.state_bytes for option in chosen)
         memory = params + batch_size * kv_cache
     return Metrics(
         score=math.fsum(option.score for option in chosen),

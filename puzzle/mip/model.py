@@ -142,7 +142,8 @@ def build_constraints(problem: Problem, targets: Targets, previous: Sequence[Sol
         assert context is not None  # Targets checks this
         memory = _expr(
             problem,
-            lambda option: option.param_bytes + batch * option.kv_bytes_per_token * option.kv_tokens(context),
+            lambda option: option.param_bytes + batch * (option.kv_bytes_per_token * option.kv_tokens(context)
+                                                         + option.state_bytes),
             problem.fixed_param_bytes,
             integral=True,
         )

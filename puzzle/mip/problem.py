@@ -48,6 +48,7 @@ class Option:
     has_attention: bool  # softmax attention present (counted by the attention-layer targets)
     kv_bytes_per_token: int = 0  # per sequence per token at the KV dtype; 0 for no-op/linear attention, FFNs
     kv_window: int | None = None  # window attention caches at most this many tokens
+    state_bytes: int = 0  # per sequence whatever the context: a Mamba mixer's conv and scan state
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -57,6 +58,7 @@ class Option:
             _check_number(owner, field, getattr(self, field))
         _check_int(owner, "param_bytes", self.param_bytes)
         _check_int(owner, "kv_bytes_per_token", self.kv_bytes_per_token)
+        _check_int(owner, "state_bytes", self.state_bytes)
         if self.kv_window is not None:
             _check_int(owner, "kv_window", self.kv_window, minimum=1)
         if not isinstance(self.has_attention, bool):

@@ -123,7 +123,8 @@ def _option(name: str, score: float, costs: list, has_attention: bool) -> Option
     return Option(name=name, score=max(score, 0.0), decode_time_s=sum(c.decode_time_s for c in costs),
                   prefill_time_s=sum(c.prefill_time_s for c in costs), param_bytes=sum(c.param_bytes for c in costs),
                   kv_bytes_per_token=sum(c.kv_bytes_per_token for c in costs),
-                  kv_window=next((c.kv_window for c in costs if c.kv_bytes_per_token), None), has_attention=has_attention)
+                  kv_window=next((c.kv_window for c in costs if c.kv_bytes_per_token), None), has_attention=has_attention,
+                  state_bytes=sum(getattr(c, "state_bytes", 0) for c in costs))
 
 
 def build_problem(manifest: Manifest, scores: Scores, profile: Profile, arch: Architecture,
