@@ -27,6 +27,8 @@ from typing import Any
 
 from puzzle.errors import ConfigError, UnsupportedModelError
 
+# Checkpoint tensors that are buffers of the model, not parameters: stored, but not in the parameter accounting.
+BUFFER_SUFFIXES = ("e_score_correction_bias",)
 KV_DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1}
 
 # Fields of NVIDIA's published block_configs that puzzle accepts only at their inert value.
@@ -595,8 +597,8 @@ class Architecture:
 
     # -- hybrid Mamba-Transformer layers (Nemotron-H) ---------------------------------------------------------
     def hybrid_parts(self) -> list[str]:
-        """The layers of a hybrid parent that prune and fuse-ffn do not handle yet (empty for attention-only
-        models): Mamba mixers, FFNs without a gate, grouped sigmoid-routed experts."""
+        """The layers of a hybrid parent that fuse-ffn does not handle yet (empty for attention-only models): Mamba
+        mixers, FFNs without a gate, grouped sigmoid-routed experts."""
         kinds = {"Mamba-2 mixers": [i for i, b in enumerate(self.blocks) if b.attention.mamba is not None],
                  "FFNs without a gate": [i for i, b in enumerate(self.blocks) if b.ffn.is_dense and not b.ffn.gated],
                  "grouped sigmoid-routed experts": [i for i, b in enumerate(self.blocks)
@@ -609,7 +611,7 @@ class Architecture:
         if parts:
             raise UnsupportedModelError(
                 f"{where}: {stage} does not handle hybrid Mamba-Transformer layers yet ({'; '.join(parts)}); `puzzle "
-                "search` does (Mamba heads, KV heads, MLP widths and experts per layer)")
+                "search` and `puzzle prune` do")
 
     def nemotron_h_unsupported(self) -> list[str]:
         """Why vLLM's Nemotron-H model (`NemotronHPuzzleForCausalLM`: one mixer per layer, per-layer KV heads,

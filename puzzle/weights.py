@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from puzzle.arch import BUFFER_SUFFIXES
 from puzzle.checkpoint import SAFETENSORS_INDEX, SPLIT_FAMILIES, read_config, renamed, weight_files, weight_renames
 from puzzle.errors import InputError
 
@@ -111,11 +112,12 @@ class ShardedWriter:
 def write_tensors(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int = SHARD_BYTES
                   ) -> tuple[torch.dtype | None, int]:
     """Write (name, tensor) pairs as they come into `folder`'s shards; returns (the first floating tensor's dtype,
-    the number of elements written), what the config and the parameter check need."""
+    the number of parameters written: buffers such as a router's correction bias not counted), what the config and
+    the parameter check need."""
     writer, dtype, numel = ShardedWriter(folder, max_shard_bytes), None, 0
     for name, tensor in tensors:
         writer.add(name, tensor)
-        numel += tensor.numel()
+        numel += 0 if name.endswith(BUFFER_SUFFIXES) else tensor.numel()
         if dtype is None and tensor.is_floating_point():
             dtype = tensor.dtype
     writer.close()

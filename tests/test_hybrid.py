@@ -1,4 +1,5 @@
-"""Hybrid Mamba-Transformer parents (Nemotron-H): conversion, the Mamba state, Mamba head pruning, and the stages that refuse them.
+"""Hybrid Mamba-Transformer parents (Nemotron-H): conversion, the Mamba state, Mamba head selection, Minitron pruning,
+and fuse-ffn's refusal.
 
 Conversion exactness and cached generation against transformers' own NemotronH model run with every family in
 tests/test_checkpoint.py and tests/modeling/test_generation_compat.py ("nemotron_h" in factories.FAMILIES); the
@@ -58,13 +59,9 @@ def test_the_mamba_state_is_updated_in_place_during_decode(nemotron_h):
     torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
 
 
-def test_prune_and_fuse_refuse_hybrid_layers_naming_them(nemotron_h):
-    parent = nemotron_h / "parent"
-    with pytest.raises(UnsupportedModelError, match=r"puzzle prune does not handle hybrid .*Mamba-2 mixers \(layers 0, 4\)"):
-        prune(parent, nemotron_h / "pruned", PruneConfig(ffn_size=48))
-    with pytest.raises(UnsupportedModelError, match=r"FFNs without a gate \(layers 3\)"):
-        fuse_ffn(parent, None, FusionConfig(threshold=None))
-    assert not (nemotron_h / "pruned").exists()
+def test_fuse_ffn_refuses_hybrid_layers_naming_them(nemotron_h):
+    with pytest.raises(UnsupportedModelError, match=r"puzzle fuse-ffn does not handle hybrid .*FFNs without a gate \(layers 3\)"):
+        fuse_ffn(nemotron_h / "parent", None, FusionConfig(threshold=None))
 
 
 def test_a_mamba_mixer_with_fewer_heads_keeps_the_best_heads_of_each_group_exactly():
@@ -103,3 +100,87 @@ def test_a_mamba_mixer_with_fewer_heads_keeps_the_best_heads_of_each_group_exact
     (y_parent, z_parent), (y_child, z_child) = captured["parent"], captured["child"]
     torch.testing.assert_close(y_child, y_parent[..., channels], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(z_child, z_parent[..., channels])
+
+
+def _hybrid_parent(root):
+    """(converted tiny Nemotron-H with every layer type, its data config)."""
+    from factories import tiny_parent_with_tokenizer
+
+    from puzzle.corpus import DataConfig
+
+    hf, corpus = tiny_parent_with_tokenizer(root / "inputs", layers=4, family="nemotron_h")
+    parent = checkpoint.convert(hf, root / "parent")
+    return parent, DataConfig(paths=(str(corpus),), seq_len=64)
+
+
+def test_pruning_a_hybrid_at_its_own_sizes_is_the_identity(tmp_path):
+    parent, data = _hybrid_parent(tmp_path)
+    arch = checkpoint.load_architecture(parent)
+    cfg = PruneConfig(mamba_heads=8, ffn_size=(None, None, 128, None), hidden_size=64, experts=4, data=data,
+                      eval_tokens=0)
+    prune(parent, tmp_path / "same", cfg)
+    assert checkpoint.load_architecture(tmp_path / "same") == arch
+    ids = torch.randint(0, arch.shape.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(checkpoint.load_model(tmp_path / "same")(ids).logits, checkpoint.load_model(parent)(ids).logits)
+
+
+def test_a_pruned_hybrid_equals_its_hand_sliced_parent(tmp_path):
+    """Mamba heads (2 of 4 per group), MLP neurons, hidden channels and experts (one per group) kept by a plan of
+    known scores: the slicing equals indexing the parent's tensors by hand."""
+    from puzzle.prune.importance import Importance
+    from puzzle.prune.plan import make_plan
+    from puzzle.prune.slicing import apply_plan
+
+    parent_dir, _ = _hybrid_parent(tmp_path)
+    parent = checkpoint.load_model(parent_dir)
+    arch = checkpoint.load_architecture(parent_dir)
+    gen = torch.Generator().manual_seed(1)
+    importance = Importance(hidden=torch.rand(64, generator=gen), mamba_heads={0: torch.rand(8, generator=gen)},
+                            ffn={2: torch.rand(128, generator=gen)}, experts={3: torch.tensor([0.2, 0.9, 0.8, 0.1])},
+                            expert_ffn={})
+    cfg = PruneConfig(mamba_heads=4, ffn_size=(None, None, 32, None), hidden_size=48, experts=2)
+    plan = make_plan(arch, cfg, importance)
+    child = apply_plan(parent, plan)
+    assert plan.layers[3].experts == (1, 2)  # the best of experts {0, 1} and of {2, 3}: grouped routing keeps both groups
+    heads = importance.mamba_heads[0]
+    kept = sorted(heads[:4].topk(2).indices.tolist()) + sorted((heads[4:].topk(2).indices + 4).tolist())
+    assert plan.layers[0].mamba_heads == tuple(kept)
+    hidden = torch.tensor(sorted(importance.hidden.topk(48).indices.tolist()))
+    p, c = parent.state_dict(), child.state_dict()
+    channels = (torch.tensor(kept)[:, None] * 16 + torch.arange(16)).flatten()
+    inner, bc = 128, 2 * 2 * 16  # 8 heads x 16 channels; B and C of 2 groups x state 16
+    in_rows = torch.cat([channels, inner + channels, 2 * inner + torch.arange(bc), 2 * inner + bc + torch.tensor(kept)])
+    mixer = "model.layers.0.self_attn.mamba_mixer."
+    assert torch.equal(c[mixer + "in_proj.weight"], p[mixer + "in_proj.weight"][in_rows][:, hidden])
+    assert torch.equal(c[mixer + "conv1d.weight"], p[mixer + "conv1d.weight"][torch.cat([channels, inner + torch.arange(bc)])])
+    assert torch.equal(c[mixer + "out_proj.weight"], p[mixer + "out_proj.weight"][hidden][:, channels])
+    for name in ("A_log", "D", "dt_bias"):
+        assert torch.equal(c[mixer + name], p[mixer + name][torch.tensor(kept)])
+    neurons = torch.tensor(sorted(importance.ffn[2].topk(32).indices.tolist()))
+    assert torch.equal(c["model.layers.2.mlp.up_proj.weight"], p["model.layers.2.mlp.up_proj.weight"][neurons][:, hidden])
+    assert torch.equal(c["model.layers.3.mlp.gate.e_score_correction_bias"],
+                       p["model.layers.3.mlp.gate.e_score_correction_bias"][torch.tensor([1, 2])])
+    assert torch.equal(c["model.layers.3.mlp.shared_expert.down_proj.weight"],
+                       p["model.layers.3.mlp.shared_expert.down_proj.weight"][hidden])
+    assert torch.equal(c["model.layers.3.mlp.experts.1.up_proj.weight"], p["model.layers.3.mlp.experts.2.up_proj.weight"][:, hidden])
+
+
+def test_puzzle_prune_of_a_hybrid_loads_without_puzzle_and_in_vllms_layout(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    parent, data = _hybrid_parent(tmp_path)
+    cfg = PruneConfig(mamba_heads=4, ffn_size=64, hidden_size=48, experts=2, data=data, calibration_tokens=2048,
+                      eval_tokens=1024, batch_size=4)
+    result = prune(parent, tmp_path / "pruned", cfg)
+    arch = checkpoint.load_architecture(tmp_path / "pruned")
+    heads = arch.shape.num_attention_heads
+    assert [(b.attention.label(heads), b.ffn.label()) for b in arch.blocks] == \
+        [("mamba4", "no_op"), ("kv4", "no_op"), ("no_op", "ffn64"), ("no_op", "moe_k2_top2")]
+    assert result.quality is not None and result.quality.kl > 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(0, arch.shape.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
+            model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False).tolist()
+    assert (tmp_path / "pruned-nemotron-h" / "config.json").exists()  # vLLM's Nemotron-H layout beside it

@@ -107,39 +107,63 @@ def test_vllm_transformers_backend_serves_expert_pruned_child(tmp_path):
     assert result["vllm_model_class"] == "vllm.model_executor.models.transformers.TransformersForCausalLM", result
 
 
-def _hybrid_child(tmp_path: Path) -> Path:
-    """A Nemotron-H child with a variant of each layer type vLLM's CPU build runs: Mamba layers (half the heads,
-    the same in both), fewer KV heads, a window, a narrowed gate-less MLP, a removed layer (no MoE: vLLM's CPU
-    build refuses Nemotron-H's gate-less experts, "is_act_and_mul=False is supported only for CUDA, XPU and ROCm")."""
-    from factories import ATTENTION_VARIANTS, decilm_dict
+def _nemotron_h_parent(tmp_path: Path, seed: int) -> tuple[Path, Path]:
+    """(converted Nemotron-H parent with Mamba, attention and MLP layers and a tokenizer, its corpus). No MoE layer:
+    vLLM's CPU build refuses Nemotron-H's gate-less experts ("is_act_and_mul=False is supported only for CUDA, XPU
+    and ROCm")."""
+    from factories import tiny_corpus, tiny_tokenizer
+    from transformers import NemotronHConfig, NemotronHForCausalLM
 
-    from puzzle.arch import Architecture
-    from puzzle.modeling.configuration_decilm import DeciLMConfig
-
-    mamba = {"mamba": {"num_heads": 4, "head_dim": 64, "state_dim": 16, "num_groups": 2, "conv_kernel": 4}}
-    blocks = [("mamba", "no_op"), ("kv1", "no_op"), ("no_op", "ungated"), ("no_op", "no_op"), ("mamba", "no_op"),
-              ("window", "no_op"), ("no_op", "ungated")]
-    config = decilm_dict(blocks, **HEAD_DIM_64, hidden_act="relu2", position_embedding_type="none",
-                         mamba_chunk_size=8, mamba_dt_min=0.001, rms_norm_eps=1e-5)
-    for entry, (attention, _) in zip(config["block_configs"], blocks):
-        if attention == "mamba":
-            entry["attention"] = dict(mamba)
-    assert ATTENTION_VARIANTS["window"]["window_length"] < 16  # shorter than prompt + generated tokens
-    torch.manual_seed(10)
-    model = randomize_(checkpoint.build_model(DeciLMConfig(**config)))
+    corpus = tiny_corpus(tmp_path / "corpus")
+    torch.manual_seed(seed)
+    hf = randomize_(NemotronHForCausalLM(NemotronHConfig(
+        vocab_size=512, hidden_size=256, hybrid_override_pattern="M*-M*-", num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, intermediate_size=512, mamba_num_heads=8, mamba_head_dim=32, ssm_state_size=16, n_groups=2,
+        chunk_size=8, max_position_embeddings=256)).eval())
     with torch.no_grad():  # sharper weights: every token depends on the context
-        for p in model.parameters():
+        for p in hf.parameters():
             if p.dim() == 2:
                 p.mul_(5.0)
-    child = checkpoint.save_model(model, tmp_path / "hybrid-child")
-    assert Architecture.from_config(checkpoint.read_config(child)).vllm_serving() == "nemotron_h"
-    return child
+    hf.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer(corpus, vocab_size=512).save_pretrained(tmp_path / "hf")
+    return checkpoint.convert(tmp_path / "hf", tmp_path / "parent"), corpus
 
 
-def test_vllm_nemotron_h_model_serves_a_hybrid_child(tmp_path):
-    from puzzle.nemotron_h_puzzle import write_nemotron_h_puzzle
+def test_vllm_nemotron_h_model_serves_a_searched_hybrid(tmp_path):
+    """`puzzle search` of a Nemotron-H parent with a vllm_native target: its child (fewer KV heads, a window,
+    narrower or removed MLPs, Mamba layers kept or removed) is written in vLLM's layout beside it too, and vLLM
+    serves that with transformers' greedy tokens."""
+    from pipeline_fixtures import tiny_search_config, write_config
 
-    child = _hybrid_child(tmp_path)
-    folder = write_nemotron_h_puzzle(child, tmp_path / "hybrid-child-nemotron-h")
-    result = _vllm_tokens_equal_transformers(folder, tmp_path, reference=child)
+    from puzzle.pipeline import run_search
+
+    parent, corpus = _nemotron_h_parent(tmp_path, seed=10)
+    space = {"attention": {"kv_heads": [1], "windows": [16], "linear": False}, "mamba": {"heads": [0.5]},
+             "ffn": {"fractions": [0.5], "multiple": 32, "linear": False}}
+    config = tiny_search_config(corpus, space=space, solve={"targets": [{"name": "small", "memory": "0.8x",
+                                                                         "vllm_native": True}], "sweep": [1.2]},
+                                profile={"batch_size": 4, "context_len": 96, "prompt_len": 32, "repeats": 3, "inner": 2,
+                                         "warmup": 1, "generate_tokens": 8},
+                                report={"eval_tokens": 512, "batch_size": 4})
+    search = run_search(tmp_path / "run", parent=parent, config=write_config(tmp_path / "c.yaml", config))
+    child = search.paths.children / "small"
+    arch = checkpoint.load_architecture(child)
+    assert arch.total_params() < checkpoint.load_architecture(parent).total_params()
+    assert arch.vllm_serving() == "nemotron_h"
+    result = _vllm_tokens_equal_transformers(child.with_name("small-nemotron-h"), tmp_path, reference=child)
+    assert result["vllm_architecture"] == "NemotronHPuzzleForCausalLM", result
+
+
+def test_vllm_nemotron_h_model_serves_a_pruned_hybrid(tmp_path):
+    """`puzzle prune` of a Nemotron-H parent (Mamba heads, MLP neurons and hidden channels) writes vLLM's layout
+    beside the child; vLLM serves it with transformers' greedy tokens."""
+    from puzzle.corpus import DataConfig
+    from puzzle.prune import PruneConfig, prune
+
+    parent, corpus = _nemotron_h_parent(tmp_path, seed=11)
+    cfg = PruneConfig(mamba_heads=4, ffn_size=256, hidden_size=192, data=DataConfig(paths=(str(corpus),), seq_len=64),
+                      calibration_tokens=2048, eval_tokens=0, batch_size=4)
+    prune(parent, tmp_path / "pruned", cfg)
+    folder = tmp_path / "pruned-nemotron-h"
+    result = _vllm_tokens_equal_transformers(folder, tmp_path, reference=tmp_path / "pruned")
     assert result["vllm_architecture"] == "NemotronHPuzzleForCausalLM", result

@@ -26,6 +26,7 @@ import torch
 
 from puzzle.arch import Architecture, AttentionConfig, BlockConfig, FFNConfig
 from puzzle.blocks.experts import ExpertRanking, ExpertStats, keep_experts
+from puzzle.blocks.mamba import best_heads, head_rows
 from puzzle.blocks.space import Candidate
 from puzzle.blocks.subblock import SubBlock
 from puzzle.distill.activations import layer_weights, offloaded, run_layers
@@ -166,30 +167,22 @@ def init_attention(parent: dict[str, torch.Tensor], parent_variant: AttentionCon
 
 def init_mamba(parent: dict[str, torch.Tensor], parent_mamba, mamba, stats: LayerStats | None) -> dict[str, torch.Tensor]:
     """Layer-relative weights of a Mamba-2 mixer keeping `mamba.num_heads` of the parent's heads, the same number in
-    every B/C group (the best-scored ones, in their parent order)."""
+    every B/C group (the best-scored ones, in their parent order: blocks/mamba.py)."""
     prefix = "self_attn.mamba_mixer."
     mixer = {k[len(prefix):]: v for k, v in parent.items() if k.startswith(prefix)}
     if mamba == parent_mamba:
         return {prefix + k: v.clone() for k, v in mixer.items()}
     if stats is None or "mamba_head_score" not in stats:
         raise ValueError("a Mamba mixer with fewer heads needs calibration statistics (mamba_head_score)")
-    groups, p = parent_mamba.num_groups, parent_mamba.head_dim
-    old, new = parent_mamba.num_heads // groups, mamba.num_heads // groups  # heads per group
-    score = stats["mamba_head_score"].cpu()
-    heads = torch.cat([g * old + score[g * old:(g + 1) * old].topk(new).indices.sort().values for g in range(groups)])
-    channels = (heads[:, None] * p + torch.arange(p)).flatten()  # (H' * P,) of the parent's I channels
-    inner, bc = parent_mamba.intermediate_size, 2 * groups * parent_mamba.state_dim
-    # in_proj rows: z (I) | x (I) | B, C (2 G N) | dt (H); conv channels: x (I) | B, C (2 G N)
-    in_rows = torch.cat([channels, inner + channels, 2 * inner + torch.arange(bc), 2 * inner + bc + heads])
-    conv_rows = torch.cat([channels, inner + torch.arange(bc)])
-    rows = {"in_proj.weight": in_rows, "in_proj.bias": in_rows, "conv1d.weight": conv_rows, "conv1d.bias": conv_rows,
-            "dt_bias": heads, "A_log": heads, "D": heads, "norm.weight": channels}
+    rows = head_rows(parent_mamba, best_heads(stats["mamba_head_score"], parent_mamba, mamba.num_heads))
+    which = {"in_proj.weight": "in_proj", "in_proj.bias": "in_proj", "conv1d.weight": "conv", "conv1d.bias": "conv",
+             "dt_bias": "heads", "A_log": "heads", "D": "heads", "norm.weight": "channels"}
     out = {}
     for name, tensor in mixer.items():
-        if name in rows:
-            out[prefix + name] = tensor[rows[name].to(tensor.device)].clone()
+        if name in which:
+            out[prefix + name] = tensor[rows[which[name]].to(tensor.device)].clone()
         elif name == "out_proj.weight":
-            out[prefix + name] = tensor[:, channels.to(tensor.device)].clone()
+            out[prefix + name] = tensor[:, rows["channels"].to(tensor.device)].clone()
         else:  # out_proj.bias
             out[prefix + name] = tensor.clone()
     return out

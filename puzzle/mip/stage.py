@@ -43,7 +43,10 @@ class TargetSpec:
     min_attention_layers: int | None = None
     max_attention_layers: int | None = None
     max_shared_fraction: float | None = None  # diversity against the targets solved before this one
-    vllm_native: bool = False  # only variants vLLM's DeciLMForCausalLM serves (no linear or window attention, no linear FFN)
+    # only variants vLLM's own model for the parent serves: DeciLMForCausalLM (no linear or window attention, no
+    # linear FFN), or for a hybrid (Nemotron-H) parent NemotronHPuzzleForCausalLM (no linear replacement, and Mamba
+    # layers keep the parent's shape or are removed: vLLM reads one Mamba shape for the whole model)
+    vllm_native: bool = False
     # only children vLLM's Transformers backend serves (Architecture.vllm_transformers_unsupported): every layer
     # keeps the parent's attention, the FFN / experts are free (for parents vLLM's DeciLM model cannot serve: MoE)
     vllm_transformers: bool = False
@@ -193,8 +196,18 @@ def vllm_transformers_problem(problem: Problem, arch: Architecture, target: str)
                    fixed_prefill_time_s=problem.fixed_prefill_time_s, fixed_param_bytes=problem.fixed_param_bytes)
 
 
+def _nemotron_h_serves(variant, parent: BlockConfig) -> bool:
+    """Whether vLLM's Nemotron-H model serves this variant of a hybrid parent's layer: no linear replacement, and a
+    Mamba mixer of the parent's shape (or none)."""
+    if isinstance(variant, BlockConfig):
+        return _nemotron_h_serves(variant.attention, parent) and _nemotron_h_serves(variant.ffn, parent)
+    mamba = getattr(variant, "mamba", None)
+    return not variant.replace_with_linear and (mamba is None or mamba == parent.attention.mamba)
+
+
 def vllm_native_problem(problem: Problem, manifest: Manifest, arch: Architecture, target: str) -> Problem:
     """The problem without the variants vLLM does not serve (the library keeps them for other targets)."""
+    hybrid = arch.vllm_serving() == "nemotron_h"
     for present, what in ((arch.shape.qk_norm, "q/k RMSNorm (Qwen3)"), (arch.shape.attention_sinks, "attention sinks (gpt-oss)")):
         if present:
             raise ConfigError(f"target {target}: vllm_native is impossible for this parent: {what} is not in "
@@ -204,8 +217,10 @@ def vllm_native_problem(problem: Problem, manifest: Manifest, arch: Architecture
         served = {}
         for kind in ("attention", "ffn", "block"):
             for c in manifest.candidates_of(i, kind):
-                served[("attention" if kind == "block" else kind, c.name)] = not c.variant.vllm_unsupported
-        parent_ok = {"attention": not parent.attention.vllm_unsupported, "ffn": not parent.ffn.vllm_unsupported}
+                ok = _nemotron_h_serves(c.variant, parent) if hybrid else not c.variant.vllm_unsupported
+                served[("attention" if kind == "block" else kind, c.name)] = ok
+        parent_ok = {"attention": hybrid or not parent.attention.vllm_unsupported,
+                     "ffn": hybrid or not parent.ffn.vllm_unsupported}
         kept = {kind: tuple(o for o in getattr(layer, kind) if served.get((kind, o.name), parent_ok[kind]))
                 for kind in ("attention", "ffn")}
         for kind, options in kept.items():

@@ -38,6 +38,9 @@ class PruneConfig:
     # (its neurons ranked by their activations on the tokens routed to it).
     experts: int | None = None
     expert_ffn_size: int | None = None
+    # Hybrid (Nemotron-H) Mamba-2 layers: heads kept in every Mamba layer (a multiple of its B/C groups, the same
+    # number from each group), ranked by their output norm entering out_proj (Nemotron-Nano-2's Mamba pruning).
+    mamba_heads: int | None = None
     expert_ranking: Literal["contribution", "router_mass"] = "contribution"
     # Depth: drop this many layers, ranked by `metric` (cos: 1 - cos(input, output), ShortGPT's block
     # importance; loss: LM-loss increase when removed), the `contiguous` block of them or any.
@@ -62,7 +65,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.parent_memory_gb is not None and not self.parent_memory_gb > 0:
             raise ConfigError(f"prune.parent_memory_gb must be a positive number of GiB, got {self.parent_memory_gb!r}")
-        for name in ("hidden_size", "heads", "kv_heads", "experts", "expert_ffn_size"):
+        for name in ("hidden_size", "heads", "kv_heads", "experts", "expert_ffn_size", "mamba_heads"):
             check_int(f"prune.{name}", getattr(self, name), optional=True)
         sizes = self.ffn_size if isinstance(self.ffn_size, tuple) else (self.ffn_size,)
         if not all(s is None or (is_int(s) and s >= 1) for s in sizes):

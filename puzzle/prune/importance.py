@@ -2,6 +2,7 @@
 
 Minitron (Muralidharan et al. 2024, section 2), docs/methods.md "Minitron pruning":
   heads     the norm of each head's attention output (the input of o_proj, per head, over head_dim);
+  Mamba heads  the same of each Mamba-2 head's output (the gated-normed scan output entering out_proj);
   neurons   the FFN activation (the input of down_proj);
   channels  the RMSNorm outputs, at every norm site (each layer's input_layernorm and
             post_attention_layernorm, and the final norm), one score per site, summed over the sites;
@@ -48,6 +49,7 @@ class Importance:
 
     hidden: torch.Tensor | None = None  # (C,) summed over norm sites
     heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H,) per query head
+    mamba_heads: dict[int, torch.Tensor] = field(default_factory=dict)  # Mamba layer -> (H,) per Mamba head
     ffn: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (I,) per neuron
     layers: torch.Tensor | None = None  # (L,) each layer removed alone
     windows: torch.Tensor | None = None  # (L - n + 1,) layers s .. s+n-1 removed together
@@ -63,6 +65,7 @@ class Needs:
 
     hidden: bool = False
     heads: tuple[int, ...] = ()  # layers whose heads are pruned
+    mamba_heads: tuple[int, ...] = ()  # Mamba layers whose heads are pruned
     ffn: tuple[int, ...] = ()  # layers whose FFN is pruned
     experts: tuple[int, ...] = ()  # MoE layers whose experts are ranked
     expert_ffn: tuple[int, ...] = ()  # MoE layers whose experts' neurons are scored
@@ -98,7 +101,7 @@ class _Routed:
     def route(self, module: DeciLMSparseMoE, args) -> None:
         x = args[0]  # (B, T, C)
         _, chosen = route_tokens(module.gate(x.reshape(-1, x.shape[-1])), module.top_k, module.norm_topk_prob,
-                                 module.routing)  # (N, top_k)
+                                 module.routing, module.moe, getattr(module.gate, "e_score_correction_bias", None))
         self.batch = x.shape[0]
         self.samples = {e: torch.where(chosen == e)[0] // x.shape[1] for e in torch.unique(chosen).tolist()}
 
@@ -114,8 +117,8 @@ class _Routed:
 def expert_weight_norms(expert: torch.nn.Module) -> torch.Tensor:
     """(I,) the L2 norm of each neuron's weights (its gate and up rows, its down column): the ranking of the
     neurons of an expert no calibration token reached."""
-    return (expert.gate_proj.weight.float().pow(2).sum(1) + expert.up_proj.weight.float().pow(2).sum(1)
-            + expert.down_proj.weight.float().pow(2).sum(0)).sqrt()
+    gate = expert.gate_proj.weight.float().pow(2).sum(1) if hasattr(expert, "gate_proj") else 0  # relu2: no gate
+    return (gate + expert.up_proj.weight.float().pow(2).sum(1) + expert.down_proj.weight.float().pow(2).sum(0)).sqrt()
 
 
 @contextmanager
@@ -141,6 +144,10 @@ def _hooks(model: DeciLMForCausalLM, needs: Needs, sums: _Sums):
         for i in needs.heads:
             o_proj = layers[i].self_attn.o_proj
             handles.append(o_proj.register_forward_pre_hook(on_input(("heads", i), lambda x: head_stat(x, head_dim))))
+        for i in needs.mamba_heads:
+            mixer = layers[i].self_attn.mamba_mixer
+            handles.append(mixer.out_proj.register_forward_pre_hook(
+                on_input(("mamba_heads", i), lambda x, d=mixer.head_dim: head_stat(x, d))))
         for i in needs.ffn:
             handles.append(layers[i].mlp.down_proj.register_forward_pre_hook(on_input(("ffn", i), channel_stat)))
         for i in needs.experts:
@@ -164,13 +171,16 @@ def measure_importance(model: DeciLMForCausalLM, batches: Iterable[torch.Tensor]
     batches = list(batches)
     n = needs.drop
     importance = Importance(tokens=sum(ids.numel() for ids in batches))
-    if needs.hidden or needs.heads or needs.ffn or needs.experts or needs.expert_ffn or (n and needs.metric == "cos"):
+    if (needs.hidden or needs.heads or needs.mamba_heads or needs.ffn or needs.experts or needs.expert_ffn
+            or (n and needs.metric == "cos")):
         sums = _Sums()
         with _hooks(model, needs, sums):
             layers, windows = _activation_pass(model, batches, n)
         if needs.hidden:
-            importance.hidden = sum(sums.l2(key) for key in sums.sums if key[0] not in ("heads", "ffn", "expert_ffn"))
+            importance.hidden = sum(sums.l2(key) for key in sums.sums
+                                    if key[0] not in ("heads", "mamba_heads", "ffn", "expert_ffn"))
         importance.heads = {i: sums.l2(("heads", i)) for i in needs.heads}
+        importance.mamba_heads = {i: sums.l2(("mamba_heads", i)) for i in needs.mamba_heads}
         importance.ffn = {i: sums.l2(("ffn", i)) for i in needs.ffn}
         importance.experts = {i: stats.score() for i, stats in sums.experts.items()}
         _expert_neurons(model, needs, sums, importance)

@@ -10,8 +10,10 @@ its query heads' scores, as Model-Optimizer's Minitron does) and the same number
 kept group, so `n_heads_in_group` stays one number per layer. Merging groups (more query heads per group
 than the parent had) is Puzzle's KV mean-pooling, not pruning, and is refused.
 
-Mixture-of-experts layers keep their `experts` best experts (ExpertStats' ranking, puzzle/blocks/experts.py) and
-every kept expert its `expert_ffn_size` most active neurons, all experts of a layer one width (one MoEConfig).
+Mixture-of-experts layers keep their `experts` best experts (ExpertStats' ranking, puzzle/blocks/experts.py; with
+grouped routing the same number from every group) and every kept expert its `expert_ffn_size` most active neurons,
+all experts of a layer one width (one MoEConfig). Mamba-2 layers keep `mamba_heads` heads, the same number from
+every B/C group (puzzle/blocks/mamba.py), so every Mamba layer keeps one shape, as vLLM's Nemotron-H model reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from puzzle.arch import Architecture, AttentionConfig, FFNConfig
 from puzzle.blocks.experts import best_experts
+from puzzle.blocks.mamba import best_heads
 from puzzle.errors import ConfigError, InputError
 from puzzle.prune.config import PruneConfig
 
@@ -34,6 +37,7 @@ class LayerPlan:
     ffn: tuple[int, ...] | None = None  # kept FFN neurons, ascending; None: all
     experts: tuple[int, ...] | None = None  # kept parent experts, ascending (child expert j is experts[j]); None: all
     expert_ffn: tuple[tuple[int, ...], ...] | None = None  # per child expert, its kept neurons, ascending; None: all
+    mamba_heads: tuple[int, ...] | None = None  # kept Mamba heads, ascending, as many from each group; None: all
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +183,32 @@ def expert_targets(arch: Architecture, experts: int | None,
     return tuple(targets)
 
 
+def mamba_targets(arch: Architecture, heads: int | None) -> tuple[int | None, ...]:
+    """Per layer: Mamba heads to keep, or None to keep the layer's."""
+    mambas = [b.attention.mamba for b in arch.blocks]
+    if heads is not None and not any(mambas):
+        raise InputError("--mamba-heads is set but no layer is a Mamba layer; drop --mamba-heads")
+    targets = []
+    for i, mamba in enumerate(mambas):
+        if mamba is None or heads is None or heads == mamba.num_heads:
+            targets.append(None)
+            continue
+        if heads > mamba.num_heads or heads % mamba.num_groups:
+            raise InputError(f"mamba_heads {heads}: layer {i} has {mamba.num_heads} Mamba heads in {mamba.num_groups} "
+                             f"groups; keep a multiple of {mamba.num_groups}, at most {mamba.num_heads} (pruning keeps "
+                             "the same number of heads in every group)")
+        targets.append(heads)
+    return tuple(targets)
+
+
+def best_experts_grouped(score: torch.Tensor, k: int, groups: int) -> tuple[int, ...]:
+    """`best_experts`, the same number from each of `groups` consecutive groups (grouped routing)."""
+    if groups == 1:
+        return best_experts(score, k)
+    size = score.numel() // groups
+    return tuple(g * size + e for g in range(groups) for e in best_experts(score[g * size:(g + 1) * size], k // groups))
+
+
 def check_targets(arch: Architecture, cfg: PruneConfig) -> None:
     """Every target of `cfg` is reachable from `arch` by pruning; raises InputError naming the fix."""
     if cfg.hidden_size is not None and cfg.hidden_size > arch.shape.hidden_size:
@@ -187,6 +217,7 @@ def check_targets(arch: Architecture, cfg: PruneConfig) -> None:
     ffn_targets(arch, cfg.ffn_size)
     head_targets(arch, cfg.heads, cfg.kv_heads)
     expert_targets(arch, cfg.experts, cfg.expert_ffn_size)
+    mamba_targets(arch, cfg.mamba_heads)
     if cfg.drop_layers >= arch.num_layers:
         raise InputError(f"cannot drop {cfg.drop_layers} of the model's {arch.num_layers} layers; keep at least one")
 
@@ -197,7 +228,8 @@ def needs_calibration(arch: Architecture, cfg: PruneConfig) -> bool:
     heads = any(head_targets(arch, cfg.heads, cfg.kv_heads)[1])
     ffn = any(s is not None for s in ffn_targets(arch, cfg.ffn_size))
     experts = any(expert_targets(arch, cfg.experts, cfg.expert_ffn_size))
-    return hidden or heads or ffn or experts or cfg.drop_layers > 0
+    mamba = any(t is not None for t in mamba_targets(arch, cfg.mamba_heads))
+    return hidden or heads or ffn or experts or mamba or cfg.drop_layers > 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,9 +248,12 @@ def make_plan(arch: Architecture, cfg: PruneConfig, importance) -> PrunePlan:
     h_out, heads = head_targets(arch, cfg.heads, cfg.kv_heads)
     sizes = ffn_targets(arch, cfg.ffn_size)
     moe = expert_targets(arch, cfg.experts, cfg.expert_ffn_size)
+    mamba = mamba_targets(arch, cfg.mamba_heads)
     layers = []
     for i in kept:
         plan = LayerPlan(source=i)
+        if mamba[i] is not None:
+            plan = replace(plan, mamba_heads=best_heads(importance.mamba_heads[i], arch.blocks[i].attention.mamba, mamba[i]))
         if heads[i] is not None:
             kv_in = arch.blocks[i].attention.num_kv_heads(arch.shape.num_attention_heads)
             kv, q = select_heads(importance.heads[i], kv_in, *heads[i])
@@ -227,7 +262,10 @@ def make_plan(arch: Architecture, cfg: PruneConfig, importance) -> PrunePlan:
             plan = replace(plan, ffn=top_k(importance.ffn[i], sizes[i]))
         if moe[i] is not None:
             k, width = moe[i]
-            experts = None if k is None else best_experts(importance.experts[i], k)
+            groups = arch.blocks[i].ffn.moe.n_group
+            if k is not None and k % groups:
+                raise InputError(f"experts {k}: layer {i} routes among {groups} expert groups; keep a multiple of {groups}")
+            experts = None if k is None else best_experts_grouped(importance.experts[i], k, groups)
             if width is not None:
                 kept = range(arch.blocks[i].ffn.moe.num_local_experts) if experts is None else experts
                 plan = replace(plan, expert_ffn=tuple(top_k(importance.expert_ffn[i][e], width) for e in kept))
@@ -250,8 +288,10 @@ def pruned_architecture(arch: Architecture, plan: PrunePlan) -> Architecture:
             if plan.num_attention_heads % kv:
                 raise AssertionError(f"layer {layer.source}: {plan.num_attention_heads} heads on {kv} KV heads")
             attention = AttentionConfig(n_heads_in_group=plan.num_attention_heads // kv, window_length=attention.window_length)
+        if layer.mamba_heads is not None:
+            attention = AttentionConfig(mamba=replace(attention.mamba, num_heads=len(layer.mamba_heads)))
         if layer.ffn is not None:
-            ffn = FFNConfig(intermediate_size=len(layer.ffn))
+            ffn = replace(ffn, intermediate_size=len(layer.ffn))  # a gate-less MLP stays gate-less
         if layer.experts is not None or layer.expert_ffn is not None:
             moe = ffn.moe
             ffn = FFNConfig(moe=replace(

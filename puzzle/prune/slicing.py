@@ -8,7 +8,10 @@ Heads slice q rows / o columns by whole heads and k / v rows by whole KV heads; 
 head_dim, which pruning leaves alone; attention sinks (gpt-oss, one logit per query head) go with their heads.
 Mixture-of-experts layers first keep their plan's experts (router rows and bias entries with them, renumbered:
 puzzle/blocks/experts.py `slice_experts`), then every expert is sliced as a gated FFN: its own kept neurons,
-and the hidden axis like any projection (the router reads the hidden state too). Tied embeddings stay tied.
+and the hidden axis like any projection (the router reads the hidden state too); grouped routing's correction bias
+goes with the router rows and a shared expert keeps its neurons. A Mamba-2 mixer keeps its plan's heads
+(puzzle/blocks/mamba.py: their z / x / dt rows of in_proj, conv channels, dt_bias, A_log, D, norm gains and out_proj
+columns; B and C whole) and the hidden axis as its in_proj columns and out_proj rows. Tied embeddings stay tied.
 Dropped layers are removed (not made no-op): the child is smaller on disk, can be a plain Llama, and its
 layer i is parent layer kept[i].
 """
@@ -23,6 +26,7 @@ import torch
 
 from puzzle.arch import Architecture
 from puzzle.blocks.experts import slice_experts
+from puzzle.blocks.mamba import head_rows as mamba_rows
 from puzzle.checkpoint import decilm_config
 from puzzle.modeling.configuration_decilm import DeciLMConfig
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, DeciLMRotaryEmbedding
@@ -58,6 +62,23 @@ _LAYER_AXES = {
     "mlp.linear_mlp.weight": ("hidden", "hidden"),
     "mlp.gate.weight": (None, "hidden"),  # the router; its rows (experts) are chosen by slice_experts first
     "mlp.gate.bias": (None,),
+    "mlp.gate.e_score_correction_bias": (None,),
+    "mlp.shared_expert.gate_proj.weight": (None, "hidden"),
+    "mlp.shared_expert.up_proj.weight": (None, "hidden"),
+    "mlp.shared_expert.down_proj.weight": ("hidden", None),
+    "mlp.shared_expert.gate_proj.bias": (None,),
+    "mlp.shared_expert.up_proj.bias": (None,),
+    "mlp.shared_expert.down_proj.bias": ("hidden",),
+    "self_attn.mamba_mixer.in_proj.weight": ("mamba_in_proj", "hidden"),
+    "self_attn.mamba_mixer.in_proj.bias": ("mamba_in_proj",),
+    "self_attn.mamba_mixer.conv1d.weight": ("mamba_conv", None, None),
+    "self_attn.mamba_mixer.conv1d.bias": ("mamba_conv",),
+    "self_attn.mamba_mixer.dt_bias": ("mamba_heads",),
+    "self_attn.mamba_mixer.A_log": ("mamba_heads",),
+    "self_attn.mamba_mixer.D": ("mamba_heads",),
+    "self_attn.mamba_mixer.norm.weight": ("mamba_channels",),
+    "self_attn.mamba_mixer.out_proj.weight": ("hidden", "mamba_channels"),
+    "self_attn.mamba_mixer.out_proj.bias": ("hidden",),
 }
 # The tensors of expert e (mlp.experts.{e}.*): a gated FFN whose neurons are the index set "expert_ffn".
 _EXPERT_AXES = {
@@ -79,12 +100,15 @@ def head_rows(heads: tuple[int, ...] | None, head_dim: int) -> torch.Tensor | No
     return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()  # (h * D,)
 
 
-def _indices(plan: PrunePlan, layer: LayerPlan | None, head_dim: int) -> dict[str, torch.Tensor | None]:
+def _indices(plan: PrunePlan, layer: LayerPlan | None, head_dim: int, arch: Architecture | None = None
+             ) -> dict[str, torch.Tensor | None]:
     as_index = lambda kept: None if kept is None else torch.tensor(kept)  # noqa: E731
     index = {"hidden": as_index(plan.hidden)}
     if layer is not None:
         index |= {"q": head_rows(layer.q_heads, head_dim), "kv": head_rows(layer.kv_heads, head_dim),
                   "q_heads": as_index(layer.q_heads), "ffn": as_index(layer.ffn)}
+        rows = {} if layer.mamba_heads is None else mamba_rows(arch.blocks[layer.source].attention.mamba, layer.mamba_heads)
+        index |= {f"mamba_{k}": rows.get(k) for k in ("in_proj", "conv", "heads", "channels")}
     return index
 
 
@@ -116,16 +140,17 @@ def slice_tensor(t: torch.Tensor, axes: tuple[str | None, ...], index: dict[str,
     return t.clone()
 
 
-def slice_state_dict(state: dict[str, torch.Tensor], plan: PrunePlan, head_dim: int) -> dict[str, torch.Tensor]:
+def slice_state_dict(state: dict[str, torch.Tensor], plan: PrunePlan, arch: Architecture) -> dict[str, torch.Tensor]:
     """The child's state dict: kept layers renumbered 0..n-1, every tensor sliced by the plan."""
-    return dict(sliced_tensors(state, plan, head_dim))
+    return dict(sliced_tensors(state, plan, arch))
 
 
-def sliced_tensors(weights: Mapping[str, torch.Tensor], plan: PrunePlan, head_dim: int) -> Iterator[tuple[str, torch.Tensor]]:
+def sliced_tensors(weights: Mapping[str, torch.Tensor], plan: PrunePlan, arch: Architecture) -> Iterator[tuple[str, torch.Tensor]]:
     """The child's tensors one at a time, from the parent's (`weights`: a state dict, or `LazyWeights` that reads
     each when reached): the global tensors, then each kept layer's (renumbered), sliced as it is read. Holds one
     parent layer at a time (a mixture-of-experts layer's experts are chosen together)."""
     new_index = {layer.source: i for i, layer in enumerate(plan.layers)}
+    head_dim = arch.shape.head_dim
     global_index = _indices(plan, None, head_dim)
     by_layer: dict[int, list[tuple[str, str]]] = {}  # parent layer -> (checkpoint name, name inside the layer)
     for name in weights:
@@ -137,7 +162,7 @@ def sliced_tensors(weights: Mapping[str, torch.Tensor], plan: PrunePlan, head_di
             by_layer.setdefault(int(match.group(1)), []).append((name, match.group(2)))
     for layer in plan.layers:
         tensors = {rest: weights[name] for name, rest in by_layer.get(layer.source, [])}
-        for rest, tensor in _slice_layer(tensors, layer, _indices(plan, layer, head_dim)).items():
+        for rest, tensor in _slice_layer(tensors, layer, _indices(plan, layer, head_dim, arch)).items():
             yield f"model.layers.{new_index[layer.source]}.{rest}", tensor
 
 
@@ -164,7 +189,7 @@ def apply_plan(model: DeciLMForCausalLM, plan: PrunePlan) -> DeciLMForCausalLM:
     Trust but verify: the child's parameter count must equal what the architecture description accounts.
     """
     child_cfg, arch = child_config(model.config.to_dict(), plan)
-    state = slice_state_dict(model.state_dict(), plan, model.config.head_dim)
+    state = slice_state_dict(model.state_dict(), plan, Architecture.from_config(model.config.to_dict()))
     with torch.device("meta"):
         child = DeciLMForCausalLM(child_cfg)
     child.load_state_dict(state, strict=True, assign=True)

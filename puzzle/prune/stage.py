@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from puzzle.arch import Architecture
-from puzzle.checkpoint import decilm_config, finish_checkpoint_dir, normalized_config
+from puzzle.checkpoint import decilm_config, finish_checkpoint_dir, load_architecture, normalized_config
 from puzzle.config import to_mapping
 from puzzle.data import TokenData, load_token_data, load_tokenizer
 from puzzle.distill.gkd import run_gkd
@@ -31,6 +31,7 @@ from puzzle.memory import load_within_budget, shard_bytes_within
 from puzzle.metrics import Quality
 from puzzle.modeling.configuration_decilm import DeciLMConfig
 from puzzle.modeling.modeling_decilm import DeciLMForCausalLM
+from puzzle.nemotron_h_puzzle import VLLM_SUFFIX, write_nemotron_h_puzzle
 from puzzle.progress import log
 from puzzle.prune.config import PruneConfig, PruneResult, ShapeSummary, size_range
 from puzzle.prune.export import plain_llama_blockers, write_plain_llama
@@ -42,6 +43,7 @@ from puzzle.prune.plan import (
     ffn_targets,
     head_targets,
     make_plan,
+    mamba_targets,
     needs_calibration,
 )
 from puzzle.prune.slicing import check_params, child_config, sliced_tensors
@@ -78,7 +80,7 @@ def prune(ckpt: Path, out: Path, cfg: PruneConfig = PruneConfig(), *, overwrite:
         unrouted_experts=unrouted, config=to_mapping(cfg),
     )
     details = {"stage": "prune", "parent": str(ckpt.resolve()), **(info or {})}
-    tensors = sliced_tensors(checkpoint_tensors(ckpt), plan, arch.shape.head_dim)
+    tensors = sliced_tensors(checkpoint_tensors(ckpt), plan, arch)
     target = out if cfg.distill is None else out.with_name(f".{out.name}.pruned")
     with atomic_output_dir(target, overwrite or cfg.distill is not None) as tmp:
         # KD reads a DeciLM folder: the staged child is one whatever the final format
@@ -91,6 +93,7 @@ def prune(ckpt: Path, out: Path, cfg: PruneConfig = PruneConfig(), *, overwrite:
     del parent
     if cfg.distill is not None:
         return _distill_and_write(target, ckpt, result, cfg, details, overwrite)
+    _write_nemotron_h(out)
     _log_written(result, out)
     return result
 
@@ -144,7 +147,6 @@ def _check_request(ckpt: Path, out: Path, cfg: PruneConfig, overwrite: bool) -> 
         raise OutputExistsError(f"{out} is the input checkpoint; choose another output path")
     config = normalized_config(ckpt)
     arch = Architecture.from_config(config, str(ckpt / "config.json"))
-    arch.refuse_hybrid(str(ckpt), "puzzle prune")
     check_targets(arch, cfg)
     if cfg.data is None and needs_calibration(arch, cfg):
         raise ConfigError("pruning ranks channels, heads and layers on calibration text: give --data PATH "
@@ -170,6 +172,7 @@ def _importance(model: DeciLMForCausalLM, arch: Architecture, cfg: PruneConfig, 
     needs = Needs(
         hidden=cfg.hidden_size is not None and cfg.hidden_size < arch.shape.hidden_size,
         heads=tuple(i for i, h in enumerate(heads) if h is not None),
+        mamba_heads=tuple(i for i, h in enumerate(mamba_targets(arch, cfg.mamba_heads)) if h is not None),
         ffn=tuple(i for i, s in enumerate(ffn_targets(arch, cfg.ffn_size)) if s is not None),
         experts=tuple(i for i, t in enumerate(moe) if t is not None and t[0] is not None),
         expert_ffn=tuple(i for i, t in enumerate(moe) if t is not None and t[1] is not None),
@@ -216,6 +219,12 @@ def _write_child(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], conf
     check_params(numel, arch)
 
 
+def _write_nemotron_h(out: Path) -> None:
+    """A hybrid child that vLLM's Nemotron-H model can serve: also in its layout, beside `out`."""
+    if (out / "config.json").exists() and load_architecture(out).vllm_serving() == "nemotron_h":
+        write_nemotron_h_puzzle(out, out.with_name(out.name + VLLM_SUFFIX), overwrite=True)
+
+
 def _log_written(result: PruneResult, out: Path) -> None:
     experts = ""
     if result.before.experts:
@@ -245,6 +254,7 @@ def _distill_and_write(staging: Path, ckpt: Path, result: PruneResult, cfg: Prun
         _write_child(tmp, LazyWeights(trained).items(), decilm_config(normalized_config(trained)), result.output_format,
                      source=ckpt, info={**details, "prune": result.to_dict()}, generation_from=trained,
                      extra_files=(trained / "gkd.json",))
+    _write_nemotron_h(out)
     _log_written(result, out)
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(trained, ignore_errors=True)
