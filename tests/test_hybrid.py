@@ -170,13 +170,15 @@ def test_puzzle_prune_of_a_hybrid_loads_without_puzzle_and_in_vllms_layout(tmp_p
     from transformers import AutoModelForCausalLM
 
     parent, data = _hybrid_parent(tmp_path)
-    cfg = PruneConfig(mamba_heads=4, ffn_size=64, hidden_size=48, experts=2, data=data, calibration_tokens=2048,
-                      eval_tokens=1024, batch_size=4)
+    cfg = PruneConfig(mamba_heads=4, mamba_head_dim=8, ffn_size=64, hidden_size=48, experts=2, drop_layers=1, data=data,
+                      calibration_tokens=2048, eval_tokens=1024, batch_size=4)
     result = prune(parent, tmp_path / "pruned", cfg)
     arch = checkpoint.load_architecture(tmp_path / "pruned")
     heads = arch.shape.num_attention_heads
-    assert [(b.attention.label(heads), b.ffn.label()) for b in arch.blocks] == \
-        [("mamba4", "no_op"), ("kv4", "no_op"), ("no_op", "ffn64"), ("no_op", "moe_k2_top2")]
+    layers = [("mamba4", "no_op"), ("kv4", "no_op"), ("no_op", "ffn64"), ("no_op", "moe_k2_top2")]
+    assert len(result.kept_layers) == 3 and [(b.attention.label(heads), b.ffn.label()) for b in arch.blocks] == \
+        [layers[i] for i in result.kept_layers]  # depth: one layer of the four dropped, by block importance
+    assert all(b.attention.mamba.head_dim == 8 for b in arch.blocks if b.attention.mamba)
     assert result.quality is not None and result.quality.kl > 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", trust_remote_code=True, dtype=torch.float32).eval()
     ids = torch.randint(0, arch.shape.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
@@ -184,3 +186,54 @@ def test_puzzle_prune_of_a_hybrid_loads_without_puzzle_and_in_vllms_layout(tmp_p
         assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
             model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False).tolist()
     assert (tmp_path / "pruned-nemotron-h" / "config.json").exists()  # vLLM's Nemotron-H layout beside it
+
+
+def test_pruned_mamba_heads_and_channels_compute_the_parents_scan_on_what_they_keep(tmp_path):
+    """Channels of a Mamba head are independent (each its own state row under the head's dt and the group's B, C):
+    with 2 of 4 heads per group and 8 of 16 channels per head kept, the child's scan output before the gated norm is
+    the parent's on the kept channels, exactly."""
+    from puzzle.prune.importance import Importance
+    from puzzle.prune.plan import make_plan
+    from puzzle.prune.slicing import apply_plan
+
+    parent_dir, _ = _hybrid_parent(tmp_path)
+    parent, arch = checkpoint.load_model(parent_dir), checkpoint.load_architecture(parent_dir)
+    gen = torch.Generator().manual_seed(3)
+    importance = Importance(mamba_heads={0: torch.rand(8, generator=gen)}, mamba_channels={0: torch.rand(128, generator=gen)})
+    plan = make_plan(arch, PruneConfig(mamba_heads=4, mamba_head_dim=8), importance)
+    child = apply_plan(parent, plan)
+    assert child.config.block_configs[0].attention.mamba.head_dim == 8
+    channels = torch.cat([h * 16 + torch.tensor(c) for h, c in zip(plan.layers[0].mamba_heads, plan.layers[0].mamba_channels)])
+    for h, kept in zip(plan.layers[0].mamba_heads, plan.layers[0].mamba_channels):  # each head its own best channels
+        assert list(kept) == sorted(importance.mamba_channels[0][h * 16:(h + 1) * 16].topk(8).indices.tolist())
+    captured = {}
+    hooks = [m.model.layers[0].self_attn.mamba_mixer.norm.register_forward_pre_hook(
+        lambda module, args, name=name: captured.__setitem__(name, args[0])) for name, m in (("parent", parent), ("child", child))]
+    ids = torch.randint(0, arch.shape.vocab_size, (2, 21), generator=torch.Generator().manual_seed(4))  # > one chunk
+    with torch.no_grad():
+        parent(ids), child(ids)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(captured["child"], captured["parent"][..., channels], atol=1e-6, rtol=1e-5)
+
+
+def test_inspect_says_how_vllm_serves_a_hybrid(nemotron_h, capsys):
+    """A hybrid whose Mamba layers share one shape is served by vLLM's Nemotron-H model; one whose Mamba layers
+    differ (as a search child may) is not, and inspect says why."""
+    import dataclasses
+
+    from puzzle.arch import Architecture, MambaConfig
+    from puzzle.cli import app as cli
+
+    assert cli.run(["inspect", str(nemotron_h / "parent")]) == 0
+    assert "NemotronHPuzzleForCausalLM" in capsys.readouterr().out
+    config = checkpoint.normalized_config(nemotron_h / "parent")
+    arch = Architecture.from_config(config)
+    blocks = list(arch.blocks)
+    blocks[4] = dataclasses.replace(blocks[4], attention=dataclasses.replace(
+        blocks[4].attention, mamba=MambaConfig(num_heads=4, head_dim=16, state_dim=16, num_groups=2)))
+    child = checkpoint.build_model(checkpoint.decilm_config(config, Architecture(shape=arch.shape, blocks=tuple(blocks))))
+    checkpoint.save_model(child, nemotron_h / "uneven")
+    assert cli.run(["inspect", str(nemotron_h / "uneven")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "vLLM cannot serve it" in out and "Mamba layers of different shapes (mamba4, mamba8)" in out

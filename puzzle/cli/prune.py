@@ -27,6 +27,7 @@ def prune_command(
     expert_ffn_size: _Int("--expert-ffn-size", "Width of every kept expert (neurons ranked on the tokens routed to it).") = None,
     expert_ranking: Annotated[str, typer.Option("--expert-ranking", help="How --experts ranks experts: contribution (mean routing weight x expert output norm) or router_mass (mean router probability).")] = "contribution",
     mamba_heads: _Int("--mamba-heads", "Heads kept in every Mamba layer of a hybrid (Nemotron-H), the same number from each B/C group.") = None,
+    mamba_head_dim: _Int("--mamba-head-dim", "Channels kept in every Mamba head (each head its best).") = None,
     drop_layers: Annotated[int, typer.Option("--drop-layers", min=0, help="Layers to remove (depth pruning).")] = 0,
     metric: Annotated[str, typer.Option("--metric", help="Layer ranking: cos (1 - cos(input, output), ShortGPT's block importance) or loss (LM-loss increase when removed).")] = "cos",
     contiguous: Annotated[bool, typer.Option("--contiguous", metavar="", help="Drop one block of consecutive layers instead of any layers.")] = False,
@@ -60,6 +61,7 @@ def prune_command(
     cfg = PruneConfig(
         hidden_size=hidden_size, ffn_size=_ffn_size(ffn_size), heads=heads, kv_heads=kv_heads,
         experts=experts, expert_ffn_size=expert_ffn_size, expert_ranking=expert_ranking, mamba_heads=mamba_heads,
+        mamba_head_dim=mamba_head_dim,
         drop_layers=drop_layers, metric=metric, contiguous=contiguous,
         data=DataConfig(paths=tuple(str(p) for p in data), exclude=tuple(exclude or ())) if data else None,
         distill=minitron_kd(distill_tokens, device=device or "auto") if distill_tokens else None,

@@ -41,6 +41,7 @@ class PruneConfig:
     # Hybrid (Nemotron-H) Mamba-2 layers: heads kept in every Mamba layer (a multiple of its B/C groups, the same
     # number from each group), ranked by their output norm entering out_proj (Nemotron-Nano-2's Mamba pruning).
     mamba_heads: int | None = None
+    mamba_head_dim: int | None = None  # channels kept in every Mamba head (its best, by their output norm)
     expert_ranking: Literal["contribution", "router_mass"] = "contribution"
     # Depth: drop this many layers, ranked by `metric` (cos: 1 - cos(input, output), ShortGPT's block
     # importance; loss: LM-loss increase when removed), the `contiguous` block of them or any.
@@ -65,7 +66,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.parent_memory_gb is not None and not self.parent_memory_gb > 0:
             raise ConfigError(f"prune.parent_memory_gb must be a positive number of GiB, got {self.parent_memory_gb!r}")
-        for name in ("hidden_size", "heads", "kv_heads", "experts", "expert_ffn_size", "mamba_heads"):
+        for name in ("hidden_size", "heads", "kv_heads", "experts", "expert_ffn_size", "mamba_heads", "mamba_head_dim"):
             check_int(f"prune.{name}", getattr(self, name), optional=True)
         sizes = self.ffn_size if isinstance(self.ffn_size, tuple) else (self.ffn_size,)
         if not all(s is None or (is_int(s) and s >= 1) for s in sizes):

@@ -3,6 +3,7 @@
 Minitron (Muralidharan et al. 2024, section 2), docs/methods.md "Minitron pruning":
   heads     the norm of each head's attention output (the input of o_proj, per head, over head_dim);
   Mamba heads  the same of each Mamba-2 head's output (the gated-normed scan output entering out_proj);
+  Mamba channels  that output per channel (as FFN neurons);
   neurons   the FFN activation (the input of down_proj);
   channels  the RMSNorm outputs, at every norm site (each layer's input_layernorm and
             post_attention_layernorm, and the final norm), one score per site, summed over the sites;
@@ -50,6 +51,7 @@ class Importance:
     hidden: torch.Tensor | None = None  # (C,) summed over norm sites
     heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H,) per query head
     mamba_heads: dict[int, torch.Tensor] = field(default_factory=dict)  # Mamba layer -> (H,) per Mamba head
+    mamba_channels: dict[int, torch.Tensor] = field(default_factory=dict)  # Mamba layer -> (H * P,) per channel
     ffn: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (I,) per neuron
     layers: torch.Tensor | None = None  # (L,) each layer removed alone
     windows: torch.Tensor | None = None  # (L - n + 1,) layers s .. s+n-1 removed together
@@ -66,6 +68,7 @@ class Needs:
     hidden: bool = False
     heads: tuple[int, ...] = ()  # layers whose heads are pruned
     mamba_heads: tuple[int, ...] = ()  # Mamba layers whose heads are pruned
+    mamba_channels: tuple[int, ...] = ()  # Mamba layers whose heads' channels are pruned
     ffn: tuple[int, ...] = ()  # layers whose FFN is pruned
     experts: tuple[int, ...] = ()  # MoE layers whose experts are ranked
     expert_ffn: tuple[int, ...] = ()  # MoE layers whose experts' neurons are scored
@@ -148,6 +151,9 @@ def _hooks(model: DeciLMForCausalLM, needs: Needs, sums: _Sums):
             mixer = layers[i].self_attn.mamba_mixer
             handles.append(mixer.out_proj.register_forward_pre_hook(
                 on_input(("mamba_heads", i), lambda x, d=mixer.head_dim: head_stat(x, d))))
+        for i in needs.mamba_channels:
+            out_proj = layers[i].self_attn.mamba_mixer.out_proj
+            handles.append(out_proj.register_forward_pre_hook(on_input(("mamba_channels", i), channel_stat)))
         for i in needs.ffn:
             handles.append(layers[i].mlp.down_proj.register_forward_pre_hook(on_input(("ffn", i), channel_stat)))
         for i in needs.experts:
@@ -171,16 +177,17 @@ def measure_importance(model: DeciLMForCausalLM, batches: Iterable[torch.Tensor]
     batches = list(batches)
     n = needs.drop
     importance = Importance(tokens=sum(ids.numel() for ids in batches))
-    if (needs.hidden or needs.heads or needs.mamba_heads or needs.ffn or needs.experts or needs.expert_ffn
+    if (needs.hidden or needs.heads or needs.mamba_heads or needs.mamba_channels or needs.ffn or needs.experts or needs.expert_ffn
             or (n and needs.metric == "cos")):
         sums = _Sums()
         with _hooks(model, needs, sums):
             layers, windows = _activation_pass(model, batches, n)
         if needs.hidden:
             importance.hidden = sum(sums.l2(key) for key in sums.sums
-                                    if key[0] not in ("heads", "mamba_heads", "ffn", "expert_ffn"))
+                                    if key[0] not in ("heads", "mamba_heads", "mamba_channels", "ffn", "expert_ffn"))
         importance.heads = {i: sums.l2(("heads", i)) for i in needs.heads}
         importance.mamba_heads = {i: sums.l2(("mamba_heads", i)) for i in needs.mamba_heads}
+        importance.mamba_channels = {i: sums.l2(("mamba_channels", i)) for i in needs.mamba_channels}
         importance.ffn = {i: sums.l2(("ffn", i)) for i in needs.ffn}
         importance.experts = {i: stats.score() for i, stats in sums.experts.items()}
         _expert_neurons(model, needs, sums, importance)

@@ -24,7 +24,7 @@ import torch
 
 from puzzle.arch import Architecture, AttentionConfig, FFNConfig
 from puzzle.blocks.experts import best_experts
-from puzzle.blocks.mamba import best_heads
+from puzzle.blocks.mamba import best_channels, best_heads
 from puzzle.errors import ConfigError, InputError
 from puzzle.prune.config import PruneConfig
 
@@ -38,6 +38,7 @@ class LayerPlan:
     experts: tuple[int, ...] | None = None  # kept parent experts, ascending (child expert j is experts[j]); None: all
     expert_ffn: tuple[tuple[int, ...], ...] | None = None  # per child expert, its kept neurons, ascending; None: all
     mamba_heads: tuple[int, ...] | None = None  # kept Mamba heads, ascending, as many from each group; None: all
+    mamba_channels: tuple[tuple[int, ...], ...] | None = None  # per kept Mamba head, its kept channels; None: all
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,21 +184,28 @@ def expert_targets(arch: Architecture, experts: int | None,
     return tuple(targets)
 
 
-def mamba_targets(arch: Architecture, heads: int | None) -> tuple[int | None, ...]:
-    """Per layer: Mamba heads to keep, or None to keep the layer's."""
+def mamba_targets(arch: Architecture, heads: int | None,
+                  head_dim: int | None = None) -> tuple[tuple[int | None, int | None] | None, ...]:
+    """Per layer: (Mamba heads to keep or None, channels per head to keep or None), None where nothing changes."""
     mambas = [b.attention.mamba for b in arch.blocks]
-    if heads is not None and not any(mambas):
-        raise InputError("--mamba-heads is set but no layer is a Mamba layer; drop --mamba-heads")
+    for flag, value in (("--mamba-heads", heads), ("--mamba-head-dim", head_dim)):
+        if value is not None and not any(mambas):
+            raise InputError(f"{flag} is set but no layer is a Mamba layer; drop {flag}")
     targets = []
     for i, mamba in enumerate(mambas):
-        if mamba is None or heads is None or heads == mamba.num_heads:
+        if mamba is None:
             targets.append(None)
             continue
-        if heads > mamba.num_heads or heads % mamba.num_groups:
+        if heads is not None and (heads > mamba.num_heads or heads % mamba.num_groups):
             raise InputError(f"mamba_heads {heads}: layer {i} has {mamba.num_heads} Mamba heads in {mamba.num_groups} "
                              f"groups; keep a multiple of {mamba.num_groups}, at most {mamba.num_heads} (pruning keeps "
                              "the same number of heads in every group)")
-        targets.append(heads)
+        if head_dim is not None and head_dim > mamba.head_dim:
+            raise InputError(f"mamba_head_dim {head_dim} exceeds layer {i}'s {mamba.head_dim} channels per Mamba head; "
+                             "pruning only removes channels")
+        h = None if heads in (None, mamba.num_heads) else heads
+        d = None if head_dim in (None, mamba.head_dim) else head_dim
+        targets.append(None if h is None and d is None else (h, d))
     return tuple(targets)
 
 
@@ -217,7 +225,7 @@ def check_targets(arch: Architecture, cfg: PruneConfig) -> None:
     ffn_targets(arch, cfg.ffn_size)
     head_targets(arch, cfg.heads, cfg.kv_heads)
     expert_targets(arch, cfg.experts, cfg.expert_ffn_size)
-    mamba_targets(arch, cfg.mamba_heads)
+    mamba_targets(arch, cfg.mamba_heads, cfg.mamba_head_dim)
     if cfg.drop_layers >= arch.num_layers:
         raise InputError(f"cannot drop {cfg.drop_layers} of the model's {arch.num_layers} layers; keep at least one")
 
@@ -228,7 +236,7 @@ def needs_calibration(arch: Architecture, cfg: PruneConfig) -> bool:
     heads = any(head_targets(arch, cfg.heads, cfg.kv_heads)[1])
     ffn = any(s is not None for s in ffn_targets(arch, cfg.ffn_size))
     experts = any(expert_targets(arch, cfg.experts, cfg.expert_ffn_size))
-    mamba = any(t is not None for t in mamba_targets(arch, cfg.mamba_heads))
+    mamba = any(t is not None for t in mamba_targets(arch, cfg.mamba_heads, cfg.mamba_head_dim))
     return hidden or heads or ffn or experts or mamba or cfg.drop_layers > 0
 
 
@@ -248,12 +256,17 @@ def make_plan(arch: Architecture, cfg: PruneConfig, importance) -> PrunePlan:
     h_out, heads = head_targets(arch, cfg.heads, cfg.kv_heads)
     sizes = ffn_targets(arch, cfg.ffn_size)
     moe = expert_targets(arch, cfg.experts, cfg.expert_ffn_size)
-    mamba = mamba_targets(arch, cfg.mamba_heads)
+    mamba = mamba_targets(arch, cfg.mamba_heads, cfg.mamba_head_dim)
     layers = []
     for i in kept:
         plan = LayerPlan(source=i)
         if mamba[i] is not None:
-            plan = replace(plan, mamba_heads=best_heads(importance.mamba_heads[i], arch.blocks[i].attention.mamba, mamba[i]))
+            shape, (heads_kept, channels_kept) = arch.blocks[i].attention.mamba, mamba[i]
+            mamba_heads = tuple(range(shape.num_heads)) if heads_kept is None else \
+                best_heads(importance.mamba_heads[i], shape, heads_kept)
+            channels = None if channels_kept is None else \
+                best_channels(importance.mamba_channels[i], shape, mamba_heads, channels_kept)
+            plan = replace(plan, mamba_heads=mamba_heads, mamba_channels=channels)
         if heads[i] is not None:
             kv_in = arch.blocks[i].attention.num_kv_heads(arch.shape.num_attention_heads)
             kv, q = select_heads(importance.heads[i], kv_in, *heads[i])
@@ -289,7 +302,8 @@ def pruned_architecture(arch: Architecture, plan: PrunePlan) -> Architecture:
                 raise AssertionError(f"layer {layer.source}: {plan.num_attention_heads} heads on {kv} KV heads")
             attention = AttentionConfig(n_heads_in_group=plan.num_attention_heads // kv, window_length=attention.window_length)
         if layer.mamba_heads is not None:
-            attention = AttentionConfig(mamba=replace(attention.mamba, num_heads=len(layer.mamba_heads)))
+            head_dim = attention.mamba.head_dim if layer.mamba_channels is None else len(layer.mamba_channels[0])
+            attention = AttentionConfig(mamba=replace(attention.mamba, num_heads=len(layer.mamba_heads), head_dim=head_dim))
         if layer.ffn is not None:
             ffn = replace(ffn, intermediate_size=len(layer.ffn))  # a gate-less MLP stays gate-less
         if layer.experts is not None or layer.expert_ffn is not None:

@@ -107,7 +107,8 @@ def _indices(plan: PrunePlan, layer: LayerPlan | None, head_dim: int, arch: Arch
     if layer is not None:
         index |= {"q": head_rows(layer.q_heads, head_dim), "kv": head_rows(layer.kv_heads, head_dim),
                   "q_heads": as_index(layer.q_heads), "ffn": as_index(layer.ffn)}
-        rows = {} if layer.mamba_heads is None else mamba_rows(arch.blocks[layer.source].attention.mamba, layer.mamba_heads)
+        rows = {} if layer.mamba_heads is None else \
+            mamba_rows(arch.blocks[layer.source].attention.mamba, layer.mamba_heads, layer.mamba_channels)
         index |= {f"mamba_{k}": rows.get(k) for k in ("in_proj", "conv", "heads", "channels")}
     return index
 

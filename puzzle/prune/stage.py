@@ -169,10 +169,12 @@ def _importance(model: DeciLMForCausalLM, arch: Architecture, cfg: PruneConfig, 
         return Importance()
     _, heads = head_targets(arch, cfg.heads, cfg.kv_heads)
     moe = expert_targets(arch, cfg.experts, cfg.expert_ffn_size)
+    mamba = mamba_targets(arch, cfg.mamba_heads, cfg.mamba_head_dim)
     needs = Needs(
         hidden=cfg.hidden_size is not None and cfg.hidden_size < arch.shape.hidden_size,
         heads=tuple(i for i, h in enumerate(heads) if h is not None),
-        mamba_heads=tuple(i for i, h in enumerate(mamba_targets(arch, cfg.mamba_heads)) if h is not None),
+        mamba_heads=tuple(i for i, t in enumerate(mamba) if t is not None and t[0] is not None),
+        mamba_channels=tuple(i for i, t in enumerate(mamba) if t is not None and t[1] is not None),
         ffn=tuple(i for i, s in enumerate(ffn_targets(arch, cfg.ffn_size)) if s is not None),
         experts=tuple(i for i, t in enumerate(moe) if t is not None and t[0] is not None),
         expert_ffn=tuple(i for i, t in enumerate(moe) if t is not None and t[1] is not None),
