@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from puzzle.errors import ConfigError, UnsupportedModelError
+from puzzle.errors import ConfigError
 
 # Checkpoint tensors that are buffers of the model, not parameters: stored, but not in the parameter accounting.
 BUFFER_SUFFIXES = ("e_score_correction_bias",)
@@ -596,23 +596,6 @@ class Architecture:
         return batch_size * total
 
     # -- hybrid Mamba-Transformer layers (Nemotron-H) ---------------------------------------------------------
-    def hybrid_parts(self) -> list[str]:
-        """The layers of a hybrid parent that fuse-ffn does not handle yet (empty for attention-only models): Mamba
-        mixers, FFNs without a gate, grouped sigmoid-routed experts."""
-        kinds = {"Mamba-2 mixers": [i for i, b in enumerate(self.blocks) if b.attention.mamba is not None],
-                 "FFNs without a gate": [i for i, b in enumerate(self.blocks) if b.ffn.is_dense and not b.ffn.gated],
-                 "grouped sigmoid-routed experts": [i for i, b in enumerate(self.blocks)
-                                                    if b.ffn.moe is not None and b.ffn.moe.routing == "sigmoid_group_topk"]}
-        return [f"{name} (layers {', '.join(map(str, layers))})" for name, layers in kinds.items() if layers]
-
-    def refuse_hybrid(self, where: str, stage: str) -> None:
-        """Stop `stage` before it builds variants, prunes or fuses layers of a hybrid it does not handle yet."""
-        parts = self.hybrid_parts()
-        if parts:
-            raise UnsupportedModelError(
-                f"{where}: {stage} does not handle hybrid Mamba-Transformer layers yet ({'; '.join(parts)}); `puzzle "
-                "search` and `puzzle prune` do")
-
     def nemotron_h_unsupported(self) -> list[str]:
         """Why vLLM's Nemotron-H model (`NemotronHPuzzleForCausalLM`: one mixer per layer, per-layer KV heads,
         windows, MLP widths and expert counts, one Mamba shape for the whole model) cannot serve this model

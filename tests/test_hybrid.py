@@ -1,5 +1,5 @@
 """Hybrid Mamba-Transformer parents (Nemotron-H): conversion, the Mamba state, Mamba head selection, Minitron pruning,
-and fuse-ffn's refusal.
+FFN Fusion of gate-less MLPs, and how vLLM serves them.
 
 Conversion exactness and cached generation against transformers' own NemotronH model run with every family in
 tests/test_checkpoint.py and tests/modeling/test_generation_compat.py ("nemotron_h" in factories.FAMILIES); the
@@ -11,7 +11,6 @@ import torch
 from factories import hf_parent
 
 from puzzle import checkpoint
-from puzzle.errors import UnsupportedModelError
 from puzzle.fusion.config import FusionConfig
 from puzzle.fusion.stage import fuse_ffn
 from puzzle.prune.config import PruneConfig
@@ -59,9 +58,29 @@ def test_the_mamba_state_is_updated_in_place_during_decode(nemotron_h):
     torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
 
 
-def test_fuse_ffn_refuses_hybrid_layers_naming_them(nemotron_h):
-    with pytest.raises(UnsupportedModelError, match=r"puzzle fuse-ffn does not handle hybrid .*FFNs without a gate \(layers 3\)"):
-        fuse_ffn(nemotron_h / "parent", None, FusionConfig(threshold=None))
+def test_fuse_ffn_fuses_gate_less_mlps_of_a_hybrid_exactly(tmp_path):
+    """A hybrid child whose relu2 MLPs follow each other without a mixer between (as a search makes them): the
+    run is fused into one gate-less FFN computing the sum of the three, and a Mamba layer ends the run."""
+    from factories import decilm_dict
+
+    from puzzle.modeling.configuration_decilm import DeciLMConfig
+
+    blocks = [("mamba", "no_op"), ("no_op", "ungated"), ("no_op", "ungated"), ("no_op", "ungated"), ("mamba", "no_op"),
+              ("no_op", "ungated")]
+    config = DeciLMConfig(**decilm_dict(blocks, hidden_act="relu2", position_embedding_type="none"))
+    torch.manual_seed(6)
+    model = checkpoint.build_model(config)
+    checkpoint.save_model(model, tmp_path / "child")
+    report = fuse_ffn(tmp_path / "child", tmp_path / "fused", FusionConfig(threshold=None, keep_last=False))
+    assert report.fused_groups == ((1, 2, 3),)
+    fused = checkpoint.load_model(tmp_path / "fused")
+    arch = checkpoint.load_architecture(tmp_path / "fused")
+    assert arch.blocks[1].ffn.intermediate_size == 3 * 64 and not arch.blocks[1].ffn.gated
+    assert all(arch.blocks[i].ffn.no_op for i in (2, 3)) and arch.vllm_serving() == "nemotron_h"
+    h = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = sum(model.model.layers[i].ffn_branch(h) for i in (1, 2, 3))
+        torch.testing.assert_close(fused.model.layers[1].ffn_branch(h), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_mamba_mixer_with_fewer_heads_keeps_the_best_heads_of_each_group_exactly():

@@ -12,14 +12,16 @@ from puzzle.arch import Architecture, FFNConfig
 
 
 def find_runs(arch: Architecture) -> list[tuple[int, ...]]:
-    """Maximal chains of >= 2 gated FFNs with no attention between them, as their layer indices.
+    """Maximal chains of >= 2 dense FFNs with no attention between them, as their layer indices.
 
-    Any attention (softmax or linear) or a linear FFN ends a chain; a layer whose attention and FFN are both
-    no-op is the identity and does not.
+    Any attention (softmax, linear or a Mamba mixer), a linear or mixture-of-experts FFN, or an FFN of the other
+    kind (with or without a gate: they cannot share one fused FFN) ends a chain; a layer whose attention and FFN
+    are both no-op is the identity and does not.
     """
     runs, chain = [], []
     for i, block in enumerate(arch.blocks):
-        if not block.attention.no_op or block.ffn.replace_with_linear:
+        other_kind = chain and block.ffn.is_dense and block.ffn.gated != arch.blocks[chain[-1]].ffn.gated
+        if not block.attention.no_op or block.ffn.replace_with_linear or block.ffn.moe is not None or other_kind:
             runs.append(chain)
             chain = []
         if block.ffn.is_dense:
@@ -72,7 +74,7 @@ def fused_architecture(arch: Architecture, groups: Iterable[Sequence[int]]) -> A
         if len(group) < 2:
             continue
         width = sum(arch.blocks[i].ffn.intermediate_size for i in group)
-        arch = arch.with_block(group[0], ffn=FFNConfig(intermediate_size=width))
+        arch = arch.with_block(group[0], ffn=FFNConfig(intermediate_size=width, gated=arch.blocks[group[0]].ffn.gated))
         for i in group[1:]:
             assert arch.blocks[i].attention.no_op, f"layer {i} has attention; it cannot join a fused FFN"
             arch = arch.with_block(i, ffn=FFNConfig(no_op=True))

@@ -107,7 +107,6 @@ def fuse_ffn(
     ckpt = Path(ckpt)
     _check_request(out, cfg, overwrite)
     arch = load_architecture(ckpt)
-    arch.refuse_hybrid(str(ckpt), "puzzle fuse-ffn")
     runs = find_runs(arch)
     if not runs:
         raise NothingToFuse(

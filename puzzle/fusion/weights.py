@@ -12,7 +12,7 @@ from puzzle.arch import Architecture
 from puzzle.checkpoint import decilm_config
 from puzzle.fusion.runs import fused_architecture
 from puzzle.modeling.configuration_decilm import DeciLMConfig
-from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, DeciLMMLP, DeciLMRMSNorm
+from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, DeciLMMLP, DeciLMPlainMLP, DeciLMRMSNorm
 
 # ----------------------------------------------------------------------------------------------------------
 # Weights
@@ -20,10 +20,11 @@ from puzzle.modeling.modeling_decilm import DeciLMForCausalLM, DeciLMMLP, DeciLM
 
 @dataclass(frozen=True)
 class FFNWeights:
-    """One gated FFN with its RMSNorm gain: f(h) = down(act(gate(g * n(h))) * up(g * n(h)))."""
+    """One FFN with its RMSNorm gain: f(h) = down(act(gate(g * n(h))) * up(g * n(h))), or without a gate
+    (Nemotron-H's relu2 MLP, `gate` None) down(act(up(g * n(h))))."""
 
     norm: torch.Tensor  # (C,) RMSNorm gain g
-    gate: torch.Tensor  # (I, C)
+    gate: torch.Tensor | None  # (I, C); None: no gate
     up: torch.Tensor  # (I, C)
     down: torch.Tensor  # (C, I)
     gate_bias: torch.Tensor | None = None  # (I,)
@@ -32,7 +33,7 @@ class FFNWeights:
 
     @property
     def width(self) -> int:
-        return self.gate.shape[0]
+        return self.up.shape[0]
 
 
 def fuse_ffn_weights(ffns: Sequence[FFNWeights]) -> FFNWeights:
@@ -42,8 +43,10 @@ def fuse_ffn_weights(ffns: Sequence[FFNWeights]) -> FFNWeights:
     in fp32 and stored in the weights' dtype.
     """
     assert len({f.down_bias is None for f in ffns}) == 1, "mlp_bias is global: all FFNs have biases or none do"
-    dtype = ffns[0].gate.dtype
-    gate = torch.cat([f.gate.float() * f.norm.float()[None, :] for f in ffns]).to(dtype)  # (sum I, C)
+    assert len({f.gate is None for f in ffns}) == 1, "FFNs with and without a gate cannot be fused into one"
+    dtype = ffns[0].up.dtype
+    gated = ffns[0].gate is not None
+    gate = torch.cat([f.gate.float() * f.norm.float()[None, :] for f in ffns]).to(dtype) if gated else None  # (sum I, C)
     up = torch.cat([f.up.float() * f.norm.float()[None, :] for f in ffns]).to(dtype)  # (sum I, C)
     down = torch.cat([f.down for f in ffns], dim=1)  # (C, sum I)
     biased = ffns[0].down_bias is not None
@@ -52,7 +55,7 @@ def fuse_ffn_weights(ffns: Sequence[FFNWeights]) -> FFNWeights:
         gate=gate,
         up=up,
         down=down,
-        gate_bias=torch.cat([f.gate_bias for f in ffns]) if biased else None,
+        gate_bias=torch.cat([f.gate_bias for f in ffns]) if biased and gated else None,
         up_bias=torch.cat([f.up_bias for f in ffns]) if biased else None,
         down_bias=torch.stack([f.down_bias.float() for f in ffns]).sum(0).to(dtype) if biased else None,
     )
@@ -60,10 +63,12 @@ def fuse_ffn_weights(ffns: Sequence[FFNWeights]) -> FFNWeights:
 
 def layer_ffn_weights(layer: torch.nn.Module) -> FFNWeights:
     mlp = layer.mlp
+    gate = getattr(mlp, "gate_proj", None)
     return FFNWeights(
         norm=layer.post_attention_layernorm.weight.detach(),
-        gate=mlp.gate_proj.weight.detach(), up=mlp.up_proj.weight.detach(), down=mlp.down_proj.weight.detach(),
-        gate_bias=_detach(mlp.gate_proj.bias), up_bias=_detach(mlp.up_proj.bias), down_bias=_detach(mlp.down_proj.bias),
+        gate=_detach(None if gate is None else gate.weight), up=mlp.up_proj.weight.detach(), down=mlp.down_proj.weight.detach(),
+        gate_bias=_detach(None if gate is None else gate.bias), up_bias=_detach(mlp.up_proj.bias),
+        down_bias=_detach(mlp.down_proj.bias),
     )
 
 
@@ -72,12 +77,16 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def ffn_module(config: DeciLMConfig, ffn: FFNWeights) -> DeciLMMLP:
-    """A DeciLMMLP holding `ffn`'s matrices (not its norm), without copying them."""
+    """A DeciLMMLP (DeciLMPlainMLP without a gate) holding `ffn`'s matrices (not its norm), without copying them."""
     with torch.device("meta"):
-        mlp = DeciLMMLP(config, ffn.width)
-    state = {"gate_proj.weight": ffn.gate, "up_proj.weight": ffn.up, "down_proj.weight": ffn.down}
+        mlp = DeciLMMLP(config, ffn.width) if ffn.gate is not None else DeciLMPlainMLP(config, ffn.width)
+    state = {"up_proj.weight": ffn.up, "down_proj.weight": ffn.down}
+    if ffn.gate is not None:
+        state["gate_proj.weight"] = ffn.gate
     if ffn.down_bias is not None:
-        state |= {"gate_proj.bias": ffn.gate_bias, "up_proj.bias": ffn.up_bias, "down_proj.bias": ffn.down_bias}
+        state |= {"up_proj.bias": ffn.up_bias, "down_proj.bias": ffn.down_bias}
+        if ffn.gate is not None:
+            state["gate_proj.bias"] = ffn.gate_bias
     mlp.load_state_dict(state, assign=True)
     return mlp
 
@@ -95,8 +104,8 @@ def fuse_group(config: DeciLMConfig, ffns: Sequence[FFNWeights], group: Sequence
     """`fuse_ffn_weights(ffns)` (the FFNs of layers `group`), checked against the sum of the original FFNs on a
     random input: trust but verify."""
     probe = torch.randn(1, 3, config.hidden_size, generator=torch.Generator().manual_seed(0))
-    probe = probe.to(ffns[0].gate.device, ffns[0].gate.dtype)  # (1, 3, C)
-    tolerance = 1e-5 if ffns[0].gate.dtype == torch.float32 else 3e-2
+    probe = probe.to(ffns[0].up.device, ffns[0].up.dtype)  # (1, 3, C)
+    tolerance = 1e-5 if ffns[0].up.dtype == torch.float32 else 3e-2
     expected = sum(_ffn_branch(config, f, probe).float() for f in ffns)  # the parallel formulation
     fused = fuse_ffn_weights(ffns)
     got = _ffn_branch(config, fused, probe).float()
@@ -154,6 +163,7 @@ def fused_tensors(weights: Mapping[str, torch.Tensor], config: DeciLMConfig, gro
 def _ffn_weights(weights: Mapping[str, torch.Tensor], i: int) -> FFNWeights:
     p = f"model.layers.{i}."
     bias = lambda proj: weights[p + f"mlp.{proj}.bias"] if p + f"mlp.{proj}.bias" in weights else None  # noqa: E731
-    return FFNWeights(norm=weights[p + "post_attention_layernorm.weight"], gate=weights[p + "mlp.gate_proj.weight"],
+    gate = weights[p + "mlp.gate_proj.weight"] if p + "mlp.gate_proj.weight" in weights else None  # relu2 MLP: none
+    return FFNWeights(norm=weights[p + "post_attention_layernorm.weight"], gate=gate,
                       up=weights[p + "mlp.up_proj.weight"], down=weights[p + "mlp.down_proj.weight"],
                       gate_bias=bias("gate_proj"), up_bias=bias("up_proj"), down_bias=bias("down_proj"))
