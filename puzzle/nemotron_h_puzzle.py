@@ -99,16 +99,21 @@ def nemotron_h_config(config: dict[str, Any], arch: Architecture) -> dict[str, A
 def nemotron_h_tensors(weights: Mapping[str, torch.Tensor], arch: Architecture) -> Iterator[tuple[str, torch.Tensor]]:
     """The child's tensors (DeciLM names, read one at a time) under Nemotron-H's names and layer numbers."""
     yield "backbone.embeddings.weight", weights["model.embed_tokens.weight"]
+    by_layer: dict[int, list[str]] = {}  # DeciLM layer -> names inside it (one pass over the names)
+    for name in weights:
+        if name.startswith("model.layers."):
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            by_layer.setdefault(int(layer), []).append(rest)
     for j, (i, slot) in enumerate(nemotron_h_layers(arch)):
         at, to = f"model.layers.{i}.", f"backbone.layers.{j}."
         norm, prefix = ("input_layernorm.", "self_attn.") if slot == "attention" else ("post_attention_layernorm.", "mlp.")
-        for name in weights:
-            if name.startswith(at + norm):
-                yield to + "norm." + name[len(at + norm):], weights[name]
-            elif name.startswith(at + prefix):
-                rest = name[len(at + prefix):].removeprefix("mamba_mixer.")
+        for name in by_layer.get(i, []):
+            if name.startswith(norm):
+                yield to + "norm." + name[len(norm):], weights[at + name]
+            elif name.startswith(prefix):
+                rest = name[len(prefix):].removeprefix("mamba_mixer.")
                 rest = "shared_experts." + rest.removeprefix("shared_expert.") if rest.startswith("shared_expert.") else rest
-                yield to + "mixer." + rest, weights[name]
+                yield to + "mixer." + rest, weights[at + name]
     yield "backbone.norm_f.weight", weights["model.norm.weight"]
     if not arch.shape.tie_word_embeddings:
         yield "lm_head.weight", weights["lm_head.weight"]

@@ -67,6 +67,19 @@ def _plan(paths: RunPaths, config: dict, width: int) -> tuple[ChildPlan, Manifes
 
 # Peak RSS from VmHWM: the process's own high-water mark (ru_maxrss would carry over the forking pytest process's
 # at exec, Linux's signal->maxrss).
+_PEAK_KIB = textwrap.dedent("""
+    def peak_kib():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+""")
+
+
+def _peak(script: str, *args: Path) -> dict:
+    """Run `script` (which prints a JSON line with its peaks last) in a fresh process; returns that line."""
+    run = subprocess.run([sys.executable, "-c", _PEAK_KIB + script, *map(str, args)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 REALIZE = textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -76,9 +89,6 @@ REALIZE = textwrap.dedent("""
     from puzzle.mip.stage import ChildPlan
     from puzzle.realize import realize
     from puzzle.run import RunPaths
-
-    def peak_kib():
-        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
 
     paths = RunPaths(Path(sys.argv[1]))
     plan, manifest = ChildPlan.load(paths.root / "plan.json"), Manifest.load(paths.root / "manifest.json")
@@ -96,8 +106,7 @@ def test_realize_streams_a_2gb_parent_in_a_third_of_its_size(tmp_path):
     plan, manifest = _plan(paths, config, 1024)
     plan.save(paths.root / "plan.json")
     manifest.save(paths.root / "manifest.json")
-    run = subprocess.run([sys.executable, "-c", REALIZE, str(paths.root)], capture_output=True, text=True, check=True)
-    rss = json.loads(run.stdout.strip().splitlines()[-1])
+    rss = _peak(REALIZE, paths.root)
     print(f"realize of a {parent_bytes / 1e9:.2f} GB parent: peak RSS {rss['peak_kib'] / 2**20:.2f} GiB "
           f"({rss['after_imports_kib'] / 2**20:.2f} GiB after imports)")
     assert rss["peak_kib"] * 1024 < 0.35 * parent_bytes
@@ -115,9 +124,6 @@ PIPELINE = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from puzzle.pipeline import run_search
-
-    def peak_kib():
-        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
 
     root, parent, config, stage = *map(Path, sys.argv[1:4]), sys.argv[4]
     before = peak_kib()
@@ -146,10 +152,7 @@ def test_calibration_bld_and_scoring_of_a_2gb_parent_hold_a_third_of_it(tmp_path
     write_config(tmp_path / "c.yaml", config)
     peaks = {}
     for stage in ("library", "bld", "score"):
-        run = subprocess.run([sys.executable, "-c", PIPELINE, str(tmp_path / "run"), str(tmp_path / "parent"),
-                              str(tmp_path / "c.yaml"), stage], capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr[-3000:]
-        peaks[stage] = json.loads(run.stdout.strip().splitlines()[-1])
+        peaks[stage] = _peak(PIPELINE, tmp_path / "run", tmp_path / "parent", tmp_path / "c.yaml", stage)
     print("; ".join(f"{stage}: peak {p['peak_kib'] / 2**20:.2f} GiB ({p['after_imports_kib'] / 2**20:.2f} after imports)"
                     for stage, p in peaks.items()) + f" of a {parent_bytes / 1e9:.2f} GB parent")
     assert all(p["peak_kib"] * 1024 < 0.35 * parent_bytes for p in peaks.values()), peaks
@@ -377,9 +380,6 @@ FUSE = textwrap.dedent("""
     from puzzle.corpus import DataConfig
     from puzzle.fusion import FusionConfig, fuse_ffn
 
-    def peak_kib():
-        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
-
     parent, out, corpus = map(Path, sys.argv[1:4])
     data = DataConfig(paths=(str(corpus),), seq_len=64, held_out_fraction=0.2)
     before = peak_kib()
@@ -395,9 +395,6 @@ PRUNE = textwrap.dedent("""
     from puzzle.corpus import DataConfig
     from puzzle.prune import PruneConfig, prune
 
-    def peak_kib():
-        return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
-
     parent, out, corpus = map(Path, sys.argv[1:4])
     data = DataConfig(paths=(str(corpus),), seq_len=64, held_out_fraction=0.2)
     before = peak_kib()
@@ -406,12 +403,6 @@ PRUNE = textwrap.dedent("""
     print(json.dumps({"after_imports_kib": before, "peak_kib": peak_kib(), "kept": result.kept_layers,
                       "kl": result.quality.kl}))
 """)
-
-
-def _peak(script: str, *args: Path) -> dict:
-    run = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def test_fusing_a_2gb_model_holds_its_fused_group_not_the_model(tmp_path):
